@@ -1,0 +1,3 @@
+"""InternLM pretraining framework."""
+
+__version__ = "0.1.0"

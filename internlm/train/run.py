@@ -1,0 +1,61 @@
+"""Run the phases of a training job on this process (one of `WORLD_SIZE` under torchrun)."""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch.distributed as dist
+
+from .distributed import init_distributed, shutdown_distributed
+from .phases import Phase
+from .trainer import Trainer
+
+
+def _prepare_demo_data(phases: List[Phase], rank: int) -> None:
+    """The demo's corpus and tokenizer are built on first use by rank 0 and cached."""
+    cfgs = [p.cfg for p in phases if p.cfg.data.prepare_demo_data]
+    if not cfgs:
+        return
+    if rank == 0:
+        from internlm.data import prepare_demo_data
+
+        prepare_demo_data(cfgs[0].data.demo_cache_dir, vocab_size=cfgs[0].model.vocab_size)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
+    """Show what the model learned: a short sample (single-device models only)."""
+    from internlm.data import Tokenizer
+    from internlm.model import generate
+
+    path = phases[-1].cfg.data.tokenizer_path
+    if trainer.pc.world_size > 1 or not path or not os.path.isfile(path):
+        return
+    tokenizer = Tokenizer(path)
+    prompt = "The "
+    ids = generate(trainer.chunks[0], tokenizer.encode(prompt), max_new_tokens=48, temperature=0.7, top_k=20,
+                   eos_id=tokenizer.eos_id, seed=phases[-1].cfg.seed)
+    print("\nsample from the trained model:\n" + tokenizer.decode(ids).strip() + "\n", flush=True)
+
+
+def run_training(phases: List[Phase]) -> int:
+    launch = init_distributed()
+    from internlm.parallel import describe_layout, init_parallel_context
+
+    cfg = phases[0].cfg
+    try:
+        pc = init_parallel_context(cfg.parallel, launch.world_size, launch.rank)
+        if launch.rank == 0:
+            print(describe_layout(pc), flush=True)
+        _prepare_demo_data(phases, launch.rank)
+        trainer = Trainer(phases, launch, pc)
+        summary = trainer.run()
+        if launch.rank == 0:
+            print(f"done: step {summary['step']}, tokens {summary['tokens']:,}, last loss {summary['loss']}, "
+                  f"last validation loss {summary['val_loss']}", flush=True)
+            _print_sample(trainer, phases)
+    finally:
+        shutdown_distributed()
+    return 0

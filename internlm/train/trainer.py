@@ -1,0 +1,221 @@
+"""The training loop: phases in order, steps of forward/backward over micro-batches, optimizer updates,
+metrics, validation and checkpoints. The same code runs one process or any 3D-parallel layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from internlm.config import dump_config, model_config_from
+from internlm.data import build_train_loader, build_valid_batches
+
+from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
+from .checkpoint import CheckpointManager, latest_checkpoint, read_meta
+from .distributed import Launch
+from .metrics import MetricsLogger, device_peak_tflops
+from .phases import Phase, resume_point
+from .schedules import beta2_at, warmup_cosine_lr
+
+_TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
+
+
+def _all_reduce_sum(value: torch.Tensor, *groups) -> torch.Tensor:
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(value, group=group)
+    return value
+
+
+class Trainer:
+    def __init__(self, phases: List[Phase], launch: Launch, pc: Any) -> None:
+        self.phases = phases
+        self.pc = pc
+        self.device = launch.device
+        cfg = phases[0].cfg
+        self.cfg = cfg
+        self.work_dir = cfg.work_dir
+        self.logger = MetricsLogger(self.work_dir, enabled=pc.rank == 0, tensorboard=cfg.monitor.tensorboard)
+        torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = bool(cfg.cudnn_deterministic)
+            torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
+        self.model_config = model_config_from(cfg)
+        self.chunks = build_model_chunks(self.model_config, cfg, pc, self.device)
+        self.loss_fn = build_loss_fn(cfg, pc)
+        root = cfg.ckpt.save_ckpt_folder or os.path.join(self.work_dir, "checkpoints")
+        self.ckpt = CheckpointManager(root, pc, keep_last=cfg.ckpt.keep_last)
+        self.optimizer = None
+        self.step = 0  # global optimizer updates so far, over all phases
+        self.tokens = 0  # tokens consumed so far, over all phases
+        self.history: List[Dict[str, Any]] = []  # one record per started phase
+        self.last_val_loss: Optional[float] = None
+        self.last_loss: Optional[float] = None
+        self._peak_tflops = device_peak_tflops(self.device, cfg.monitor.get("peak_tflops"))
+        self._first_metrics_line = True
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Dict[str, Any]:
+        if self.pc.rank == 0:
+            for phase in self.phases:
+                dump_config(phase.cfg, os.path.join(self.work_dir, f"config_{phase.name}.py"))
+        latest = latest_checkpoint(self.ckpt.root) if self.cfg.ckpt.auto_resume else None
+        meta = read_meta(latest) if latest else None
+        point = resume_point(self.phases, meta, latest)
+        for warning in point.warnings:
+            self.logger.message(f"warning: {warning}")
+        loader_state = None
+        if latest:
+            self.ckpt.load_model(latest, self.chunks)
+            train_state = self.ckpt.load_train_state(latest)
+            loader_state = train_state["loader"]
+            self.history = train_state["history"]
+            self.step, self.tokens = meta["step"], meta["tokens"]
+            self.logger.message(f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} "
+                                f"step {meta['phase_step']})")
+        elif self.cfg.ckpt.load_ckpt_folder:
+            self.ckpt.load_model(self.cfg.ckpt.load_ckpt_folder, self.chunks)
+            self.logger.message(f"initial model weights from {self.cfg.ckpt.load_ckpt_folder}")
+        if point.phase_index >= len(self.phases):
+            self.logger.message(f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
+                                f"Add a phase config to the command to extend pretraining.")
+            return self._summary()
+
+        for phase in self.phases[point.phase_index:]:
+            resuming_inside = phase.index == point.phase_index and point.phase_step > 0
+            start = point.phase_step if resuming_inside else 0
+            self._prepare_optimizer(phase, latest, resuming_inside)
+            loader = build_train_loader(phase.cfg.data, phase.cfg.seed, self.pc.dp_rank, self.pc.dp_size)
+            if loader_state is not None and (resuming_inside or not phase.cfg.phase.reset_data):
+                loader.load_state_dict(loader_state)
+            if not resuming_inside:
+                self.history.append(dict(name=phase.name, file=phase.config_file, steps=phase.steps,
+                                         fingerprint=phase.fingerprint, first_step=self.step + 1, tokens=0))
+            self._run_phase(phase, start, loader)
+            loader_state = loader.state_dict()
+            latest = None  # later phases continue from memory
+        self.logger.close()
+        return self._summary()
+
+    def _summary(self) -> Dict[str, Any]:
+        return dict(step=self.step, tokens=self.tokens, loss=self.last_loss, val_loss=self.last_val_loss)
+
+    def _prepare_optimizer(self, phase: Phase, checkpoint: Optional[str], resuming_inside: bool) -> None:
+        """Optimizer state carries over between phases unless the phase sets phase.reset_optimizer."""
+        reset = phase.cfg.phase.reset_optimizer and not resuming_inside
+        if self.optimizer is not None and not reset:
+            return
+        if self.optimizer is not None:
+            self.optimizer.close()
+        self.optimizer = build_optimizer(self.chunks, phase.cfg, self.pc)
+        if checkpoint is not None and not reset:
+            self.ckpt.load_optimizer(checkpoint, self.optimizer)
+        if reset:
+            self.logger.message(f"phase {phase.name!r}: fresh optimizer state (phase.reset_optimizer)")
+
+    # ------------------------------------------------------------------ one phase
+    def _run_phase(self, phase: Phase, start: int, loader) -> None:
+        cfg = phase.cfg
+        schedule = build_step_schedule(cfg, self.pc, self.model_config)
+        valid_batches = build_valid_batches(cfg.data, cfg.seed, self.pc.dp_rank, self.pc.dp_size)
+        record = self.history[-1]
+        lr_total = cfg.lr_scheduler.total_steps or phase.steps
+        beta2_init = cfg.beta2_scheduler.init_beta2 if cfg.beta2_scheduler.init_beta2 is not None else cfg.adam.adam_beta2
+        beta2_c = cfg.beta2_scheduler.c if cfg.beta2_scheduler.c is not None else cfg.adam.adam_beta2_c
+        self.logger.message(
+            f"phase {phase.index + 1}/{len(self.phases)} {phase.name!r}: steps {start + 1}..{phase.steps}, "
+            f"seq_len {cfg.data.seq_len}, {phase.tokens_per_step:,} tokens/step, data {cfg.data.train_folder}"
+        )
+        flops_per_step = self.model_config.flops_per_token(cfg.data.seq_len) * phase.tokens_per_step
+        for phase_step in range(start, phase.steps):
+            batch = loader.next_global_batch()
+            lr = warmup_cosine_lr(phase_step, lr_total, cfg.adam.lr, cfg.lr_scheduler.warmup_ratio,
+                                  cfg.lr_scheduler.eta_min, cfg.lr_scheduler.init_steps)
+            beta2 = beta2_at(self.step + 1, beta2_init, beta2_c)
+            started = time.perf_counter()
+            loss, grad_norm, skipped = self._train_step(batch, schedule, lr, beta2)
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            self.tokens += phase.tokens_per_step
+            record["tokens"] += phase.tokens_per_step
+            self.last_loss = loss
+            tflops = flops_per_step / self.pc.world_size / elapsed / 1e12
+            line = dict(step=self.step, phase=phase.name, phase_step=phase_step + 1, loss=loss, lr=lr,
+                        beta2=beta2, grad_norm=grad_norm, skipped=skipped, tokens=self.tokens,
+                        phase_tokens=record["tokens"], seq_len=cfg.data.seq_len,
+                        tgs=phase.tokens_per_step / self.pc.world_size / elapsed, tflops=tflops,
+                        mfu=tflops / self._peak_tflops, step_time=elapsed,
+                        source_tokens=getattr(loader, "last_batch_source_tokens", None))
+            if self._first_metrics_line:
+                line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
+                self._first_metrics_line = False
+            self.logger.log(line)
+            self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
+                                 phase.tokens_per_step / elapsed)
+            last = phase_step + 1 == phase.steps
+            if valid_batches and cfg.data.valid_every and self.step % cfg.data.valid_every == 0 and not last:
+                self._validate(valid_batches, schedule)
+            if last:
+                if valid_batches:
+                    self._validate(valid_batches, schedule)
+                self._save(phase, phase_step + 1, loader, completed=True)
+            elif cfg.ckpt.enable_save_ckpt and cfg.ckpt.checkpoint_every and self.step % cfg.ckpt.checkpoint_every == 0:
+                self._save(phase, phase_step + 1, loader, completed=False)
+        self.logger.close_bar()
+
+    def _to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
+        out = dict(micro_batch)
+        for key in _TENSOR_KEYS:
+            out[key] = micro_batch[key].to(self.device, non_blocking=True)
+        return out
+
+    def _train_step(self, batch: List[Dict[str, Any]], schedule, lr: float, beta2: float):
+        """One optimizer update over this rank's micro-batches; returns the global (loss, grad_norm, skipped)."""
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
+        global_tokens = _all_reduce_sum(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
+        batch = [self._to_device(mb) for mb in batch]
+        self.optimizer.set_lr(lr)
+        self.optimizer.set_beta2(beta2)
+        self.optimizer.begin_step(len(batch))
+        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0 / float(global_tokens))
+        grad_norm, skipped = self.optimizer.step()
+        loss_sum = _all_reduce_sum(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
+        return float(loss_sum / global_tokens), float(grad_norm), bool(skipped)
+
+    @torch.no_grad()
+    def _validate(self, valid_batches: List[Dict[str, Any]], schedule) -> float:
+        self.optimizer.sync_params()
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in valid_batches)
+        tokens = _all_reduce_sum(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
+        batch = [self._to_device(mb) for mb in valid_batches]
+        for chunk in self.chunks:
+            chunk.eval()
+        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        loss_sum = _all_reduce_sum(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
+        self.last_val_loss = float(loss_sum / tokens.clamp(min=1))
+        self.logger.log(dict(step=self.step, val_loss=self.last_val_loss))
+        self.logger.message(f"step {self.step}: validation loss {self.last_val_loss:.4f}")
+        return self.last_val_loss
+
+    def _save(self, phase: Phase, phase_step: int, loader, completed: bool) -> None:
+        if not self.cfg.ckpt.enable_save_ckpt:
+            return
+        self.optimizer.sync_params()
+        pc = self.pc
+        meta = dict(
+            version=1, step=self.step, tokens=self.tokens, phase_index=phase.index, phase_name=phase.name,
+            phase_step=phase_step, phase_steps=phase.steps, phase_completed=completed,
+            phase_tokens=self.history[-1]["tokens"], phases=self.history, config_file=phase.config_file,
+            layout=dict(world_size=pc.world_size, tensor=pc.tp_size, pipeline=pc.pp_size, data=pc.dp_size,
+                        zero1=pc.zero1_size, num_chunks=len(self.chunks),
+                        sequence_parallel=bool(pc.sequence_parallel)),
+        )
+        train_state = dict(loader=loader.state_dict(), history=self.history)
+        path = self.ckpt.save(self.step, self.chunks, self.optimizer, train_state, meta)
+        self.logger.message(f"saved checkpoint {path}")

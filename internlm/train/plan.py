@@ -1,0 +1,115 @@
+"""`train.py --dry-run`: the plan of every phase, without touching a device or a process group.
+
+Memory per device (bytes), for the most loaded pipeline stage:
+
+    weights      P_dev * bytes(dtype)                      P_dev = parameters of the stage / tensor size
+    gradients    P_dev * 4                                 fp32 accumulation buffers
+    optimizer    P_dev * 12 / zero1                        fp32 master + Adam exp_avg + exp_avg_sq, sharded
+    activations  L_stage * in_flight * act_layer           1F1B keeps up to `pipeline` micro-batches in flight
+
+where act_layer = tokens * hidden * 34 / tensor bytes per layer and micro-batch with fused attention and
+sequence parallelism (Korthikanti et al. 2022; without sequence parallelism 10 of the 34 stay unsplit),
+or tokens * hidden * 2 bytes with full activation checkpointing (only the layer input is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import List, Optional
+
+from internlm.config import model_config_from
+
+from .phases import Phase, parallel_sizes
+from .schedules import warmup_cosine_lr
+
+# Throughput assumed when none is given or measured: 40% MFU on a 312 TFLOP/s (A100/A800-class) device,
+# the hardware InternLM was trained on.
+_ASSUMED_PEAK_TFLOPS = 312.0
+_ASSUMED_MFU = 0.4
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _measured_tgs(work_dir: str) -> Optional[float]:
+    path = os.path.join(work_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    values = []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "tgs" in record:
+                values.append(record["tgs"])
+    values = values[-20:]
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def memory_per_device(phase: Phase, world_size: int) -> dict:
+    cfg = phase.cfg
+    mc = model_config_from(cfg)
+    tp, pp, dp = parallel_sizes(cfg, world_size)
+    zero_size = cfg.parallel.zero1["size"] if isinstance(cfg.parallel.zero1, dict) else cfg.parallel.zero1
+    zero = dp if zero_size <= 0 else zero_size
+    layers = math.ceil(mc.num_layers / pp)
+    per_layer = (mc.num_params(include_embedding=False) - mc.hidden_size - mc.vocab_size * mc.hidden_size) / mc.num_layers
+    stage_params = layers * per_layer + mc.vocab_size * mc.hidden_size  # + embedding (first) or head (last)
+    p_dev = stage_params / tp
+    dtype_bytes = 2 if "16" in str(mc.dtype) else 4
+    tokens = cfg.data.micro_bsz * cfg.data.seq_len
+    ckpt = cfg.model.checkpoint
+    if ckpt is True or (not isinstance(ckpt, bool) and float(ckpt) >= 1.0):
+        act_layer = tokens * mc.hidden_size * 2
+    else:
+        split = 34 if cfg.parallel.sequence_parallel else 24
+        act_layer = tokens * mc.hidden_size * (split / tp + (34 - split))
+    in_flight = min(pp, cfg.data.micro_num)
+    out = dict(weights=p_dev * dtype_bytes, gradients=p_dev * 4, optimizer=p_dev * 12 / zero,
+               activations=layers * in_flight * act_layer)
+    out["total"] = sum(out.values())
+    return out
+
+
+def print_plan(phases: List[Phase], world_size: int, throughput: Optional[float] = None) -> None:
+    first = phases[0].cfg
+    mc = model_config_from(first)
+    tp, pp, dp = parallel_sizes(first, world_size)
+    zero_size = first.parallel.zero1["size"] if isinstance(first.parallel.zero1, dict) else first.parallel.zero1
+    print(f"model: {mc.num_params() / 1e9:.2f}B parameters (hidden {mc.hidden_size}, {mc.num_layers} layers, "
+          f"{mc.num_attention_heads} heads, vocab {mc.vocab_size}, {str(mc.dtype).replace('torch.', '')})")
+    print(f"layout: {world_size} devices = tensor {tp} x pipeline {pp} (chunks {first.model.num_chunks}) x data {dp}; "
+          f"zero1 {dp if zero_size <= 0 else zero_size}; sequence parallel {bool(first.parallel.sequence_parallel)}")
+    measured = _measured_tgs(first.work_dir)
+    total_tokens = total_seconds = 0.0
+    for phase in phases:
+        cfg = phase.cfg
+        tgs = throughput or measured
+        source = "given" if throughput else ("measured" if measured else "assumed 40% MFU of 312 TFLOP/s")
+        if tgs is None:
+            tgs = _ASSUMED_MFU * _ASSUMED_PEAK_TFLOPS * 1e12 / mc.flops_per_token(cfg.data.seq_len)
+        tokens = phase.steps * phase.tokens_per_step
+        seconds = tokens / (tgs * world_size)
+        total_tokens += tokens
+        total_seconds += seconds
+        lr_total = cfg.lr_scheduler.total_steps or phase.steps
+        lr_args = (lr_total, cfg.adam.lr, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min)
+        warmup = int(round(cfg.lr_scheduler.warmup_ratio * lr_total))
+        mixture = cfg.data.train_folder if isinstance(cfg.data.train_folder, dict) else {cfg.data.train_folder: 1.0}
+        weight_sum = sum(mixture.values()) or 1.0
+        mem = memory_per_device(phase, world_size)
+        print(f"\nphase {phase.index + 1} {phase.name!r} ({phase.config_file})")
+        print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {cfg.data.seq_len:,} "
+              f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
+              f"{cfg.data.micro_bsz}, micro_num {cfg.data.micro_num})")
+        print("  data mixture: " + ", ".join(f"{k} {v / weight_sum:.1%}" for k, v in mixture.items()))
+        print(f"  learning rate: warm-up {warmup:,} steps to {cfg.adam.lr:g}, cosine to "
+              f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {cfg.lr_scheduler.eta_min:g}); "
+              f"weight decay {cfg.adam.weight_decay:g}; clip {cfg.hybrid_zero_optimizer.clip_grad_norm:g}; "
+              f"optimizer state {'reset' if cfg.phase.reset_optimizer else 'carried over'}")
+        print(f"  memory per device: {_gib(mem['total'])} (weights {_gib(mem['weights'])}, gradients "
+              f"{_gib(mem['gradients'])}, optimizer {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])})")
+        print(f"  time: {seconds / 3600:,.1f} h at {tgs:,.0f} tokens/device/s ({source})")
+    print(f"\ntotal: {total_tokens / 1e9:,.2f}B tokens in {total_seconds / 86400:,.1f} days on {world_size} devices")

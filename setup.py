@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+with open("requirements.txt") as f:
+    requirements = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+setup(
+    name="internlm-train",
+    version="0.1.0",
+    description="Pretraining framework for InternLM models: tensor, pipeline and hybrid ZeRO parallelism, "
+    "multi-phase training, exact resume",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["internlm", "internlm.*"]),
+    python_requires=">=3.9",
+    install_requires=requirements,
+    extras_require={"flash": ["flash-attn>=2.3"], "test": ["pytest"]},
+    py_modules=[],
+    scripts=["train.py"],
+)

@@ -1,0 +1,126 @@
+"""The model on its own: shapes, packing, attention backends, presets, init determinism, FLOPs."""
+
+import math
+
+import pytest
+import torch
+
+from internlm.model import InternLM, InternLMConfig, packed_causal_attention
+
+
+def _set_backend(model: InternLM, backend: str) -> None:
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return InternLM(InternLMConfig.preset("internlm-tiny", num_kv_attention_heads=2, attn_backend="sdpa"))
+
+
+def test_logits_shape(tiny):
+    ids = torch.randint(0, 256, (3, 10))
+    assert tiny(ids).shape == (3, 10, 256)
+
+
+def test_packed_equals_separate_documents(tiny):
+    docs = [torch.randint(0, 256, (n,)) for n in (5, 9, 2)]
+    packed = torch.cat(docs)[None]
+    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
+    out = tiny(packed, cu_seqlens=cu)[0]
+    separate = torch.cat([tiny(d[None])[0] for d in docs])
+    torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_no_attention_across_documents(tiny):
+    a, b1, b2 = torch.randint(0, 256, (6,)), torch.randint(0, 256, (4,)), torch.randint(0, 256, (4,))
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    out1 = tiny(torch.cat([a, b1])[None], cu_seqlens=cu)[0, :6]
+    out2 = tiny(torch.cat([a, b2])[None], cu_seqlens=cu)[0, :6]
+    assert torch.equal(out1, out2)
+
+
+@pytest.mark.parametrize("cu", [[0, 16, 32], [0, 3, 20, 21, 32]])
+def test_attention_backends_agree(cu):
+    torch.manual_seed(1)
+    q, k, v = torch.randn(32, 4, 8), torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    ref = packed_causal_attention(q, k, v, cu, backend="reference")
+    sdpa = packed_causal_attention(q, k, v, cu, backend="sdpa")
+    torch.testing.assert_close(sdpa, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_backends_agree(tiny):
+    ids = torch.randint(0, 256, (1, 24))
+    cu = torch.tensor([0, 7, 24], dtype=torch.int32)
+    _set_backend(tiny, "reference")
+    ref = tiny(ids, cu_seqlens=cu)
+    _set_backend(tiny, "sdpa")
+    torch.testing.assert_close(tiny(ids, cu_seqlens=cu), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_backend_requires_package():
+    from internlm.model import flash_attn_available
+
+    if flash_attn_available():
+        pytest.skip("flash-attn installed")
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        packed_causal_attention(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
+                                torch.tensor([0, 4], dtype=torch.int32), backend="flash")
+
+
+def test_init_is_deterministic_and_scaled():
+    cfg = InternLMConfig.preset("internlm-tiny")
+    m1, m2 = InternLM(cfg), InternLM(cfg)
+    for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), n1
+    m3 = InternLM(cfg)
+    m3.init_weights(seed=7)
+    assert not torch.equal(m3.embed_tokens.weight, m1.embed_tokens.weight)
+    std_q = m1.layers["0"].self_attn.q_proj.weight.std().item()
+    std_o = m1.layers["0"].self_attn.o_proj.weight.std().item()
+    assert abs(std_q - 0.02) < 0.004
+    assert abs(std_o - 0.02 / math.sqrt(2 * cfg.num_layers)) < 0.003
+    assert torch.all(m1.layers["0"].self_attn.q_proj.bias == 0)
+    assert torch.all(m1.norm.weight == 1)
+
+
+def test_preset_sizes():
+    cfg = InternLMConfig.preset("internlm-7b")
+    assert cfg.intermediate_size == 11008
+    assert abs(cfg.num_params() / 7.3e9 - 1) < 0.01
+
+
+def test_104b_on_meta_device():
+    cfg = InternLMConfig.preset("internlm-104b")
+    with torch.device("meta"):
+        model = InternLM(cfg)
+    counted = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    assert counted == cfg.num_params()
+    assert abs(counted / 104e9 - 1) <= 0.03
+
+
+def test_flops_per_token_formula():
+    cfg = InternLMConfig.preset("internlm-7b")
+    n_matmul = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 103168
+    expected = 3 * (2 * n_matmul + 2 * 32 * 2048 * 4096)
+    assert cfg.flops_per_token(2048) == expected
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="not divisible"):
+        InternLMConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(KeyError, match="known presets"):
+        InternLMConfig.preset("internlm-9b")
+
+
+def test_bf16_forward_and_backward():
+    model = InternLM(InternLMConfig.preset("internlm-tiny", dtype="torch.bfloat16"))
+    ids = torch.randint(0, 256, (2, 8))
+    logits = model(ids)
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert model.layers["1"].mlp.down_proj.weight.grad.dtype == torch.bfloat16

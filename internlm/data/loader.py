@@ -1,0 +1,234 @@
+"""Train loader and validation batches built from the ``data`` section of a config.
+
+``data_cfg`` keys: ``seq_len``, ``micro_bsz``, ``micro_num``, ``train_folder`` (a path, a list of
+paths with equal weights, or ``{path: weight}``), ``valid_folder`` (path or None), ``valid_ratio``
+(default 0.02), ``valid_max_samples`` (default 64), ``valid_micro_num`` (default None: no cap),
+``block_seqs`` (default 1024: shuffle block of the sampler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from .packing import PackedSequence, collate, pack_window, padding_sequence
+from .sampler import MixtureSampler
+from .stream import TokenStream, source_key
+
+_MISSING = object()
+
+
+def cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+    """``cfg[key]`` for dicts and attribute/item-access configs, with an optional default."""
+    try:
+        value = cfg[key]
+    except (KeyError, TypeError, AttributeError):
+        value = getattr(cfg, key, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise KeyError(f"data config has no key {key!r}")
+        return default
+    return value
+
+
+@dataclass
+class Source:
+    """One data folder: its stream and the token range used for training ``[0, train_end)``."""
+
+    key: str
+    stream: TokenStream
+    train_end: int
+
+
+def holdout_start(stream: TokenStream, valid_ratio: float) -> int:
+    """First held-out token: the start of the document holding token ``n - round(n * valid_ratio)``.
+
+    Snapping to a document start keeps validation documents whole; if that would leave no
+    training tokens (one huge document) the raw cut is used.
+    """
+    if not 0.0 <= valid_ratio < 1.0:
+        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
+    n = stream.num_tokens
+    cut = n - int(round(n * valid_ratio))
+    if cut >= n:
+        return n
+    start = stream.doc_start_at_or_before(cut)
+    return start if start > 0 else cut
+
+
+def parse_weights(train_folder: Any) -> Dict[str, float]:
+    """``train_folder`` as ``{source key: weight}``."""
+    if isinstance(train_folder, str):
+        return {source_key(train_folder): 1.0}
+    if isinstance(train_folder, Mapping):
+        weights = {source_key(str(k)): float(v) for k, v in train_folder.items()}
+    elif isinstance(train_folder, (list, tuple)):
+        weights = {source_key(str(k)): 1.0 for k in train_folder}
+    else:
+        raise ValueError(f"data.train_folder must be a path, a list of paths or {{path: weight}}, got {train_folder!r}")
+    if not weights:
+        raise ValueError("data.train_folder names no folder")
+    return weights
+
+
+def open_train_sources(data_cfg: Any) -> Tuple[List[Source], Dict[str, float]]:
+    weights = parse_weights(cfg_get(data_cfg, "train_folder"))
+    hold_out = cfg_get(data_cfg, "valid_folder", None) is None
+    ratio = float(cfg_get(data_cfg, "valid_ratio", 0.02) or 0.0) if hold_out else 0.0
+    sources = []
+    for key in sorted(weights):
+        stream = TokenStream(key)
+        sources.append(Source(key, stream, holdout_start(stream, ratio)))
+    return sources, weights
+
+
+class TrainLoader:
+    """This data-parallel rank's share of each global batch.
+
+    A global batch is the next ``dp_size * micro_bsz * micro_num`` sequences of the mixture stream;
+    rank ``r`` packs sequences ``[r * micro_bsz * micro_num, (r + 1) * micro_bsz * micro_num)`` into
+    ``micro_num`` micro-batches of ``micro_bsz``. Every rank advances the sampler over the whole
+    global batch, so all ranks hold the same ``state_dict()``.
+    """
+
+    def __init__(
+        self,
+        sources: List[Source],
+        weights: Mapping[str, float],
+        seq_len: int,
+        micro_bsz: int,
+        micro_num: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        block_seqs: int = 1024,
+    ) -> None:
+        for name, value in (("seq_len", seq_len), ("micro_bsz", micro_bsz), ("micro_num", micro_num), ("dp_size", dp_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.sources = {s.key: s for s in sources}
+        self.seq_len, self.micro_bsz, self.micro_num = seq_len, micro_bsz, micro_num
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.global_batch_size = dp_size * micro_bsz * micro_num
+        self.sampler = MixtureSampler({s.key: s.train_end for s in sources}, weights, seq_len, seed, block_seqs)
+        self.steps = 0
+        self.last_batch_source_tokens: Dict[str, int] = {k: 0 for k in self.sources}
+
+    def _sequence(self, key: str, start: int) -> PackedSequence:
+        stream = self.sources[key].stream
+        stop = start + self.seq_len
+        return pack_window(stream.read(start, stop + 1), stream.doc_ends(start, stop) - start, self.seq_len)
+
+    def next_global_batch(self) -> List[Dict[str, Any]]:
+        """This rank's ``micro_num`` micro-batches of the next global batch."""
+        picks = self.sampler.next_sequences(self.global_batch_size)
+        self.last_batch_source_tokens = {k: 0 for k in self.sources}
+        for key, _ in picks:
+            self.last_batch_source_tokens[key] += self.seq_len
+        per_rank = self.micro_bsz * self.micro_num
+        mine = picks[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        self.steps += 1
+        return [
+            collate([self._sequence(k, s) for k, s in mine[m * self.micro_bsz : (m + 1) * self.micro_bsz]])
+            for m in range(self.micro_num)
+        ]
+
+    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
+        while True:
+            yield self.next_global_batch()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Per-source cursors keyed by source path, mixture counts, and the number of batches taken."""
+        state = self.sampler.state_dict()
+        state["steps"] = self.steps
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self.steps = int(state.get("steps", 0))
+
+
+def build_train_loader(data_cfg: Any, seed: int, dp_rank: int, dp_size: int) -> TrainLoader:
+    """The trainer's entry point: open the training sources of ``data_cfg`` and build this rank's loader."""
+    sources, weights = open_train_sources(data_cfg)
+    return TrainLoader(
+        sources,
+        weights,
+        seq_len=int(cfg_get(data_cfg, "seq_len")),
+        micro_bsz=int(cfg_get(data_cfg, "micro_bsz")),
+        micro_num=int(cfg_get(data_cfg, "micro_num")),
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        block_seqs=int(cfg_get(data_cfg, "block_seqs", 1024)),
+    )
+
+
+def _valid_ranges(data_cfg: Any) -> List[Tuple[TokenStream, int]]:
+    """``(stream, first token)`` of the data to validate on (to the stream end), in sorted path order."""
+    valid_folder = cfg_get(data_cfg, "valid_folder", None)
+    if valid_folder is not None:
+        return [(TokenStream(k), 0) for k in sorted(parse_weights(valid_folder))]
+    sources, _ = open_train_sources(data_cfg)
+    return [(s.stream, s.train_end) for s in sources]
+
+
+def _interleave(ranges: List[Tuple[TokenStream, int]], seq_len: int, limit: int) -> List[Tuple[TokenStream, int]]:
+    """Round-robin over sources of the windows ``start + k L`` with ``start + (k + 1) L <= num_tokens``."""
+    counts = [max((stream.num_tokens - start) // seq_len, 0) for stream, start in ranges]
+    if sum(counts) == 0:
+        sizes = ", ".join(f"{s.folder!r}: {s.num_tokens - a} tokens" for s, a in ranges)
+        raise ValueError(
+            f"no validation sequence of seq_len={seq_len} fits in the validation data ({sizes}); "
+            "raise data.valid_ratio, give data.valid_folder, or set valid_ratio=0 to skip validation"
+        )
+    out: List[Tuple[TokenStream, int]] = []
+    k = 0
+    while len(out) < limit and any(c > k for c in counts):
+        for (stream, start), c in zip(ranges, counts):
+            if c > k and len(out) < limit:
+                out.append((stream, start + k * seq_len))
+        k += 1
+    return out
+
+
+def build_valid_batches(data_cfg: Any, seed: int, dp_rank: int, dp_size: int) -> List[Dict[str, Any]]:
+    """This rank's validation micro-batches (empty when there is no validation data).
+
+    The validation sequences are consecutive windows of the held-out tail of every training source
+    (or of ``valid_folder``), interleaved round-robin over sources in sorted path order; the first
+    ``V = min(valid_max_samples, available, valid_micro_num * micro_bsz)`` are used. Round ``m`` holds
+    sequences ``[m * dp_size * micro_bsz, (m + 1) * dp_size * micro_bsz)``, rank ``r`` packs its
+    ``micro_bsz`` slice; slots past ``V`` are padding with every label ``-100``. The union over ranks is
+    thus the same ``V`` sequences for any ``dp_size``, and every rank gets ``ceil(V / (dp_size * micro_bsz))``
+    micro-batches. Validation is not shuffled, so ``seed`` does not change it.
+    """
+    del seed  # validation order is fixed; the argument mirrors build_train_loader
+    seq_len, micro_bsz = int(cfg_get(data_cfg, "seq_len")), int(cfg_get(data_cfg, "micro_bsz"))
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    limit = int(cfg_get(data_cfg, "valid_max_samples", 64))
+    cap = cfg_get(data_cfg, "valid_micro_num", None)
+    if cap is not None:
+        limit = min(limit, int(cap) * micro_bsz)
+    if cfg_get(data_cfg, "valid_folder", None) is None and not cfg_get(data_cfg, "valid_ratio", 0.02):
+        return []
+    windows = _interleave(_valid_ranges(data_cfg), seq_len, limit)
+    rounds = math.ceil(len(windows) / (dp_size * micro_bsz))
+    batches = []
+    for m in range(rounds):
+        base = m * dp_size * micro_bsz + dp_rank * micro_bsz
+        seqs = []
+        for g in range(base, base + micro_bsz):
+            if g >= len(windows):
+                seqs.append(padding_sequence(seq_len))
+                continue
+            stream, start = windows[g]
+            stop = start + seq_len
+            tokens = stream.read(start, min(stop + 1, stream.num_tokens))
+            seqs.append(pack_window(tokens, stream.doc_ends(start, stop) - start, seq_len))
+        batches.append(collate(seqs))
+    return batches

@@ -34,7 +34,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _model_shape(cfg: Any) -> dict:
-    return model_config_from(cfg).to_dict()
+    """What must stay the same across phases (rotary has no learned positions, so context length may change)."""
+    shape = model_config_from(cfg).to_dict()
+    shape.pop("max_position_embeddings")
+    return shape
 
 
 def check_phases(configs: List[Tuple[str, Any]], world_size: int) -> None:

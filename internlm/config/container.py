@@ -45,6 +45,11 @@ class Config(dict):
             value = Config(value)
         super().__setitem__(key, value)
 
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        # route through __setitem__ so merged-in dicts get attribute access too
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
     def to_dict(self) -> dict:
         """A deep copy made of plain dicts."""
         return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}

@@ -1,0 +1,67 @@
+"""The few collectives the optimizer issues, with the size-1 and gloo special cases in one place.
+
+A group is a ``torch.distributed`` process group, or ``None`` for a dimension of size 1. Every helper
+returns immediately (and issues nothing) when the group has a single member, so a single process never
+needs ``torch.distributed`` to be initialised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Any) -> int:
+    """Number of ranks in ``group``; 1 for ``None``."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    """This process's rank inside ``group``; 0 for ``None``."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any, async_op: bool = False) -> Optional[Any]:
+    """In-place SUM over ``group``; returns the work handle when ``async_op`` (None when nothing was issued)."""
+    if group_size(group) == 1:
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+class _GatherWork:
+    """Handle of a list-form all-gather: keeps the input copy alive until the gather completes."""
+
+    def __init__(self, work: Any, keep_alive: torch.Tensor) -> None:
+        self._work = work
+        self._keep_alive = keep_alive
+
+    def wait(self) -> None:
+        self._work.wait()
+        self._keep_alive = None
+
+
+def all_gather_shards(flat: torch.Tensor, group: Any, async_op: bool = False) -> Optional[Any]:
+    """Fill every slice of ``flat`` from its owner: rank z of ``group`` holds slice z.
+
+    ``flat`` splits into ``group_size`` equal contiguous slices; before the call only this rank's slice
+    is current, after it every slice is (an all-gather of ``numel / size`` elements from every rank).
+    NCCL gathers in place into the flat tensor; gloo has no all_gather_into_tensor, so it uses the list
+    form with the output slices as views of ``flat`` and a copy of the input (input and output alias).
+    """
+    size = group_size(group)
+    if size == 1:
+        return None
+    rank = dist.get_rank(group)
+    shard = flat.numel() // size
+    local = flat[rank * shard : (rank + 1) * shard]
+    if dist.get_backend(group) == "nccl":
+        return dist.all_gather_into_tensor(flat, local, group=group, async_op=async_op)
+    outputs: List[torch.Tensor] = list(flat.split(shard))
+    source = local.clone()
+    work = dist.all_gather(outputs, source, group=group, async_op=async_op)
+    return _GatherWork(work, source) if async_op else None
+
+
+__all__ = ["group_size", "group_rank", "all_reduce_sum", "all_gather_shards"]

@@ -1,0 +1,246 @@
+"""InternLM's hybrid ZeRO stage 1: fp32 master weights and AdamW moments sharded over the zero1 group.
+
+Per step, on every rank (see docs/zero.md for the volumes)::
+
+    begin_step(n) -> n x backward        gradients accumulate in fp32 buffers; ready buckets all-reduce (SUM,
+                                         data-parallel group) while backward continues
+    step()                               wait for buckets; sum `_tp_partial_grad` slices over the tensor group;
+                                         global grad norm (one scalar all-reduce per zero1/tp/pp group);
+                                         skip on inf/nan, else clip + AdamW on this rank's fp32 slice;
+                                         copy the slice into the model dtype; all-gather slices over zero1
+    next forward                         a forward pre-hook of each chunk waits for that chunk's gather
+
+``zero1_size`` may be smaller than ``dp_size`` (hybrid): data-parallel ranks form ``dp_size / zero1_size``
+consecutive blocks, each block shards the optimizer state once, and blocks hold identical replicas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .collectives import all_gather_shards, group_size
+from .flat_buffer import BufferKey, FlatBuffer
+from .grad_norm import global_grad_norm
+from .grad_sync import GradReducer
+from .shard_state import load_shard_state, shard_state
+
+
+class HybridZeroOptimizer:
+    """AdamW over flat sharded fp32 master weights, with bucketed overlapped gradient reduction.
+
+    ``pc`` is any object with ``dp_size, dp_rank, dp_group, zero1_size, zero1_rank, zero1_group, tp_size,
+    tp_rank, tp_group, pp_size, pp_group`` (groups are ``None`` for size 1). Weight decay applies to
+    parameters with two or more dimensions (matrices, embeddings), not to norm weights or biases.
+    """
+
+    def __init__(
+        self,
+        model_chunks: Sequence[nn.Module],
+        pc: Any,
+        lr: float,
+        betas: Tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        clip_grad_norm: float = 1.0,
+        reduce_bucket_size: int = 512 * 1024**2,
+        overlap_sync_grad: bool = True,
+        overlap_sync_param: bool = True,
+    ) -> None:
+        _check_context(pc)
+        self.pc = pc
+        self.model_chunks = list(model_chunks)
+        self.clip_grad_norm = clip_grad_norm
+        self.overlap_sync_param = overlap_sync_param
+        self.skipped_steps = 0
+        self.num_updates = 0  # AdamW steps applied (skipped steps excluded)
+
+        self.buffers = _build_buffers(self.model_chunks, pc.zero1_size, pc.zero1_rank)
+        self.grad_reducer = GradReducer(self.buffers, pc.dp_group, pc.tp_group, reduce_bucket_size, overlap_sync_grad)
+        # fp32 master copy of the owned slice; its .grad is a view of the owned slice of the fp32 grad buffer
+        self.masters: List[torch.Tensor] = []
+        for buffer in self.buffers:
+            master = buffer.param_shard().detach().to(torch.float32, copy=True)
+            master.grad = buffer.grad_shard()
+            self.masters.append(master)
+        groups = [
+            {"params": [master], "weight_decay": weight_decay if buffer.key.decay else 0.0}
+            for buffer, master in zip(self.buffers, self.masters)
+        ]
+        impl = {"fused": True} if self.masters[0].device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **impl)
+
+        self._gathers: Dict[int, List[Any]] = defaultdict(list)  # chunk index -> in-flight param gathers
+        self._pre_hooks = [
+            chunk.register_forward_pre_hook(self._make_wait_hook(i)) for i, chunk in enumerate(self.model_chunks)
+        ]
+
+    @classmethod
+    def from_config(
+        cls, model_chunks: Sequence[nn.Module], pc: Any, adam_cfg: Any, zero_cfg: Any
+    ) -> "HybridZeroOptimizer":
+        """Build from InternLM config sections ``adam`` (lr, adam_beta1, adam_beta2, adam_eps, weight_decay)
+        and ``hybrid_zero_optimizer`` (overlap_sync_grad, overlap_sync_param, reduce_bucket_size, clip_grad_norm)."""
+        return cls(
+            model_chunks,
+            pc,
+            lr=float(_get(adam_cfg, "lr")),
+            betas=(float(_get(adam_cfg, "adam_beta1", 0.9)), float(_get(adam_cfg, "adam_beta2", 0.95))),
+            eps=float(_get(adam_cfg, "adam_eps", 1e-8)),
+            weight_decay=float(_get(adam_cfg, "weight_decay", 0.01)),
+            clip_grad_norm=float(_get(zero_cfg, "clip_grad_norm", 1.0)),
+            reduce_bucket_size=int(_get(zero_cfg, "reduce_bucket_size", 512 * 1024**2)),
+            overlap_sync_grad=bool(_get(zero_cfg, "overlap_sync_grad", True)),
+            overlap_sync_param=bool(_get(zero_cfg, "overlap_sync_param", True)),
+        )
+
+    # ------------------------------------------------------------------ step protocol
+    def begin_step(self, num_micro_batches: int) -> None:
+        """Arm the gradient hooks: each parameter's gradient is final after ``num_micro_batches`` backward passes."""
+        self.grad_reducer.begin_step(num_micro_batches)
+
+    def step(self) -> Tuple[float, bool]:
+        """Reduce, clip and apply this step's gradients; returns ``(grad_norm, skipped)``.
+
+        The norm is taken before clipping. A non-finite norm skips the update on every rank (the norm is the
+        same everywhere), drops the gradients and increments ``skipped_steps``.
+        """
+        self.grad_reducer.finish()
+        norm = global_grad_norm(self.buffers, self.pc.zero1_group, self.pc.tp_group, self.pc.pp_group, self.pc.tp_rank)
+        norm_value = float(norm)
+        if not math.isfinite(norm_value):
+            self.skipped_steps += 1
+            self.grad_reducer.zero()
+            return norm_value, True
+        if self.clip_grad_norm is not None and self.clip_grad_norm > 0:
+            # as torch.nn.utils.clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)), in fp32
+            coef = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for master in self.masters:
+                master.grad.mul_(coef)
+        self.optimizer.step()
+        self.num_updates += 1
+        self._publish_params(async_op=self.overlap_sync_param)
+        self.grad_reducer.zero()
+        return norm_value, False
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (also disarms the step's hooks)."""
+        self.grad_reducer.zero()
+
+    # ------------------------------------------------------------------ parameter all-gather
+    @torch.no_grad()
+    def _publish_params(self, async_op: bool) -> None:
+        """Copy each fp32 master slice into the model dtype and all-gather the slices over the zero1 group."""
+        for buffer, master in zip(self.buffers, self.masters):
+            buffer.param_shard().copy_(master)
+            work = all_gather_shards(buffer.params, self.pc.zero1_group, async_op=async_op)
+            if work is not None:
+                self._gathers[buffer.key.chunk].append(work)
+
+    def _wait_chunk(self, chunk: int) -> None:
+        for work in self._gathers.pop(chunk, []):
+            work.wait()
+
+    def _make_wait_hook(self, chunk: int):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._wait_chunk(chunk)
+
+        return hook
+
+    def sync_params(self) -> None:
+        """Wait until every model parameter holds the gathered values of the last step (before save or eval)."""
+        for chunk in list(self._gathers):
+            self._wait_chunk(chunk)
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The AdamW groups (one per flat buffer); ``param_groups[0]["lr"]`` is the current learning rate."""
+        return self.optimizer.param_groups
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_beta2(self, beta2: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["betas"] = (group["betas"][0], beta2)
+
+    # ------------------------------------------------------------------ state
+    def optim_state_bytes(self) -> int:
+        """Bytes of fp32 state this rank holds in training: master slice (4) + exp_avg (4) + exp_avg_sq (4) per
+        owned element, i.e. about ``12 * num_params / zero1_size`` plus padding."""
+        return sum(12 * master.numel() for master in self.masters)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's shard (master weights, AdamW moments, counters) with its layout metadata."""
+        return shard_state(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a shard saved under the same layout; raises ValueError naming any layout difference.
+
+        Collective over the zero1 group: the restored master slices are gathered into the model parameters.
+        """
+        self.sync_params()
+        load_shard_state(self, state)
+        self._publish_params(async_op=False)
+
+
+def _check_context(pc: Any) -> None:
+    if pc.dp_size % pc.zero1_size:
+        raise ValueError(f"zero1_size={pc.zero1_size} must divide dp_size={pc.dp_size}")
+    if group_size(pc.zero1_group) != pc.zero1_size:
+        raise ValueError(f"zero1_group has {group_size(pc.zero1_group)} ranks but zero1_size={pc.zero1_size}")
+    if group_size(pc.dp_group) != pc.dp_size:
+        raise ValueError(f"dp_group has {group_size(pc.dp_group)} ranks but dp_size={pc.dp_size}")
+
+
+def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int) -> List[FlatBuffer]:
+    """Group trainable parameters by ``BufferKey``, each group listed in reverse registration order."""
+    seen: set = set()
+    groups: Dict[BufferKey, List[Tuple[str, nn.Parameter]]] = {}
+    devices = set()
+    for index, chunk in enumerate(chunks):
+        named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad and id(p) not in seen]
+        for name, param in reversed(named):  # backward finishes the last layers first
+            if param.dtype == torch.float16:
+                raise ValueError(f"{name}: fp16 parameters need loss scaling, which is not implemented; use bf16")
+            seen.add(id(param))
+            devices.add(param.device)
+            key = BufferKey(
+                chunk=index,
+                dtype=param.dtype,
+                decay=param.ndim >= 2,
+                tp_duplicate=bool(getattr(param, "_tp_duplicate", False)),
+                tp_partial_grad=bool(getattr(param, "_tp_partial_grad", False)),
+            )
+            groups.setdefault(key, []).append((name, param))
+    if not groups:
+        raise ValueError("the model chunks have no trainable parameters")
+    if len(devices) > 1:
+        raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
+    return [FlatBuffer(key, params, zero1_size, zero1_rank) for key, params in groups.items()]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read ``key`` from a mapping or an attribute-style config section."""
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    if value is None:
+        if default is None:
+            raise KeyError(f"missing optimizer config key {key!r}")
+        return default
+    return value
+
+
+__all__ = ["HybridZeroOptimizer"]

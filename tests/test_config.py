@@ -173,10 +173,20 @@ def test_dump_round_trip(tmp_path):
     assert load_config(str(tmp_path / "tiny_dump.py")) == tiny
 
 
-def test_dump_rejects_non_literal_constant(tmp_path):
+def test_dump_skips_non_literal_constant_but_not_keys(tmp_path):
     cfg = load_config(write(tmp_path, "t.py", TINY + "import pathlib\nROOT_DIR = pathlib.Path('/x')\n"))
-    with pytest.raises(ConfigError, match=r"^ROOT_DIR: .* not a Python literal"):
-        dump_config(cfg, str(tmp_path / "out.py"))
+    dump_config(cfg, str(tmp_path / "out.py"))
+    again = load_config(str(tmp_path / "out.py"))
+    assert "ROOT_DIR" not in again and again == {k: v for k, v in cfg.items() if k != "ROOT_DIR"}
+    cfg.data.valid_folder = object()
+    with pytest.raises(ConfigError, match=r"^data\.valid_folder: .* not a Python literal"):
+        dump_config(cfg, str(tmp_path / "out2.py"))
+
+
+def test_preformatted_error_line():
+    err = ConfigError("a.py: parallel: differs from b.py")
+    assert str(err) == "a.py: parallel: differs from b.py" and err.problem == str(err)
+    assert pickle.loads(pickle.dumps(err)).args == err.args
 
 
 def test_model_config_from_preset(tmp_path):

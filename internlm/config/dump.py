@@ -8,6 +8,7 @@ import os
 from typing import Any, List, Mapping
 
 from .errors import ConfigError
+from .schema import is_constant
 
 _INDENT = "    "
 
@@ -51,12 +52,21 @@ def format_value(value: Any, path: str, depth: int = 0) -> str:
 def dump_config(cfg: Mapping[str, Any], path: str) -> None:
     """Write ``cfg`` (resolved: every key present, no ``_base_``) to the Python file ``path``.
 
-    Raises ConfigError naming the key when a value (e.g. a free constant) has no literal form.
+    UPPER_CASE constants without a literal form (a pathlib.Path, say) are left out with a comment;
+    a schema key without one raises ConfigError naming the key.
     """
     sources = getattr(cfg, "source_files", None) or []
     header = ["# Resolved config written by internlm.config.dump_config; every key is explicit."]
     header += [f"# from: {source}" for source in sources]
-    body = [f"{name} = {format_value(value, name)}" for name, value in cfg.items()]
+    body = []
+    for name, value in cfg.items():
+        try:
+            body.append(f"{name} = {format_value(value, name)}")
+        except ConfigError:
+            if not is_constant(name):
+                raise
+            # free constants may hold any object; losing one must not stop a run from recording its config
+            body.append(f"# {name} omitted: {type(value).__name__} value is not a Python literal")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

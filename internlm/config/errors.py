@@ -10,9 +10,12 @@ class ConfigError(Exception):
 
     ``file`` is the config file the user passed (filled in by `load_config` when the error is raised
     deeper down), ``key`` the dotted key path (``--set key.path`` when a command-line override caused it).
+    A single argument is taken as the whole, already formatted line (checks outside this package).
     """
 
-    def __init__(self, key: str, problem: str, file: Optional[str] = None) -> None:
+    def __init__(self, key: str, problem: Optional[str] = None, file: Optional[str] = None) -> None:
+        if problem is None:  # ConfigError("FILE: key: problem"): a line its caller formatted already
+            key, problem = "", key
         self.key = key
         self.problem = problem
         self.file = file

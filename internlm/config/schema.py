@@ -283,7 +283,8 @@ CKPT = Section(
                                    compat=IGNORED),
         "load_ckpt_info": Field((dict, NoneType), None, "InternLM compatibility; ignored (use "
                                 "load_ckpt_folder)", compat=IGNORED),
-        "stop_file_path": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
+        "stop_file_path": Field(_OPT_STR, None, "when this file appears, save and stop after the step it names "
+                                "(at once if it is empty); the file is then removed"),
         "snapshot_ckpt_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
     },
 )
@@ -293,6 +294,8 @@ MONITOR = Section(
     fields={
         "tensorboard": Field((bool,), True, "write TensorBoard scalars under {work_dir}/tensorboard"),
         "log_every": Field((int,), 1, "log metrics every this many steps", minimum=1),
+        "peak_tflops": Field((float, NoneType), None, "peak TFLOP/s of one device, the denominator of MFU; "
+                             "None: known GPUs' dense bf16 figure, measured on CPU", minimum=0),
         "alert": Field((dict,), {}, "InternLM compatibility (Feishu alerts); ignored", compat=IGNORED),
     },
 )

@@ -1,0 +1,37 @@
+"""The demo corpus: built once from text shipped with Python, cached, rebuilt when incomplete."""
+
+import json
+import os
+import time
+
+from internlm.data import Tokenizer, TokenStream, prepare_demo_data
+from internlm.data.demo_corpus import doc_topics
+
+
+def test_demo_corpus_is_prepared_once_and_cached(tmp_path):
+    start = time.perf_counter()
+    paths = prepare_demo_data(tmp_path / "demo", vocab_size=512)
+    first = time.perf_counter() - start
+    assert first < 30
+    assert set(paths) == {"tokenizer", "docs", "code"}
+    tok = Tokenizer(paths["tokenizer"])
+    assert tok.vocab_size == 512
+    docs = TokenStream(paths["docs"])
+    topics = doc_topics()
+    assert docs.num_docs == len(topics) > 50
+    assert docs.read(0, docs.doc_ends(0, docs.num_tokens)[0]).tolist() == tok.encode(topics[0]) + [tok.eos_id]
+    code = TokenStream(paths["code"])
+    assert code.num_tokens > 100_000
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert manifest["sources"]["code"]["tokens"] == code.num_tokens
+
+    mtime = os.path.getmtime(paths["tokenizer"])
+    start = time.perf_counter()
+    assert prepare_demo_data(tmp_path / "demo", vocab_size=512) == paths
+    assert time.perf_counter() - start < 0.1 and os.path.getmtime(paths["tokenizer"]) == mtime
+
+    # an interrupted preparation (no manifest) is redone, with the same result
+    os.remove(tmp_path / "demo" / "manifest.json")
+    assert prepare_demo_data(tmp_path / "demo", vocab_size=512) == paths
+    assert TokenStream(paths["code"]).read(0, 1000).tolist() == code.read(0, 1000).tolist()
+    assert sorted(os.listdir(tmp_path / "demo")) == [".lock", "code", "docs", "manifest.json", "tokenizer.model", "tokenizer.vocab"]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .distributed import init_distributed, shutdown_distributed
 from .phases import Phase
-from .trainer import Trainer
+from .trainer import StopRequested, Trainer
 
 
 def _prepare_demo_data(phases: List[Phase], rank: int) -> None:
@@ -51,7 +51,12 @@ def run_training(phases: List[Phase]) -> int:
             print(describe_layout(pc), flush=True)
         _prepare_demo_data(phases, launch.rank)
         trainer = Trainer(phases, launch, pc)
-        summary = trainer.run()
+        try:
+            summary = trainer.run()
+        except StopRequested as stop:
+            if launch.rank == 0:
+                print(str(stop), flush=True)
+            return 0
         if launch.rank == 0:
             print(f"done: step {summary['step']}, tokens {summary['tokens']:,}, last loss {summary['loss']}, "
                   f"last validation loss {summary['val_loss']}", flush=True)

@@ -31,6 +31,10 @@ def _all_reduce_sum(value: torch.Tensor, *groups) -> torch.Tensor:
     return value
 
 
+class StopRequested(Exception):
+    """Training stopped early on request (ckpt.stop_file_path) after saving a checkpoint."""
+
+
 class Trainer:
     def __init__(self, phases: List[Phase], launch: Launch, pc: Any) -> None:
         self.phases = phases
@@ -157,6 +161,12 @@ class Trainer:
             self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
                                  phase.tokens_per_step / elapsed)
             last = phase_step + 1 == phase.steps
+            if not last and self._stop_requested(cfg):
+                self._save(phase, phase_step + 1, loader, completed=False)
+                self._clear_stop_file(cfg)
+                self.logger.close_bar()
+                raise StopRequested(f"stopped after step {self.step} as asked by {cfg.ckpt.stop_file_path}; "
+                                    f"rerun the same command to resume")
             if valid_batches and cfg.data.valid_every and self.step % cfg.data.valid_every == 0 and not last:
                 self._validate(valid_batches, schedule)
             if last:
@@ -166,6 +176,26 @@ class Trainer:
             elif cfg.ckpt.enable_save_ckpt and cfg.ckpt.checkpoint_every and self.step % cfg.ckpt.checkpoint_every == 0:
                 self._save(phase, phase_step + 1, loader, completed=False)
         self.logger.close_bar()
+
+    def _stop_requested(self, cfg: Any) -> bool:
+        """InternLM's ckpt.stop_file_path: stop after the step written in that file (now, if it is empty).
+
+        All ranks agree through an all-reduce, so a file appearing mid-step cannot split the job.
+        """
+        path = cfg.ckpt.get("stop_file_path")
+        wanted = 0.0
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                text = f.read().strip()
+            wanted = 1.0 if not text or (text.isdigit() and int(text) <= self.step) else 0.0
+        flag = torch.tensor(wanted, device=self.device)
+        if self.pc.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _clear_stop_file(self, cfg: Any) -> None:
+        if self.pc.rank == 0 and os.path.isfile(cfg.ckpt.stop_file_path):
+            os.remove(cfg.ckpt.stop_file_path)
 
     def _to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
         out = dict(micro_batch)

@@ -34,4 +34,5 @@ def test_demo_corpus_is_prepared_once_and_cached(tmp_path):
     os.remove(tmp_path / "demo" / "manifest.json")
     assert prepare_demo_data(tmp_path / "demo", vocab_size=512) == paths
     assert TokenStream(paths["code"]).read(0, 1000).tolist() == code.read(0, 1000).tolist()
-    assert sorted(os.listdir(tmp_path / "demo")) == [".lock", "code", "docs", "manifest.json", "tokenizer.model", "tokenizer.vocab"]
+    expected = [".lock", "code", "docs", "manifest.json", "tokenizer.model", "tokenizer.vocab"]
+    assert sorted(os.listdir(tmp_path / "demo")) == expected  # no staging folder left behind

@@ -36,7 +36,7 @@ def data_cfg(sources, **extra):
 
 def real_sequences(batches, seq_len):
     """Input ids of the non-padding sequences (padding has every label -100 and zero inputs)."""
-    rows = [(ids, lab) for mb in batches for ids, lab in zip(mb["input_ids"].view(-1, seq_len), mb["labels"].view(-1, seq_len))]
+    rows = [row for mb in batches for row in zip(mb["input_ids"].view(-1, seq_len), mb["labels"].view(-1, seq_len))]
     return [ids for ids, lab in rows if not (ids.eq(0).all() and lab.eq(-100).all())]
 
 
@@ -49,7 +49,8 @@ def test_holdout_is_disjoint_from_training(sources):
         assert stream.doc_start_at_or_before(ends[name]) == ends[name]  # validation starts on a document
         assert abs(ends[name] - 0.9 * stream.num_tokens) <= 40
     loader = build_train_loader(cfg, 0, 0, 1)
-    seen = torch.cat([torch.cat([mb["input_ids"], mb["labels"]]) for _ in range(60) for mb in loader.next_global_batch()])
+    batches = [mb for _ in range(60) for mb in loader.next_global_batch()]
+    seen = torch.cat([torch.cat([mb["input_ids"], mb["labels"]]) for mb in batches])
     assert loader.sampler.samplers[sources["b"]].cursor.epoch >= 1  # the training range was wrapped
     for name, base, top in (("a", 100, 2100), ("b", 10000, 11000)):
         train_pos = seen[(seen >= base) & (seen < top)] - base

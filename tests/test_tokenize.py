@@ -52,7 +52,7 @@ def test_training_is_deterministic(tmp_path, tok_path):
     # the model file also records its own path (model_prefix), so compare the learned vocabulary
     again = Tokenizer(train_sentencepiece(DOCS * 20, tmp_path / "again", vocab_size=320))
     first = Tokenizer(tok_path)
-    pieces = lambda t: [(t._sp.id_to_piece(i), t._sp.get_score(i)) for i in range(t.vocab_size)]
+    pieces = lambda t: [(t.id_to_piece(i), t.score(i)) for i in range(t.vocab_size)]
     assert pieces(again) == pieces(first)
 
 

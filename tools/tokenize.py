@@ -32,7 +32,7 @@ if __name__ == "tokenize":
 else:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
     sys.path.insert(0, os.path.dirname(_HERE))
-    from internlm.data.tokenize_corpus import tokenize_to_shards  # noqa: F401
+    from internlm.data.tokenize_corpus import tokenize_to_shards
 
 
 def parse_args(argv=None):
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as err:
         print(f"tokenize: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {len(info['shards'])} shards, {info['num_docs']} documents, {info['num_tokens']} tokens to {args.output}")
+    shards, docs, tokens = len(info["shards"]), info["num_docs"], info["num_tokens"]
+    print(f"wrote {shards} shards, {docs} documents, {tokens} tokens to {args.output}")
     return 0
 
 

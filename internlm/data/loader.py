@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from .packing import PackedSequence, collate, pack_window, padding_sequence
 from .sampler import MixtureSampler
@@ -104,7 +104,8 @@ class TrainLoader:
         dp_size: int = 1,
         block_seqs: int = 1024,
     ) -> None:
-        for name, value in (("seq_len", seq_len), ("micro_bsz", micro_bsz), ("micro_num", micro_num), ("dp_size", dp_size)):
+        sizes = {"seq_len": seq_len, "micro_bsz": micro_bsz, "micro_num": micro_num, "dp_size": dp_size}
+        for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if not 0 <= dp_rank < dp_size:

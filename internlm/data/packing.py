@@ -37,7 +37,9 @@ def pack_window(tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int) -> Packe
     (so values in ``(0, seq_len]``); a value ``k`` means token ``t + k - 1`` ends its document.
     """
     if tokens.size not in (seq_len, seq_len + 1):
-        raise ValueError(f"a window of seq_len={seq_len} needs {seq_len + 1} tokens (or {seq_len} at the end), got {tokens.size}")
+        raise ValueError(
+            f"a window of seq_len={seq_len} needs {seq_len + 1} tokens (or {seq_len} at the end), got {tokens.size}"
+        )
     ends = np.asarray(doc_ends, dtype=np.int64)
     if ends.size and (ends.min() <= 0 or ends.max() > seq_len):
         raise ValueError(f"document ends {ends.tolist()} must lie in (0, {seq_len}]")

@@ -183,7 +183,9 @@ class MixtureSampler:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data sampler state version {state.get('version')!r} unsupported (expected {STATE_VERSION})")
+            raise ValueError(
+                f"data sampler state version {state.get('version')!r} unsupported (expected {STATE_VERSION})"
+            )
         self._foreign = {}
         for key, cursor in state["sources"].items():
             if key in self.samplers:

@@ -166,7 +166,8 @@ class Shard:
         meta_path = bin_path[: -len(SHARD_SUFFIX)] + META_SUFFIX
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(
-                f"shard {bin_path!r} has no {os.path.basename(meta_path)!r} (interrupted write?); re-run tools/tokenize.py"
+                f"shard {bin_path!r} has no {os.path.basename(meta_path)!r} (interrupted write?); "
+                "re-run tools/tokenize.py"
             )
         self.header, table_offset = read_meta_header(meta_path)
         self.num_docs = int(self.header["num_docs"])
@@ -201,5 +202,7 @@ def list_shards(folder: str) -> List[str]:
         raise FileNotFoundError(f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenize.py")
     names = sorted(n for n in os.listdir(folder) if n.endswith(SHARD_SUFFIX))
     if not names:
-        raise FileNotFoundError(f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenize.py --output {folder}")
+        raise FileNotFoundError(
+            f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenize.py --output {folder}"
+        )
     return [os.path.join(folder, n) for n in names]

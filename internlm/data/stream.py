@@ -25,7 +25,8 @@ class TokenStream:
             raise ValueError(f"data folder {folder!r} mixes shards of vocab sizes {sorted(vocab)}; re-tokenize it")
         self.vocab_size = vocab.pop()
         sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # shard i covers [starts[i], starts[i+1])
+        # shard i covers stream positions [starts[i], starts[i + 1])
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
         self.num_docs = sum(s.num_docs for s in self.shards)
 

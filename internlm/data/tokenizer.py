@@ -53,6 +53,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def score(self, token_id: int) -> float:
+        """The piece's learned score (log probability for unigram, merge rank for BPE)."""
+        return self._sp.get_score(int(token_id))
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 

@@ -1,0 +1,189 @@
+"""Collectives over the tensor group and the autograd regions built from them.
+
+A *region* is an autograd Function whose forward and backward are conjugate collectives, so that the
+layers in `tensor_parallel` are plain matmuls between regions:
+
+| region                              | forward                         | backward                         |
+| ----------------------------------- | ------------------------------- | -------------------------------- |
+| copy_to_tensor_region               | identity                        | all-reduce                       |
+| reduce_from_tensor_region           | all-reduce                      | identity                         |
+| scatter_to_sequence_region          | keep this rank's sequence chunk | all-gather along the sequence    |
+| gather_from_sequence_region         | all-gather along the sequence   | reduce-scatter along the sequence|
+| reduce_scatter_to_sequence_region   | reduce-scatter along sequence   | all-gather along the sequence    |
+
+Hidden states are (B, S, H) and the sequence is dim 1 (packed micro-batches have B = 1). Every function is
+the identity when the group is None or has one rank. gloo has no reduce-scatter: there we all-reduce and
+keep our slice (same result, ``tp`` times the traffic); NCCL uses ``reduce_scatter_tensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1
+
+
+def group_size(group: Optional[Any]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[Any]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _check_divisible(x: torch.Tensor, dim: int, size: int, what: str) -> None:
+    if x.shape[dim] % size:
+        raise ValueError(
+            f"{what}: dim {dim} of shape {tuple(x.shape)} is not divisible by the tensor-parallel size {size}; "
+            f"with sequence parallel, micro_bsz * seq_len must be a multiple of parallel.tensor"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+def all_reduce(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    """Sum over the group (in place on a contiguous copy; the input is not modified)."""
+    if group_size(group) == 1:
+        return x
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def split_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) -> torch.Tensor:
+    """This rank's equal chunk of ``x`` along ``dim`` (no communication)."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    _check_divisible(x, dim, size, "split")
+    return x.chunk(size, dim=dim)[group_rank(group)].contiguous()
+
+
+def all_gather_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    if dist.get_backend(group) == "gloo":
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=dim)
+    # NCCL gathers along dim 0 into one buffer; move the target dim there and back
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((size * moved.shape[0],) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) -> torch.Tensor:
+    """Sum over the group, then keep this rank's chunk along ``dim``."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    _check_divisible(x, dim, size, "reduce-scatter")
+    if dist.get_backend(group) == "gloo":  # gloo lacks reduce_scatter
+        return split_along_dim(all_reduce(x, group), dim, group)
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // size,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- regions
+class _CopyToTensorRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTensorRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split_along_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along_dim(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather_along_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank used the whole gathered sequence: sum their gradients, keep our chunk
+        return reduce_scatter_along_dim(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter_along_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_along_dim(grad, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tensor_region(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    """Enter a tensor-parallel region with a replicated input: fwd identity, bwd all-reduce of the grad."""
+    return x if group_size(group) == 1 else _CopyToTensorRegion.apply(x, group)
+
+
+def reduce_from_tensor_region(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    """Leave a tensor-parallel region by summing partial outputs: fwd all-reduce, bwd identity."""
+    return x if group_size(group) == 1 else _ReduceFromTensorRegion.apply(x, group)
+
+
+def scatter_to_sequence_region(x: torch.Tensor, group: Optional[Any], dim: int = SEQ_DIM) -> torch.Tensor:
+    """Replicated full sequence -> this rank's chunk: fwd split along ``dim``, bwd all-gather."""
+    return x if group_size(group) == 1 else _ScatterToSequenceRegion.apply(x, group, dim)
+
+
+def gather_from_sequence_region(x: torch.Tensor, group: Optional[Any], dim: int = SEQ_DIM) -> torch.Tensor:
+    """Sequence chunk -> full sequence: fwd all-gather along ``dim``, bwd reduce-scatter."""
+    return x if group_size(group) == 1 else _GatherFromSequenceRegion.apply(x, group, dim)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, group: Optional[Any], dim: int = SEQ_DIM) -> torch.Tensor:
+    """Partial sums over the full sequence -> summed chunk: fwd reduce-scatter along ``dim``, bwd all-gather."""
+    return x if group_size(group) == 1 else _ReduceScatterToSequenceRegion.apply(x, group, dim)
+
+
+__all__ = [
+    "SEQ_DIM",
+    "group_size",
+    "group_rank",
+    "all_reduce",
+    "split_along_dim",
+    "all_gather_along_dim",
+    "reduce_scatter_along_dim",
+    "copy_to_tensor_region",
+    "reduce_from_tensor_region",
+    "scatter_to_sequence_region",
+    "gather_from_sequence_region",
+    "reduce_scatter_to_sequence_region",
+]

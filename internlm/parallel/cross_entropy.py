@@ -1,0 +1,116 @@
+"""Cross-entropy over vocab-split logits, never gathering the full (tokens, V) logits.
+
+Each tensor rank holds logits[..., rank*V/T : (rank+1)*V/T]. With z the logits shifted by the global max m:
+
+    log Z   = log sum_v exp(z_v)                       (local sum-exp, all-reduce SUM)
+    nll     = log Z - z_label                          (the rank owning the label contributes z_label, SUM)
+    smooth  = mean_v(-log p_v) = log Z - sum_v(z_v) / V   (local sums, all-reduce SUM)
+    loss    = (1 - eps) * nll + eps * smooth           (as F.cross_entropy with label_smoothing=eps)
+
+Forward communication per token: one all-reduce MAX of m and one all-reduce SUM of the stacked
+(z_label, sum exp, sum z) triple. Backward is local: d loss / d z_v = p_v - (1 - eps) [v == label] - eps / V,
+using the softmax kept from the forward. Tokens whose label is ``ignore_index`` get loss 0 and gradient 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import group_rank, group_size
+from .process_groups import ParallelContext
+
+
+def _all_reduce_(x: torch.Tensor, group: Optional[Any], op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, group, label_smoothing, ignore_index):
+        z = logits.float()
+        vocab_local = z.shape[-1]
+        vocab = vocab_local * group_size(group)
+        vocab_start = group_rank(group) * vocab_local
+
+        # softmax is shift invariant: subtract the global max for a stable exp
+        logits_max = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        z = z - logits_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
+
+        local_label = labels - vocab_start
+        foreign = (local_label < 0) | (local_label >= vocab_local)  # includes ignore_index
+        local_label = local_label.masked_fill(foreign, 0)
+        z_label = z.gather(-1, local_label.unsqueeze(-1)).squeeze(-1).masked_fill(foreign, 0.0)
+
+        exp_z = z.exp()
+        stats = [z_label, exp_z.sum(dim=-1)]
+        if label_smoothing > 0:
+            stats.append(z.sum(dim=-1))
+        stats = _all_reduce_(torch.stack(stats), group)  # one collective for all per-token sums
+        log_z = stats[1].log()
+        loss = log_z - stats[0]
+        if label_smoothing > 0:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - stats[2] / vocab)
+        ignored = labels == ignore_index
+        loss = loss.masked_fill(ignored, 0.0)
+
+        softmax = exp_z.div_(stats[1].unsqueeze(-1))  # reuse the exp buffer
+        ctx.save_for_backward(softmax, local_label, foreign, ignored)
+        ctx.label_smoothing, ctx.vocab, ctx.in_dtype = label_smoothing, vocab, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_label, foreign, ignored = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = softmax  # saved buffer is not needed after this backward
+        owned = (~foreign).to(grad.dtype).unsqueeze(-1)
+        grad.scatter_add_(-1, local_label.unsqueeze(-1), -(1.0 - eps) * owned)
+        if eps > 0:
+            grad.sub_(eps / ctx.vocab)
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group: Optional[Any],
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-token loss (fp32, shape of ``labels``) from logits split along the last (vocab) dim over ``group``.
+
+    ``logits``: (..., V/T), chunk ``rank`` of the vocab; ``labels``: (...) global token ids. Matches
+    ``F.cross_entropy(full_logits, labels, reduction='none', label_smoothing=..., ignore_index=...)``.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on token dims")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return _VocabParallelCrossEntropy.apply(logits, labels, group, float(label_smoothing), ignore_index)
+
+
+def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss_fn(logits, labels)`` -> fp32 SUM of token losses over labels != -100 (the schedule's contract).
+
+    With tp = 1 this is ``F.cross_entropy(reduction='sum')``; otherwise logits are vocab-split (parallel
+    output) and the vocab-parallel cross-entropy is used. Every tensor rank returns the same value.
+    """
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        if pc.tp_size == 1:
+            return F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum",
+                                   label_smoothing=label_smoothing, ignore_index=-100)
+        return vocab_parallel_cross_entropy(flat_logits, flat_labels, pc.tp_group, label_smoothing).sum()
+
+    return loss_fn
+
+
+__all__ = ["vocab_parallel_cross_entropy", "make_loss_fn"]

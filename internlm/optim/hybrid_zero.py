@@ -135,6 +135,7 @@ class HybridZeroOptimizer:
     @torch.no_grad()
     def _publish_params(self, async_op: bool) -> None:
         """Copy each fp32 master slice into the model dtype and all-gather the slices over the zero1 group."""
+        self.sync_params()  # a gather still in flight (no forward since the last step) reads the slice we overwrite
         for buffer, master in zip(self.buffers, self.masters):
             buffer.param_shard().copy_(master)
             work = all_gather_shards(buffer.params, self.pc.zero1_group, async_op=async_op)
@@ -150,6 +151,11 @@ class HybridZeroOptimizer:
             self._wait_chunk(chunk)
 
         return hook
+
+    @property
+    def param_sync_pending(self) -> bool:
+        """True while a parameter all-gather launched by ``step()`` has not been waited for."""
+        return any(self._gathers.values())
 
     def sync_params(self) -> None:
         """Wait until every model parameter holds the gathered values of the last step (before save or eval)."""

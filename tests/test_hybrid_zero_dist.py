@@ -1,0 +1,199 @@
+"""HybridZeroOptimizer on several gloo processes against the single-process torch AdamW + clip reference.
+
+Layouts: dp2 zero1=2, dp4 zero1=2 (two zero1 subgroups), dp4 zero1=4, and tp2 x dp2 zero1=2 with sharded,
+duplicated and partial-gradient parameters. Every data-parallel rank back-propagates its part of the global
+batch with the loss normalised by the global token count.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from types import SimpleNamespace
+from typing import Any, Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed_utils import run_distributed
+from test_hybrid_zero import (
+    HYPER,
+    backward_step,
+    make_opt,
+    max_rel_error,
+    reference_run,
+    snapshot,
+    tiny_model,
+    train_zero,
+)
+from internlm.optim import HybridZeroOptimizer
+
+STEPS = 4
+
+
+def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> SimpleNamespace:
+    """Groups for rank = tp_rank + tp_size * dp_rank (pp = 1); zero1 groups are consecutive dp blocks."""
+    dp_size = world // tp_size
+    tp_rank, dp_rank = rank % tp_size, rank // tp_size
+    found: Dict[str, Any] = {}
+
+    def new_group(kind: str, ranks: List[int]) -> None:
+        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        if rank in ranks:
+            found[kind] = group if len(ranks) > 1 else None
+
+    for d in range(dp_size):
+        new_group("tp", [t + tp_size * d for t in range(tp_size)])
+    for t in range(tp_size):
+        new_group("dp", [t + tp_size * d for d in range(dp_size)])
+        for block in range(dp_size // zero1_size):
+            new_group("zero1", [t + tp_size * (block * zero1_size + j) for j in range(zero1_size)])
+    return SimpleNamespace(
+        dp_size=dp_size, dp_rank=dp_rank, dp_group=found["dp"],
+        zero1_size=zero1_size, zero1_rank=dp_rank % zero1_size, zero1_group=found["zero1"],
+        tp_size=tp_size, tp_rank=tp_rank, tp_group=found["tp"], pp_size=1, pp_group=None,
+    )
+
+
+# ---------------------------------------------------------------------- data parallel
+def _dp_worker(rank: int, world: int, zero1: int, overlaps: List[bool], nan_first: bool, resume: bool) -> List[dict]:
+    pc = make_context(rank, world, 1, zero1)
+    results = []
+    for overlap in overlaps:
+        model = tiny_model()
+        opt = make_opt(model, pc, overlap_sync_grad=overlap, overlap_sync_param=overlap)
+        if nan_first:  # only the last rank sees a NaN; every rank must skip
+            opt.begin_step(2)
+            backward_step(model, 99, pc.dp_rank, pc.dp_size, 2, loss_scale=math.nan if rank == world - 1 else 1.0)
+            norm, skipped = opt.step()
+            assert skipped and math.isnan(norm)
+        split = 2 if resume else STEPS
+        norms = train_zero(model, opt, range(split), pc.dp_rank, pc.dp_size)
+        if resume:  # continue on a fresh model + optimizer restored from this rank's shard
+            blob = io.BytesIO()
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, blob)
+            blob.seek(0)
+            saved = torch.load(blob, weights_only=False)
+            model = tiny_model()
+            model.load_state_dict(saved["model"])
+            opt = make_opt(model, pc, overlap_sync_grad=overlap, overlap_sync_param=overlap)
+            opt.load_state_dict(saved["optim"])
+            norms += train_zero(model, opt, range(split, STEPS), pc.dp_rank, pc.dp_size)
+        results.append(
+            dict(params=snapshot(model), norms=norms, skipped=opt.skipped_steps, state_bytes=opt.optim_state_bytes())
+        )
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ref, norms = reference_run(STEPS)
+    single = make_opt(tiny_model())
+    return dict(params=ref, norms=norms, state_bytes=single.optim_state_bytes())
+
+
+@pytest.mark.parametrize(
+    "world,zero1,overlaps,nan_first,resume",
+    [
+        (2, 2, [True], True, True),  # skip rule across ranks + checkpoint round trip
+        (4, 2, [True], False, False),  # hybrid: two zero1 subgroups of two
+        (4, 4, [True, False], False, False),  # full sharding, overlap on and off
+    ],
+)
+def test_data_parallel_matches_single_process(reference, world, zero1, overlaps, nan_first, resume):
+    per_rank = run_distributed(_dp_worker, world, zero1, overlaps, nan_first, resume)
+    for rank_results in per_rank:
+        for result in rank_results:
+            assert max_rel_error(result["params"], reference["params"]) < 1e-5
+            for a, b in zip(result["norms"], reference["norms"]):
+                assert abs(a - b) <= 1e-5 * b
+            assert result["skipped"] == (1 if nan_first else 0)
+            # optimizer state is 1/zero1 of the single-process state, plus at most ALIGN elements per buffer
+            ratio = result["state_bytes"] / reference["state_bytes"]
+            assert 1 / zero1 <= ratio <= 1 / zero1 + 0.01
+            if zero1 == 4:
+                assert ratio <= 0.30, f"{result['state_bytes']} vs {reference['state_bytes']}"
+        if len(rank_results) == 2:  # overlap on and off: same arithmetic, same order of sums
+            for name, value in rank_results[0]["params"].items():
+                assert torch.equal(value, rank_results[1]["params"][name])
+    replicas = [results[0]["params"] for results in per_rank]  # dp replicas (also across zero1 groups) agree
+    for other in replicas[1:]:
+        assert all(torch.equal(replicas[0][n], other[n]) for n in other)
+
+
+# ---------------------------------------------------------------------- tensor parallel attributes
+ROWS, OUT, IN = 8, 8, 6
+PARTIAL_WEIGHTS = (0.25, 0.75)  # tp rank r computes this fraction of the g term: partial gradients
+
+
+class Quadratic(nn.Module):
+    """Loss 0.5 * mean over rows of ||W - A_i||^2 + ||b - C_i||^2 + ||g - E_i||^2 (W: matrix with decay)."""
+
+    def __init__(self, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        full = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(7))
+        self.weight = nn.Parameter(full.chunk(tp_size, 0)[tp_rank].clone())
+        self.bias = nn.Parameter(torch.zeros(IN))
+        self.gain = nn.Parameter(torch.ones(IN))
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        if tp_size > 1:
+            self.weight._tp_shard = (0, tp_rank, tp_size)
+            self.bias._tp_duplicate = True
+            self.gain._tp_duplicate = True
+            self.gain._tp_partial_grad = True
+
+    def forward(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
+        """This dp rank's rows of batch ``step``; called as ``model(...)`` so the optimizer's pre-hook waits for
+        the parameter all-gather of the previous step."""
+        gen = torch.Generator().manual_seed(100 + step)
+        a, c, e = torch.randn(ROWS, OUT, IN, generator=gen), torch.randn(ROWS, IN, generator=gen), torch.randn(ROWS, IN, generator=gen)
+        rows = slice(dp_rank * ROWS // dp_size, (dp_rank + 1) * ROWS // dp_size)
+        a = a.chunk(self.tp_size, 1)[self.tp_rank]
+        share = PARTIAL_WEIGHTS[self.tp_rank] if self.tp_size > 1 else 1.0
+        total = (self.weight - a[rows]).square().sum() + (self.bias - c[rows]).square().sum()
+        total = total + share * (self.gain - e[rows]).square().sum()
+        return 0.5 * total / ROWS
+
+
+def _tp_worker(rank: int, world: int) -> dict:
+    pc = make_context(rank, world, 2, 2)
+    model = Quadratic(pc.tp_rank, pc.tp_size)
+    opt = HybridZeroOptimizer([model], pc, **HYPER)
+    norms = []
+    for step in range(STEPS):
+        opt.begin_step(1)
+        loss = model(step, pc.dp_rank, pc.dp_size)
+        assert not opt.param_sync_pending  # the forward pre-hook waited for the previous step's gather
+        loss.backward()
+        norms.append(opt.step()[0])
+        assert opt.param_sync_pending  # overlap_sync_param: the gather runs until the next forward
+    opt.sync_params()
+    meta = {p["name"]: p for b in opt.state_dict()["buffers"] for p in b["params"]}
+    return dict(tp_rank=pc.tp_rank, params=snapshot(model), norms=norms, weight_meta=meta["weight"])
+
+
+def test_tensor_parallel_attributes_match_single_process():
+    model = Quadratic()
+    decay = torch.optim.AdamW(
+        [{"params": [model.weight], "weight_decay": HYPER["weight_decay"]},
+         {"params": [model.bias, model.gain], "weight_decay": 0.0}],
+        lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+    )
+    ref_norms = []
+    for step in range(STEPS):
+        decay.zero_grad()
+        model(step).backward()
+        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["clip_grad_norm"])))
+        decay.step()
+    ref = snapshot(model)
+
+    for result in run_distributed(_tp_worker, 4):
+        tp_rank = result["tp_rank"]
+        expected = dict(ref, weight=ref["weight"].chunk(2, 0)[tp_rank])
+        assert max_rel_error(result["params"], expected) < 1e-5
+        for a, b in zip(result["norms"], ref_norms):
+            assert abs(a - b) <= 1e-5 * b
+        assert result["weight_meta"]["global_shape"] == [OUT, IN]
+        assert result["weight_meta"]["tp_shard"] == (0, tp_rank, 2)

@@ -26,6 +26,7 @@ data = dict(
     valid_ratio=0.02,
     valid_max_samples=32,
     valid_micro_num=8,
+    block_seqs=256,
     prepare_demo_data=True,
     demo_cache_dir=DEMO_DATA,
     tokenizer_path=f"{DEMO_DATA}/tokenizer.model",

@@ -146,6 +146,8 @@ DATA = Section(
                               normalize=_whole_tokens),
         "train_folder": Field((str, dict, NoneType), None, "tokenized data folder, or a mixture dict "
                               "{folder: weight}", normalize=_mixture),
+        "block_seqs": Field((int,), 1024, "sequences per shuffle block of a source; a seq_len change between "
+                            "phases skips at most the rest of one block", minimum=1),
         "valid_folder": Field(_OPT_STR, None, "tokenized validation folder; None holds out valid_ratio of "
                               "the training data"),
         "tokenizer_path": Field(_OPT_STR, None, "SentencePiece model file (used for demo data and sampling)"),

@@ -97,7 +97,10 @@ class CheckpointManager:
             os.makedirs(tmp)
         _barrier()
         if self.pc.dp_rank == 0:
-            torch.save([chunk.state_dict() for chunk in model_chunks], os.path.join(tmp, self._model_file()))
+            shards = [{name: getattr(p, "_tp_shard", None) for name, p in chunk.named_parameters()}
+                      for chunk in model_chunks]
+            torch.save({"chunks": [chunk.state_dict() for chunk in model_chunks], "tp_shards": shards},
+                       os.path.join(tmp, self._model_file()))
         torch.save(optimizer.state_dict(), os.path.join(tmp, self._optim_file()))
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.pc.rank}.pt"))
         if self.pc.rank == 0:
@@ -127,7 +130,7 @@ class CheckpointManager:
                 f"checkpoint {path} has no {self._model_file()}: it was saved under another parallel layout "
                 f"(see its {META_FILE}); resume with the same parallel config"
             )
-        states = torch.load(model_path, map_location="cpu", weights_only=False)
+        states = torch.load(model_path, map_location="cpu", weights_only=False)["chunks"]
         if len(states) != len(model_chunks):
             raise ValueError(f"checkpoint {path} holds {len(states)} model chunks, this run has {len(model_chunks)}")
         for chunk, state in zip(model_chunks, states):
@@ -143,3 +146,26 @@ class CheckpointManager:
         if os.path.isfile(rng_path):
             _set_rng_state(torch.load(rng_path, weights_only=False))
         return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+
+
+def merge_model_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it.
+
+    Pipeline stages hold disjoint parameter names (layers keep their global index); tensor-parallel
+    shards are concatenated along their split dimension; replicated tensors are taken from tensor rank 0.
+    """
+    layout = read_meta(path)["layout"]
+    merged: Dict[str, torch.Tensor] = {}
+    for pp_rank in range(layout["pipeline"]):
+        per_tp = [torch.load(os.path.join(path, f"model_tp{t}_pp{pp_rank}.pt"), map_location="cpu",
+                             weights_only=False) for t in range(layout["tensor"])]
+        for chunk_index, state in enumerate(per_tp[0]["chunks"]):
+            shards = per_tp[0]["tp_shards"][chunk_index]
+            for name, tensor in state.items():
+                shard = shards.get(name)
+                if shard is None:
+                    merged[name] = tensor
+                else:
+                    pieces = [per_tp[t]["chunks"][chunk_index][name] for t in range(layout["tensor"])]
+                    merged[name] = torch.cat(pieces, dim=shard[0])
+    return merged

@@ -1,0 +1,102 @@
+"""End-to-end: exact resume, checkpoints, metrics, multi-phase runs (one process)."""
+
+import os
+
+import pytest
+import torch
+
+from internlm.train.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta
+from train_utils import read_metrics, request_stop, run_train, step_losses, write_base, write_phase
+
+
+def _assert_same_losses(a, b):
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_exact_resume_and_metrics(tmp_path, demo_data):
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    ref_cfg = write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)
+    cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
+    run_train([ref_cfg])
+    request_stop(cut_dir, after_step=3)
+    out = run_train([cut_cfg])
+    assert "stopped after step 3" in out.stdout
+    assert complete_checkpoints(os.path.join(cut_dir, "checkpoints")) == [3]
+    assert sorted(step_losses(cut_dir)) == [1, 2, 3]
+    out = run_train([cut_cfg])  # the same command resumes
+    assert "resumed from" in out.stdout
+    _assert_same_losses(step_losses(ref_dir), step_losses(cut_dir))
+
+    records = [r for r in read_metrics(ref_dir) if "loss" in r]
+    for key in ("step", "phase", "loss", "lr", "grad_norm", "tokens", "tgs", "tflops", "mfu"):
+        assert key in records[0], key
+    assert "optim_state_bytes" in records[0]
+    assert [r["tokens"] for r in records] == [2 * 4 * 32 * (i + 1) for i in range(6)]
+    assert any("val_loss" in r for r in read_metrics(ref_dir))
+    # a rerun of a finished command does nothing
+    out = run_train([ref_cfg])
+    assert "nothing to do" in out.stdout
+    final_ref = merge_model_checkpoint(os.path.join(ref_dir, "checkpoints", "6"))
+    final_cut = merge_model_checkpoint(os.path.join(cut_dir, "checkpoints", "6"))
+    for name, tensor in final_ref.items():
+        assert torch.equal(tensor, final_cut[name]), name
+
+
+def test_interrupted_crash_leaves_no_complete_checkpoint(tmp_path):
+    from internlm.train.checkpoint import latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-9").mkdir(parents=True)  # what a crash during a save leaves
+    (root / "12").mkdir()  # a folder without meta.json is not complete either
+    assert latest_checkpoint(str(root)) is None
+
+
+PHASE2 = "data = dict(seq_len=64, micro_bsz=1, total_steps=4, train_folder={%r: 0.3, %r: 0.7})\nadam = dict(lr=1e-3)"
+PHASE3 = "data = dict(total_steps=3)\nadam = dict(lr=5e-4)"
+
+
+def _phases(folder, demo, work_dir, with_third=False):
+    write_base(folder, demo, work_dir)
+    paths = [write_phase(folder, "p1", ""), write_phase(folder, "p2", PHASE2 % (demo["docs"], demo["code"]))]
+    if with_third:
+        paths.append(write_phase(folder, "p3", PHASE3))
+    return paths
+
+
+def test_two_phases_interrupted_in_phase2_and_extended(tmp_path, demo_data):
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    ref = _phases(str(tmp_path / "cfg_ref"), demo_data, ref_dir, with_third=True)
+    run_train(ref)  # uninterrupted: 6 + 4 + 3 steps
+
+    cut = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
+    request_stop(cut_dir, after_step=8)  # inside phase 2
+    run_train(cut)
+    meta = read_meta(os.path.join(cut_dir, "checkpoints", "8"))
+    assert (meta["phase_name"], meta["phase_step"]) == ("p2", 2)
+    run_train(cut)  # resumes phase 2 exactly
+    cut3 = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir, with_third=True)
+    out = run_train(cut3)  # adding a phase extends the run from the end of phase 2
+    assert "steps 1..3" in out.stdout or "phase 3/3" in out.stdout
+    _assert_same_losses(step_losses(ref_dir), step_losses(cut_dir))
+
+    records = [r for r in read_metrics(cut_dir) if "loss" in r]
+    assert [r["phase"] for r in records] == ["p1"] * 6 + ["p2"] * 4 + ["p3"] * 3
+    assert {r["seq_len"] for r in records if r["phase"] == "p2"} == {64}
+    assert records[9]["phase_tokens"] == 4 * 64 * 4 and records[10]["phase_tokens"] == 4 * 64
+    assert records[-1]["tokens"] == 6 * 256 + 4 * 256 + 3 * 256
+    meta = read_meta(os.path.join(cut_dir, "checkpoints", "13"))
+    assert (meta["phase_name"], meta["phase_step"], meta["phase_completed"]) == ("p3", 3, True)
+
+
+def test_edited_completed_phase_warns_and_is_not_rerun(tmp_path, demo_data):
+    work_dir = str(tmp_path / "run")
+    folder = str(tmp_path / "cfg")
+    paths = _phases(folder, demo_data, work_dir)
+    run_train(paths[:1])
+    write_phase(folder, "p1", "adam = dict(lr=1e-3)")  # edit the completed phase
+    out = run_train(paths)
+    assert "changed after it completed" in out.stdout
+    steps = step_losses(work_dir)
+    assert sorted(steps) == list(range(1, 11))

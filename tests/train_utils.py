@@ -1,0 +1,80 @@
+"""Helpers for end-to-end training tests: tiny configs on the demo corpus, reading metrics back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_BASE = """
+JOB_NAME = "test"
+work_dir = {work_dir!r}
+seed = 7
+model = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_attention_heads=2, multiple_of=32,
+             vocab_size=2048, dtype="torch.float32", attn_backend="sdpa")
+parallel = dict(tensor=1, pipeline=dict(size=1), zero1=-1, sequence_parallel=False)
+data = dict(seq_len=32, micro_bsz=2, micro_num=4, total_steps=6, valid_every=0, valid_max_samples=8,
+            valid_micro_num=2, tokenizer_path={tokenizer!r},
+            train_folder={{{docs!r}: 0.7, {code!r}: 0.3}})
+adam = dict(lr=2e-3, weight_decay=0.01)
+lr_scheduler = dict(warmup_ratio=0.2, eta_min=2e-4)
+ckpt = dict(checkpoint_every=3, keep_last=5, stop_file_path={stop!r})
+monitor = dict(tensorboard=False, peak_tflops=1.0)
+"""
+
+
+def write_base(folder: str, demo: Dict[str, str], work_dir: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "base.py")
+    with open(path, "w") as f:
+        f.write(TINY_BASE.format(work_dir=work_dir, tokenizer=demo["tokenizer"], docs=demo["docs"],
+                                 code=demo["code"], stop=os.path.join(work_dir, "STOP")))
+    return path
+
+
+def write_phase(folder: str, name: str, body: str) -> str:
+    path = os.path.join(folder, f"{name}.py")
+    with open(path, "w") as f:
+        f.write(f'_base_ = "base.py"\nphase = dict(name={name!r})\n{body}\n')
+    return path
+
+
+def request_stop(work_dir: str, after_step: int) -> None:
+    os.makedirs(work_dir, exist_ok=True)
+    with open(os.path.join(work_dir, "STOP"), "w") as f:
+        f.write(str(after_step))
+
+
+def read_metrics(work_dir: str) -> List[dict]:
+    with open(os.path.join(work_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(work_dir: str) -> Dict[int, float]:
+    """Loss per global step (a resumed run's lines replace nothing: each step is logged once)."""
+    out: Dict[int, float] = {}
+    for record in read_metrics(work_dir):
+        if "loss" in record:
+            assert record["step"] not in out, f"step {record['step']} logged twice"
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def run_train(configs: List[str], nproc: int = 1, sets: Optional[List[str]] = None, timeout: int = 300):
+    """Run train.py as a user would (torchrun for several processes); returns the CompletedProcess."""
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(REPO, "train.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(REPO, "train.py")]
+    cmd += ["--config", *configs]
+    if sets:
+        cmd += ["--set", *sets]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

@@ -205,6 +205,20 @@ def test_state_dict_round_trip_continues_identically():
     assert max_rel_error(snapshot(resumed), snapshot(straight)) == 0.0
 
 
+def test_close_then_fresh_optimizer_on_same_model():
+    model = tiny_model()
+    first = make_opt(model)
+    train_zero(model, first, range(2))
+    first.close()
+    copy = tiny_model()
+    copy.load_state_dict(model.state_dict())
+    second = make_opt(model)  # fresh state on the same modules
+    train_zero(model, second, range(2, 4))
+    assert all(float(b.grads.abs().sum()) == 0.0 for b in first.buffers)  # old hooks are gone
+    train_zero(copy, make_opt(copy), range(2, 4))
+    assert max_rel_error(snapshot(model), snapshot(copy)) == 0.0
+
+
 def test_state_dict_metadata_and_layout_errors():
     model = tiny_model()
     opt = make_opt(model)

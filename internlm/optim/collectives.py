@@ -18,11 +18,6 @@ def group_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def group_rank(group: Any) -> int:
-    """This process's rank inside ``group``; 0 for ``None``."""
-    return 0 if group is None else dist.get_rank(group)
-
-
 def all_reduce_sum(tensor: torch.Tensor, group: Any, async_op: bool = False) -> Optional[Any]:
     """In-place SUM over ``group``; returns the work handle when ``async_op`` (None when nothing was issued)."""
     if group_size(group) == 1:
@@ -64,4 +59,4 @@ def all_gather_shards(flat: torch.Tensor, group: Any, async_op: bool = False) ->
     return _GatherWork(work, source) if async_op else None
 
 
-__all__ = ["group_size", "group_rank", "all_reduce_sum", "all_gather_shards"]
+__all__ = ["group_size", "all_reduce_sum", "all_gather_shards"]

@@ -162,6 +162,19 @@ class HybridZeroOptimizer:
         for chunk in list(self._gathers):
             self._wait_chunk(chunk)
 
+    def close(self) -> None:
+        """Detach from the model: finish in-flight collectives, remove gradient and forward hooks.
+
+        The parameters keep their current values (still views of this optimizer's buffer until a new
+        optimizer flattens them again), so a fresh optimizer can be built on the same chunks.
+        """
+        self.sync_params()
+        self.grad_reducer.zero()
+        self.grad_reducer.remove_hooks()
+        for handle in self._pre_hooks:
+            handle.remove()
+        self._pre_hooks = []
+
     # ------------------------------------------------------------------ hyper-parameters
     @property
     def param_groups(self) -> List[Dict[str, Any]]:

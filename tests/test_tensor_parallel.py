@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import (
+    ColumnParallelLinear,
     ParallelContext,
+    RowParallelLinear,
+    VocabParallelEmbedding,
     copy_to_tensor_region,
     gather_from_sequence_region,
     init_parallel_context,
@@ -179,6 +182,36 @@ def _cross_entropy_case(rank, tp):
     return out
 
 
+def _stage_case(rank):
+    """Pipeline stages under tp2 + SP: [embedding, layer 0] emits sequence-sharded hidden states and
+    [layer 1, norm, lm_head] consumes them; both match the single-process model."""
+    pc = init_parallel_context(dict(tensor=2, sequence_parallel=True), WORLD, rank)
+    ids, _ = _batch()
+    ref = _reference_model(None)
+    positions = torch.cat([torch.arange(13), torch.arange(SEQ - 13)])
+    with torch.no_grad():
+        hidden = ref.layers["0"](ref.embed_tokens(ids), CU_SEQLENS, positions)
+        ref_logits = ref(ids, cu_seqlens=CU_SEQLENS)
+    first, last = copy.deepcopy(ref), copy.deepcopy(ref)
+    first.norm = first.lm_head = None
+    del first.layers["1"]
+    last.embed_tokens = None
+    del last.layers["0"]
+    first, last = parallelize_model(first, pc), parallelize_model(last, pc)
+    with torch.no_grad():
+        sent = first(ids, cu_seqlens=CU_SEQLENS)  # (1, S/2, H): this rank's sequence chunk
+        logits = last(sent, cu_seqlens=CU_SEQLENS)
+    g = pc.tp_group
+    shapes = [tuple(layer.weight.shape) for layer in (
+        ColumnParallelLinear(64, 32, True, g), RowParallelLinear(32, 64, True, g), VocabParallelEmbedding(256, 64, g))]
+    return dict(
+        sent_shape=tuple(sent.shape),
+        hidden_abs=(all_gather_along_dim(sent, 1, g) - hidden).abs().max().item(),
+        logits_abs=(all_gather_along_dim(logits, -1, g) - ref_logits).abs().max().item(),
+        standalone_shapes=shapes,
+    )
+
+
 def _worker(rank, world_size):
     assert world_size == WORLD
     return dict(
@@ -186,6 +219,7 @@ def _worker(rank, world_size):
         meta={"tp2": _meta_case(rank, 2, None), "tp4_kv2": _meta_case(rank, 4, 2)},
         regions=_regions_case(rank),
         cross_entropy={tp: _cross_entropy_case(rank, tp) for tp in (2, 4)},
+        stages=_stage_case(rank),
     )
 
 
@@ -228,6 +262,13 @@ def test_parameter_marks(results, case):
 def test_meta_init_equals_sliced_weights(results, case):
     for res in (r["meta"][case] for r in results):
         assert res["diff"] == 0.0 and res["marks_equal"] and res["n"] > 0
+
+
+def test_pipeline_stages_with_sequence_parallel(results):
+    for res in (r["stages"] for r in results):
+        assert res["sent_shape"] == (1, SEQ // 2, 64)
+        assert res["hidden_abs"] < 1e-6 and res["logits_abs"] < 1e-5, res
+        assert res["standalone_shapes"] == [(16, 64), (64, 16), (128, 64)]
 
 
 def test_regions_forward_and_backward(results):

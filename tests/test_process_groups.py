@@ -32,7 +32,8 @@ def test_zero1_subgroups_are_consecutive_dp_blocks():
 
 
 def test_parse_sizes_shorthand_and_errors():
-    sizes = parse_parallel_sizes(dict(tensor=2, pipeline=dict(size=2, interleaved_overlap=True), zero1=dict(size=-1)), 8)
+    cfg = dict(tensor=2, pipeline=dict(size=2, interleaved_overlap=True), zero1=dict(size=-1))
+    sizes = parse_parallel_sizes(cfg, 8)
     assert (sizes["tp"], sizes["pp"], sizes["dp"], sizes["zero1"]) == (2, 2, 2, 2)
     assert parse_parallel_sizes(dict(tensor=dict(size=1), zero1=0), 4)["zero1"] == 4
     assert parse_parallel_sizes(dict(zero1=2, sequence_parallel=True), 8)["sequence_parallel"] is True

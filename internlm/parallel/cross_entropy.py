@@ -96,7 +96,10 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, labels, group, float(label_smoothing), ignore_index)
 
 
-def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
     """``loss_fn(logits, labels)`` -> fp32 SUM of token losses over labels != -100 (the schedule's contract).
 
     With tp = 1 this is ``F.cross_entropy(reduction='sum')``; otherwise logits are vocab-split (parallel

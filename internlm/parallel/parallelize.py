@@ -59,7 +59,9 @@ def parallelize_model(model: InternLM, pc: ParallelContext) -> InternLM:
     cfg = model.config
     problems = model_tensor_problems(cfg, pc.tp_size)
     if problems:
-        raise ValueError(f"rank {pc.rank}: cannot split the model over tensor size {pc.tp_size}: " + "; ".join(problems))
+        raise ValueError(
+            f"rank {pc.rank}: cannot split the model over tensor size {pc.tp_size}: " + "; ".join(problems)
+        )
     group, sp = pc.tp_group, pc.sequence_parallel
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_kv_attention_heads, cfg.head_dim
 
@@ -68,13 +70,13 @@ def parallelize_model(model: InternLM, pc: ParallelContext) -> InternLM:
 
     for layer in model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
-        layer.input_layernorm = TensorParallelRMSNorm(layer.input_layernorm, group, sp, enter_region=True)
+        layer.input_layernorm = TensorParallelRMSNorm(layer.input_layernorm, group, sp, True)
         attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, group, sp, input_region=False)
         attn.k_proj = _kv_projection(attn.k_proj, pc, heads, kv_heads, head_dim)
         attn.v_proj = _kv_projection(attn.v_proj, pc, heads, kv_heads, head_dim)
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, group, sp)
 
-        layer.post_attention_layernorm = TensorParallelRMSNorm(layer.post_attention_layernorm, group, sp, enter_region=True)
+        layer.post_attention_layernorm = TensorParallelRMSNorm(layer.post_attention_layernorm, group, sp, True)
         mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, group, sp, input_region=False)
         mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, group, sp, input_region=False)
         mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group, sp)

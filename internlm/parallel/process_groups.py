@@ -106,7 +106,8 @@ def parse_parallel_sizes(parallel_cfg: Any, world_size: int) -> Dict[str, Any]:
             f"parallel.zero1: size {zero1} does not divide the data-parallel size {dp} "
             f"(world {world_size} / tensor {tp} / pipeline {pp}); use a divisor of {dp} or -1 for all of it"
         )
-    return dict(tp=tp, pp=pp, dp=dp, zero1=zero1, sequence_parallel=bool(config_value(parallel_cfg, "sequence_parallel", False)))
+    sequence_parallel = bool(config_value(parallel_cfg, "sequence_parallel", False))
+    return dict(tp=tp, pp=pp, dp=dp, zero1=zero1, sequence_parallel=sequence_parallel)
 
 
 # ---------------------------------------------------------------------------------------------- grid

@@ -166,7 +166,9 @@ class RowParallelLinear(KeepParamMarks, nn.Module):
         self.bias = mark_duplicate(_empty((out_features,), device, dtype), sequence_parallel) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: Optional[Any], sequence_parallel: bool = False) -> "RowParallelLinear":
+    def from_linear(
+        cls, linear: nn.Linear, group: Optional[Any], sequence_parallel: bool = False
+    ) -> "RowParallelLinear":
         """Shard an existing (possibly meta) nn.Linear: keep column chunk ``rank``; the bias is reused."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

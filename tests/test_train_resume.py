@@ -100,3 +100,36 @@ def test_edited_completed_phase_warns_and_is_not_rerun(tmp_path, demo_data):
     assert "changed after it completed" in out.stdout
     steps = step_losses(work_dir)
     assert sorted(steps) == list(range(1, 11))
+
+
+def test_multiprocess_interruption_in_phase2(tmp_path, demo_data):
+    """dp2 x pp2 with ZeRO-sharded optimizer states: stop inside phase 2, rerun, same losses."""
+    layout = ["parallel.pipeline.size=2", "parallel.zero1=2", "data.micro_num=2"]
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    ref = _phases(str(tmp_path / "cfg_ref"), demo_data, ref_dir)
+    run_train(ref, nproc=4, sets=layout)
+    cut = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
+    request_stop(cut_dir, after_step=8)
+    run_train(cut, nproc=4, sets=layout)
+    assert sorted(step_losses(cut_dir)) == list(range(1, 9))
+    out = run_train(cut, nproc=4, sets=layout)
+    assert "resumed from" in out.stdout
+    _assert_same_losses(step_losses(ref_dir), step_losses(cut_dir))
+    meta = read_meta(os.path.join(cut_dir, "checkpoints", "10"))
+    assert meta["layout"]["data"] == 2 and meta["layout"]["pipeline"] == 2
+
+
+def test_reordered_phases_exit_2(tmp_path, demo_data):
+    work_dir = str(tmp_path / "run")
+    paths = _phases(str(tmp_path / "cfg"), demo_data, work_dir)
+    run_train(paths[:1])
+    import subprocess
+    import sys
+
+    from train_utils import REPO
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", paths[1], paths[0]],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 2
+    assert "keep the phases in the order they were run" in proc.stderr
+    assert "Traceback" not in proc.stderr

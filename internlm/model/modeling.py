@@ -132,6 +132,9 @@ class InternLM(nn.Module):
         batch, seq = input_ids.shape[0], input_ids.shape[1]
         device = input_ids.device
         if cu_seqlens is None:
+            if self.embed_tokens is None:
+                # hidden states may be sequence-sharded (sequence parallelism): the length is not S here
+                raise ValueError("a model chunk without embedding needs cu_seqlens for its hidden-state input")
             cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
             max_seqlen = seq
         total = int(cu_seqlens[-1])

@@ -57,13 +57,34 @@ class MetricsLogger:
             return
         os.makedirs(work_dir, exist_ok=True)
         self._log_file = open(os.path.join(work_dir, "train.log"), "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._tb_dir = os.path.join(work_dir, "tensorboard") if tensorboard else None
+        self._open_tensorboard(purge_step=None)
 
-                self._tb = SummaryWriter(os.path.join(work_dir, "tensorboard"))
-            except ImportError:
-                print("tensorboard is not installed: TensorBoard logging is off", file=sys.stderr)
+    def _open_tensorboard(self, purge_step: Optional[int]) -> None:
+        if self._tb_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard is not installed: TensorBoard logging is off", file=sys.stderr)
+            self._tb_dir = None
+            return
+        if self._tb is not None:
+            self._tb.close()
+        self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from `step`: drop what a previous attempt logged after that step (it is recomputed)."""
+        if not self.enabled:
+            return
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self._open_tensorboard(purge_step=step + 1)
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from internlm.config import ConfigError
+
 # Keys that do not change what a phase computes (outputs, logging): editing them is not an "edit".
 _NON_TRAINING_KEYS = ("ckpt", "monitor", "work_dir", "JOB_NAME")
 
@@ -89,12 +91,12 @@ def resume_point(phases: List[Phase], meta: Optional[Dict[str, Any]], ckpt_path:
     warnings = []
     for i, record in enumerate(history[: index + 1]):
         if i >= len(phases):
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {ckpt_path} is in phase {i + 1} ({record['name']!r}) but the command lists only "
                 f"{len(phases)} phase(s): pass all phase configs that were run, in the same order"
             )
         if phases[i].name != record["name"]:
-            raise ValueError(
+            raise ConfigError(
                 f"{phases[i].config_file}: phase {i + 1} is named {phases[i].name!r} but checkpoint {ckpt_path} "
                 f"ran {record['name']!r} as phase {i + 1}: keep the phases in the order they were run"
             )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import List
+
+from internlm.config import ConfigError
 
 import torch.distributed as dist
 
@@ -57,6 +60,9 @@ def run_training(phases: List[Phase]) -> int:
             if launch.rank == 0:
                 print(str(stop), flush=True)
             return 0
+        except ConfigError as exc:  # found only once checkpoints are read (e.g. phases reordered)
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if launch.rank == 0:
             print(f"done: step {summary['step']}, tokens {summary['tokens']:,}, last loss {summary['loss']}, "
                   f"last validation loss {summary['val_loss']}", flush=True)

@@ -79,9 +79,12 @@ class Trainer:
             loader_state = train_state["loader"]
             self.history = train_state["history"]
             self.step, self.tokens = meta["step"], meta["tokens"]
+            self.logger.truncate_after(self.step)
             self.logger.message(f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} "
                                 f"step {meta['phase_step']})")
-        elif self.cfg.ckpt.load_ckpt_folder:
+        else:
+            self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
+        if latest is None and self.cfg.ckpt.load_ckpt_folder:
             self.ckpt.load_model(self.cfg.ckpt.load_ckpt_folder, self.chunks)
             self.logger.message(f"initial model weights from {self.cfg.ckpt.load_ckpt_folder}")
         if point.phase_index >= len(self.phases):

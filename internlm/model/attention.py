@@ -22,10 +22,6 @@ try:  # optional extra
 except Exception:  # ImportError, or a broken CUDA build
     flash_attn_varlen_func = None
 
-# Above this many tokens a dense (T x T) block-diagonal mask gets too large; sdpa then loops over documents.
-_MAX_DENSE_MASK_TOKENS = 8192
-
-
 def flash_attn_available() -> bool:
     return flash_attn_varlen_func is not None
 
@@ -73,6 +69,44 @@ def _uniform_length(cu_seqlens: torch.Tensor, total: int) -> Optional[int]:
     return length if torch.equal(cu_seqlens, expected) else None
 
 
+def _document_groups(cu_seqlens: torch.Tensor, total: int, min_group: int = 256):
+    """Cut the packed tokens into contiguous groups of whole documents, each at most `size` tokens long,
+    where size = max(longest document, min_group). Returns (size, [(start, end), ...])."""
+    bounds = cu_seqlens.tolist()
+    size = max(max(b - a for a, b in zip(bounds[:-1], bounds[1:])), min(total, min_group))
+    groups, start, prev = [], 0, 0
+    for end in bounds[1:]:
+        if end - start > size:
+            groups.append((start, prev))
+            start = prev
+        prev = end
+    groups.append((start, total))
+    return size, groups
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Packed attention as one batched sdpa call over groups of whole documents.
+
+    A dense (T x T) mask would cost T^2 even though attention is block-diagonal; grouping documents into
+    windows of `size` tokens (padded) costs about T * size instead, in a single kernel call.
+    """
+    total = q.shape[0]
+    size, groups = _document_groups(cu_seqlens, total)
+    device = q.device
+    starts = torch.tensor([a for a, _ in groups], device=device)
+    lengths = torch.tensor([b - a for a, b in groups], device=device)
+    offsets = torch.arange(size, device=device)
+    valid = offsets[None, :] < lengths[:, None]  # (G, size)
+    index = torch.where(valid, starts[:, None] + offsets[None, :], torch.zeros_like(valid, dtype=torch.long))
+    doc = document_ids(cu_seqlens, total)[index]
+    causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal & valid[:, None, :]
+    mask |= torch.eye(size, dtype=torch.bool, device=device) & ~valid[:, :, None]  # padding rows: no NaN
+    qg, kg, vg = (t[index].transpose(1, 2) for t in (q, k, v))  # (G, heads, size, dim)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask[:, None])
+    return out.transpose(1, 2)[valid]
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     total, heads, _ = q.shape
     k, v = _repeat_kv(k, heads // k.shape[1]), _repeat_kv(v, heads // v.shape[1])
@@ -81,16 +115,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
         qb, kb, vb = (t.view(total // length, length, heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
         return out.transpose(1, 2).reshape(total, heads, -1)
-    if total <= _MAX_DENSE_MASK_TOKENS:
-        mask = _block_causal_mask(cu_seqlens, total)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-        return out.transpose(0, 1)
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
-    return torch.cat(outs, dim=0)
+    return _grouped_sdpa(q, k, v, cu_seqlens)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,12 @@ def test_no_attention_across_documents(tiny):
     assert torch.equal(out1, out2)
 
 
-@pytest.mark.parametrize("cu", [[0, 16, 32], [0, 3, 20, 21, 32]])
+@pytest.mark.parametrize("cu", [[0, 16, 32], [0, 3, 20, 21, 32], [0, 100, 130, 300, 301, 640], [0, 500, 510, 700]])
 def test_attention_backends_agree(cu):
+    """Includes packings that the sdpa backend splits into several padded document groups."""
     torch.manual_seed(1)
-    q, k, v = torch.randn(32, 4, 8), torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    total = cu[-1]
+    q, k, v = torch.randn(total, 4, 8), torch.randn(total, 2, 8), torch.randn(total, 2, 8)
     cu = torch.tensor(cu, dtype=torch.int32)
     ref = packed_causal_attention(q, k, v, cu, backend="reference")
     sdpa = packed_causal_attention(q, k, v, cu, backend="sdpa")

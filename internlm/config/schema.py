@@ -295,7 +295,8 @@ MONITOR = Section(
     doc="Logging.",
     fields={
         "tensorboard": Field((bool,), True, "write TensorBoard scalars under {work_dir}/tensorboard"),
-        "log_every": Field((int,), 1, "log metrics every this many steps", minimum=1),
+        "log_every": Field((int,), 1, "refresh the console progress bar every this many steps "
+                            "(metrics.jsonl and TensorBoard get every step)", minimum=1),
         "peak_tflops": Field((float, NoneType), None, "peak TFLOP/s of one device, the denominator of MFU; "
                              "None: known GPUs' dense bf16 figure, measured on CPU", minimum=0),
         "alert": Field((dict,), {}, "InternLM compatibility (Feishu alerts); ignored", compat=IGNORED),

@@ -104,7 +104,10 @@ def print_plan(phases: List[Phase], world_size: int, throughput: Optional[float]
         print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {cfg.data.seq_len:,} "
               f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
               f"{cfg.data.micro_bsz}, micro_num {cfg.data.micro_num})")
-        print("  data mixture: " + ", ".join(f"{k} {v / weight_sum:.1%}" for k, v in mixture.items()))
+        names = [os.path.basename(os.path.normpath(k)) for k in mixture]
+        if len(set(names)) < len(names):  # folder names clash: show full paths
+            names = list(mixture)
+        print("  data mixture: " + ", ".join(f"{n} {w / weight_sum:.1%}" for n, w in zip(names, mixture.values())))
         print(f"  learning rate: warm-up {warmup:,} steps to {cfg.adam.lr:g}, cosine to "
               f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {cfg.lr_scheduler.eta_min:g}); "
               f"weight decay {cfg.adam.weight_decay:g}; clip {cfg.hybrid_zero_optimizer.clip_grad_norm:g}; "

@@ -161,8 +161,9 @@ class Trainer:
                 line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
                 self._first_metrics_line = False
             self.logger.log(line)
-            self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
-                                 phase.tokens_per_step / elapsed)
+            if (phase_step + 1) % cfg.monitor.log_every == 0 or phase_step + 1 == phase.steps:
+                self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
+                                     phase.tokens_per_step / elapsed)
             last = phase_step + 1 == phase.steps
             if not last and self._stop_requested(cfg):
                 self._save(phase, phase_step + 1, loader, completed=False)

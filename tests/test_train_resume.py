@@ -133,3 +133,32 @@ def test_reordered_phases_exit_2(tmp_path, demo_data):
     assert proc.returncode == 2
     assert "keep the phases in the order they were run" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_and_stops(tmp_path, demo_data):
+    """A scheduler's SIGTERM: the run finishes its step, saves, exits 0; the same command resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_utils import REPO
+
+    work_dir = str(tmp_path / "run")
+    config = write_base(str(tmp_path / "cfg"), demo_data, work_dir)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--set", "data.total_steps=400"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(work_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "on SIGTERM" in out
+    stopped_at = max(step_losses(work_dir))
+    assert stopped_at < 400
+    assert complete_checkpoints(os.path.join(work_dir, "checkpoints"))[-1] == stopped_at
+    run_train([config], sets=[f"data.total_steps={stopped_at + 2}"])
+    assert sorted(step_losses(work_dir)) == list(range(1, stopped_at + 3))

@@ -5,6 +5,8 @@ metrics, validation and checkpoints. The same code runs one process or any 3D-pa
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -61,6 +63,12 @@ class Trainer:
         self.last_loss: Optional[float] = None
         self._peak_tflops = device_peak_tflops(self.device, cfg.monitor.get("peak_tflops"))
         self._first_metrics_line = True
+        self._terminated = False  # SIGTERM (e.g. a scheduler's preemption): save at the next step and stop
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._terminated = True
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -151,8 +159,9 @@ class Trainer:
             record["tokens"] += phase.tokens_per_step
             self.last_loss = loss
             tflops = flops_per_step / self.pc.world_size / elapsed / 1e12
-            line = dict(step=self.step, phase=phase.name, phase_step=phase_step + 1, loss=loss, lr=lr,
-                        beta2=beta2, grad_norm=grad_norm, skipped=skipped, tokens=self.tokens,
+            line = dict(step=self.step, phase=phase.name, phase_index=phase.index + 1, phase_step=phase_step + 1,
+                        loss=loss, lr=lr, beta2=beta2, grad_norm=grad_norm, skipped=skipped,
+                        skipped_steps=self.optimizer.skipped_steps, tokens=self.tokens,
                         phase_tokens=record["tokens"], seq_len=cfg.data.seq_len,
                         tgs=phase.tokens_per_step / self.pc.world_size / elapsed, tflops=tflops,
                         mfu=tflops / self._peak_tflops, step_time=elapsed,
@@ -169,8 +178,8 @@ class Trainer:
                 self._save(phase, phase_step + 1, loader, completed=False)
                 self._clear_stop_file(cfg)
                 self.logger.close_bar()
-                raise StopRequested(f"stopped after step {self.step} as asked by {cfg.ckpt.stop_file_path}; "
-                                    f"rerun the same command to resume")
+                reason = "on SIGTERM" if self._terminated else f"as asked by {cfg.ckpt.stop_file_path}"
+                raise StopRequested(f"stopped after step {self.step} {reason}; rerun the same command to resume")
             if valid_batches and cfg.data.valid_every and self.step % cfg.data.valid_every == 0 and not last:
                 self._validate(valid_batches, schedule)
             if last:
@@ -182,23 +191,25 @@ class Trainer:
         self.logger.close_bar()
 
     def _stop_requested(self, cfg: Any) -> bool:
-        """InternLM's ckpt.stop_file_path: stop after the step written in that file (now, if it is empty).
+        """Stop after SIGTERM, or as InternLM's ckpt.stop_file_path asks: after the step written in that file
+        (after this step, if it is empty).
 
         All ranks agree through an all-reduce, so a file appearing mid-step cannot split the job.
         """
         path = cfg.ckpt.get("stop_file_path")
-        wanted = 0.0
+        wanted = 1.0 if self._terminated else 0.0
         if path and os.path.isfile(path):
             with open(path) as f:
                 text = f.read().strip()
-            wanted = 1.0 if not text or (text.isdigit() and int(text) <= self.step) else 0.0
+            wanted = max(wanted, 1.0 if not text or (text.isdigit() and int(text) <= self.step) else 0.0)
         flag = torch.tensor(wanted, device=self.device)
         if self.pc.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def _clear_stop_file(self, cfg: Any) -> None:
-        if self.pc.rank == 0 and os.path.isfile(cfg.ckpt.stop_file_path):
+        path = cfg.ckpt.get("stop_file_path")
+        if self.pc.rank == 0 and path and os.path.isfile(path) and not self._terminated:
             os.remove(cfg.ckpt.stop_file_path)
 
     def _to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -226,6 +237,10 @@ class Trainer:
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in valid_batches)
         tokens = _all_reduce_sum(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
         batch = [self._to_device(mb) for mb in valid_batches]
+        if len(self.chunks) > 1 and len(batch) % self.pc.pp_size:
+            # the interleaved schedule runs micro-batches in groups of pp_size: pad with loss-free copies
+            padding = dict(batch[-1], labels=torch.full_like(batch[-1]["labels"], -100))
+            batch += [padding] * (self.pc.pp_size - len(batch) % self.pc.pp_size)
         for chunk in self.chunks:
             chunk.eval()
         loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0, forward_only=True)

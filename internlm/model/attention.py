@@ -26,12 +26,20 @@ def flash_attn_available() -> bool:
     return flash_attn_varlen_func is not None
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """Pick a backend: flash-attn on CUDA when installed, else torch sdpa."""
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Pick a backend: flash-attn for fp16/bf16 CUDA tensors when it is installed, else torch sdpa."""
     if requested == "auto":
-        return "flash" if (flash_attn_available() and device.type == "cuda") else "sdpa"
-    if requested == "flash" and not flash_attn_available():
-        raise RuntimeError("attn_backend='flash' needs the flash-attn package: pip install flash-attn")
+        usable = flash_attn_available() and device.type == "cuda" and dtype in _FLASH_DTYPES
+        return "flash" if usable else "sdpa"
+    if requested == "flash":
+        if not flash_attn_available():
+            raise RuntimeError("attn_backend='flash' needs the flash-attn package: pip install flash-attn")
+        if dtype not in _FLASH_DTYPES:
+            raise RuntimeError(f"attn_backend='flash' runs fp16/bf16 only, got {dtype}; use model.dtype="
+                               f"'torch.bfloat16' or attn_backend='sdpa'")
     return requested
 
 
@@ -145,7 +153,7 @@ def packed_causal_attention(
     max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
     """Causal attention of packed documents; returns (total_tokens, q_heads, head_dim)."""
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "flash":
         return flash_attention(q, k, v, cu_seqlens, max_seqlen)
     if backend == "sdpa":

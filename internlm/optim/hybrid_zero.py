@@ -25,6 +25,7 @@ from torch import nn
 
 from .collectives import all_gather_shards, group_size
 from .flat_buffer import BufferKey, FlatBuffer
+from .full_state import load_full_state
 from .grad_norm import global_grad_norm
 from .grad_sync import GradReducer
 from .shard_state import load_shard_state, shard_state
@@ -204,12 +205,25 @@ class HybridZeroOptimizer:
         return shard_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a shard saved under the same layout; raises ValueError naming any layout difference.
+        """Restore a shard saved under the same layout; raises ValueError naming any layout difference
+        (another layout goes through ``load_full_state``).
 
         Collective over the zero1 group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
         load_shard_state(self, state)
+        self._publish_params(async_op=False)
+
+    def load_full_state(self, full: Mapping[str, Any]) -> None:
+        """Restore from a layout-independent full state (``internlm.train.reshard.merge_optimizer_checkpoint``):
+        for every buffer, the owned slice of each parameter's full fp32 master, ``exp_avg`` and ``exp_avg_sq``
+        after cutting the parameter's own tensor shard ``_tp_shard``; then the counters, lr and betas.
+
+        Any saved layout works (see ``full_state.py`` for the index arithmetic). Collective over the zero1
+        group: the restored master slices are gathered into the model parameters.
+        """
+        self.sync_params()
+        load_full_state(self, full)
         self._publish_params(async_op=False)
 
 

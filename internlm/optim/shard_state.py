@@ -21,13 +21,13 @@
 
 Element ``i`` of ``master`` is buffer element ``shard_range[0] + i``; parameter ``p`` is the flattened local
 tensor at ``range``, and its local tensor is tp shard ``tp_shard`` of a ``global_shape`` tensor. That is
-enough to rebuild full fp32 tensors from all shards and cut them again for another layout (a tool outside
-this class); ``load_shard_state`` itself accepts only the identical layout.
+enough to rebuild full fp32 tensors from all shards and cut them again for another layout (`full_state.py`);
+``load_shard_state`` itself accepts only the identical layout.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -154,21 +154,36 @@ def load_shard_state(opt: "HybridZeroOptimizer", state: Mapping[str, Any]) -> No
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
         raise ValueError(f"optimizer shard does not match the current layout: {shown}")
 
-    torch_state: Dict[str, Any] = {"state": {}, "param_groups": []}
-    for index, (master, saved, group) in enumerate(zip(opt.masters, state["buffers"], opt.optimizer.param_groups)):
+    for master, saved in zip(opt.masters, state["buffers"]):
         master.copy_(saved["master"])
-        if saved["exp_avg"] is not None:
+    has_moments = all(saved["exp_avg"] is not None for saved in state["buffers"])
+    moments = [(saved["exp_avg"], saved["exp_avg_sq"]) for saved in state["buffers"]] if has_moments else None
+    install_state(opt, moments, int(state["num_updates"]), int(state["skipped_steps"]), state["lr"],
+                  tuple(state["betas"]))
+
+
+def install_state(opt: "HybridZeroOptimizer", moments: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]],
+                  num_updates: int, skipped_steps: int, lr: float, betas: Tuple[float, float]) -> None:
+    """Set the AdamW state of ``opt``: per buffer ``(exp_avg, exp_avg_sq)`` of its owned slice (``moments``;
+    None: no update yet, no state), AdamW's step count ``num_updates``, the counters, lr and betas.
+
+    Each param group keeps its own weight decay (it follows the buffer kind, not the checkpoint).
+    """
+    torch_state: Dict[str, Any] = {"state": {}, "param_groups": []}
+    for index, (master, group) in enumerate(zip(opt.masters, opt.optimizer.param_groups)):
+        if moments is not None:
+            exp_avg, exp_avg_sq = moments[index]
             torch_state["state"][index] = {
-                "step": torch.tensor(float(state["num_updates"]), dtype=torch.float32),
-                "exp_avg": saved["exp_avg"].to(master.device),
-                "exp_avg_sq": saved["exp_avg_sq"].to(master.device),
+                "step": torch.tensor(float(num_updates), dtype=torch.float32),
+                "exp_avg": exp_avg.to(master.device),
+                "exp_avg_sq": exp_avg_sq.to(master.device),
             }
         restored = {k: v for k, v in group.items() if k != "params"}
-        restored.update(params=[index], lr=state["lr"], betas=tuple(state["betas"]))
+        restored.update(params=[index], lr=lr, betas=tuple(betas))
         torch_state["param_groups"].append(restored)
     opt.optimizer.load_state_dict(torch_state)
-    opt.num_updates = int(state["num_updates"])
-    opt.skipped_steps = int(state["skipped_steps"])
+    opt.num_updates = num_updates
+    opt.skipped_steps = skipped_steps
 
 
-__all__ = ["FORMAT", "global_shape", "shard_state", "layout_differences", "load_shard_state"]
+__all__ = ["FORMAT", "global_shape", "shard_state", "layout_differences", "load_shard_state", "install_state"]

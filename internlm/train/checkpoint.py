@@ -20,7 +20,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Collection, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -55,6 +55,16 @@ def read_meta(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    """Model chunks of tensor rank ``tp_rank`` and pipeline stage ``pp_rank``."""
+    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def optim_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    """Optimizer shard of the rank at grid coordinates (tp_rank, pp_rank, dp_rank)."""
+    return f"optim_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt"
+
+
 def _rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -80,10 +90,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ names
     def _model_file(self) -> str:
-        return f"model_tp{self.pc.tp_rank}_pp{self.pc.pp_rank}.pt"
+        return model_file(self.pc.tp_rank, self.pc.pp_rank)
 
     def _optim_file(self) -> str:
-        return f"optim_tp{self.pc.tp_rank}_pp{self.pc.pp_rank}_dp{self.pc.dp_rank}.pt"
+        return optim_file(self.pc.tp_rank, self.pc.pp_rank, self.pc.dp_rank)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model_chunks, optimizer, train_state: Dict[str, Any], meta: Dict[str, Any]) -> str:
@@ -128,7 +138,7 @@ class CheckpointManager:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"checkpoint {path} has no {self._model_file()}: it was saved under another parallel layout "
-                f"(see its {META_FILE}); resume with the same parallel config"
+                f"(see its {META_FILE}); load it with internlm.train.reshard.load_model_resharded"
             )
         states = torch.load(model_path, map_location="cpu", weights_only=False)["chunks"]
         if len(states) != len(model_chunks):
@@ -140,31 +150,40 @@ class CheckpointManager:
         state = torch.load(os.path.join(path, self._optim_file()), map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state)
 
-    def load_train_state(self, path: str) -> Dict[str, Any]:
-        """Restore this rank's RNG states; return the rank-0 train state (sampler, phase history)."""
+    def load_train_state(self, path: str, restore_rng: bool = True) -> Dict[str, Any]:
+        """Restore this rank's RNG states (unless ``restore_rng`` is False: they belong to the saving layout's
+        ranks); return the rank-0 train state (sampler, phase history), which is layout independent."""
         rng_path = os.path.join(path, f"rng_rank{self.pc.rank}.pt")
-        if os.path.isfile(rng_path):
+        if restore_rng and os.path.isfile(rng_path):
             _set_rng_state(torch.load(rng_path, weights_only=False))
         return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
 
 
-def merge_model_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -> Dict[str, torch.Tensor]:
     """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it.
 
     Pipeline stages hold disjoint parameter names (layers keep their global index); tensor-parallel
     shards are concatenated along their split dimension; replicated tensors are taken from tensor rank 0.
+    ``names`` restricts the result to those tensors (files are memory-mapped, so the others are not read).
     """
     layout = read_meta(path)["layout"]
     merged: Dict[str, torch.Tensor] = {}
     for pp_rank in range(layout["pipeline"]):
-        per_tp = [torch.load(os.path.join(path, f"model_tp{t}_pp{pp_rank}.pt"), map_location="cpu",
-                             weights_only=False) for t in range(layout["tensor"])]
+        per_tp = []
+        for t in range(layout["tensor"]):
+            file = os.path.join(path, model_file(t, pp_rank))
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"checkpoint {path}: {model_file(t, pp_rank)} is missing (its {META_FILE} "
+                                        f"records tensor {layout['tensor']} x pipeline {layout['pipeline']})")
+            per_tp.append(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
         for chunk_index, state in enumerate(per_tp[0]["chunks"]):
             shards = per_tp[0]["tp_shards"][chunk_index]
             for name, tensor in state.items():
+                if names is not None and name not in names:
+                    continue
                 shard = shards.get(name)
                 if shard is None:
-                    merged[name] = tensor
+                    merged[name] = tensor.clone()
                 else:
                     pieces = [per_tp[t]["chunks"][chunk_index][name] for t in range(layout["tensor"])]
                     merged[name] = torch.cat(pieces, dim=shard[0])

@@ -46,8 +46,10 @@ def check_phases(configs: List[Tuple[str, Any]], world_size: int) -> None:
     from internlm.parallel.pipeline import pipeline_layout_problems
 
     from .phases import parallel_sizes
+    from .reshard import config_layout
 
     first_path, first = configs[0]
+    previous_layout = None
     for path, cfg in configs:
         model_config = model_config_from(cfg)
         _, pp, _ = parallel_sizes(cfg, world_size)
@@ -57,9 +59,11 @@ def check_phases(configs: List[Tuple[str, Any]], world_size: int) -> None:
             raise ConfigError(f"{path}: {problems[0]}")
         if _model_shape(cfg) != _model_shape(first):
             raise ConfigError(f"{path}: model: differs from {first_path}; all phases train the same model")
-        if cfg.parallel != first.parallel or cfg.model.num_chunks != first.model.num_chunks:
-            raise ConfigError(f"{path}: parallel: differs from {first_path}; changing the parallel layout between "
-                              f"phases of one command is not supported yet (run the phases as separate commands)")
+        layout = config_layout(cfg, world_size)
+        if previous_layout not in (None, layout) and not first.ckpt.enable_save_ckpt:
+            raise ConfigError(f"{path}: parallel: the layout differs from the previous phase's, and a layout change "
+                              f"goes through the previous phase's final checkpoint; set ckpt.enable_save_ckpt=True")
+        previous_layout = layout
         if cfg.work_dir != first.work_dir:
             raise ConfigError(f"{path}: work_dir: {cfg.work_dir!r} differs from {first.work_dir!r} of {first_path}; "
                               f"all phases of a run share one work_dir")

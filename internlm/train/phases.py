@@ -20,6 +20,8 @@ from internlm.config import ConfigError
 
 # Keys that do not change what a phase computes (outputs, logging): editing them is not an "edit".
 _NON_TRAINING_KEYS = ("ckpt", "monitor", "work_dir", "JOB_NAME")
+# How the global batch is split (with the data-parallel size): any split of the same size computes the same.
+_BATCH_SPLIT_KEYS = ("micro_bsz", "micro_num")
 
 
 @dataclass
@@ -45,8 +47,15 @@ def parallel_sizes(cfg: Any, world_size: int) -> Tuple[int, int, int]:
     return tp, pp, max(1, world_size // (tp * pp))
 
 
-def fingerprint(cfg: Any) -> str:
+def fingerprint(cfg: Any, global_batch_sequences: int) -> str:
+    """A hash of what a phase computes. The parallel layout is left out (the math is layout independent up
+    to float summation order, and a checkpoint may resume under another layout), and so is the split of the
+    global batch into data-parallel ranks x micro_bsz x micro_num: only its size counts."""
     content = {k: v for k, v in cfg.items() if k not in _NON_TRAINING_KEYS and not k.isupper()}
+    content.pop("parallel", None)
+    content["model"] = {k: v for k, v in content["model"].items() if k != "num_chunks"}
+    content["data"] = {k: v for k, v in content["data"].items() if k not in _BATCH_SPLIT_KEYS}
+    content["global_batch_sequences"] = global_batch_sequences
     blob = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -68,7 +77,7 @@ def plan_phases(configs: Sequence[Tuple[str, Any]], world_size: int) -> List[Pha
         names.add(name)
         _, _, dp = parallel_sizes(cfg, world_size)
         gbs = dp * cfg.data.micro_bsz * cfg.data.micro_num
-        phases.append(Phase(index, name, path, cfg, phase_steps(cfg, gbs), gbs, fingerprint(cfg)))
+        phases.append(Phase(index, name, path, cfg, phase_steps(cfg, gbs), gbs, fingerprint(cfg, gbs)))
     return phases
 
 

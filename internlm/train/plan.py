@@ -48,6 +48,13 @@ def _measured_tgs(work_dir: str) -> Optional[float]:
     return sorted(values)[len(values) // 2] if values else None
 
 
+def _layout_line(cfg, world_size: int) -> str:
+    tp, pp, dp = parallel_sizes(cfg, world_size)
+    zero_size = cfg.parallel.zero1["size"] if isinstance(cfg.parallel.zero1, dict) else cfg.parallel.zero1
+    return (f"{world_size} devices = tensor {tp} x pipeline {pp} (chunks {cfg.model.num_chunks}) x data {dp}; "
+            f"zero1 {dp if zero_size <= 0 else zero_size}; sequence parallel {bool(cfg.parallel.sequence_parallel)}")
+
+
 def memory_per_device(phase: Phase, world_size: int) -> dict:
     cfg = phase.cfg
     mc = model_config_from(cfg)
@@ -76,12 +83,10 @@ def memory_per_device(phase: Phase, world_size: int) -> dict:
 def print_plan(phases: List[Phase], world_size: int, throughput: Optional[float] = None) -> None:
     first = phases[0].cfg
     mc = model_config_from(first)
-    tp, pp, dp = parallel_sizes(first, world_size)
-    zero_size = first.parallel.zero1["size"] if isinstance(first.parallel.zero1, dict) else first.parallel.zero1
     print(f"model: {mc.num_params() / 1e9:.2f}B parameters (hidden {mc.hidden_size}, {mc.num_layers} layers, "
           f"{mc.num_attention_heads} heads, vocab {mc.vocab_size}, {str(mc.dtype).replace('torch.', '')})")
-    print(f"layout: {world_size} devices = tensor {tp} x pipeline {pp} (chunks {first.model.num_chunks}) x data {dp}; "
-          f"zero1 {dp if zero_size <= 0 else zero_size}; sequence parallel {bool(first.parallel.sequence_parallel)}")
+    previous_layout = _layout_line(first, world_size)
+    print(f"layout: {previous_layout}")
     measured = _measured_tgs(first.work_dir)
     total_tokens = total_seconds = 0.0
     for phase in phases:
@@ -101,6 +106,10 @@ def print_plan(phases: List[Phase], world_size: int, throughput: Optional[float]
         weight_sum = sum(mixture.values()) or 1.0
         mem = memory_per_device(phase, world_size)
         print(f"\nphase {phase.index + 1} {phase.name!r} ({phase.config_file})")
+        layout = _layout_line(cfg, world_size)
+        if layout != previous_layout:
+            print(f"  layout: {layout} (resharded from the previous phase's final checkpoint)")
+        previous_layout = layout
         print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {cfg.data.seq_len:,} "
               f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
               f"{cfg.data.micro_bsz}, micro_num {cfg.data.micro_num})")

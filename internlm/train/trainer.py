@@ -17,7 +17,17 @@ from internlm.config import dump_config, model_config_from
 from internlm.data import build_train_loader, build_valid_batches
 
 from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from .checkpoint import CheckpointManager, latest_checkpoint, read_meta
+from .checkpoint import META_FILE, CheckpointManager, latest_checkpoint, read_meta
+from .reshard import (
+    Layout,
+    checkpoint_layout,
+    config_layout,
+    format_layout,
+    layout_of,
+    load_model_resharded,
+    merge_optimizer_checkpoint,
+    trainable_names,
+)
 from .distributed import Launch
 from .metrics import MetricsLogger, device_peak_tflops
 from .phases import Phase, resume_point
@@ -33,11 +43,25 @@ def _all_reduce_sum(value: torch.Tensor, *groups) -> torch.Tensor:
     return value
 
 
+def _release_groups(pc: Any) -> None:
+    """Destroy the process groups of a parallel context that is being replaced (after a world barrier, so no
+    rank still has work queued on them)."""
+    groups = {id(g): g for g in (pc.tp_group, pc.pp_group, pc.dp_group, pc.zero1_group) if g is not None}
+    if not groups:
+        return
+    dist.barrier()
+    for group in groups.values():
+        dist.destroy_process_group(group)
+
+
 class StopRequested(Exception):
     """Training stopped early on request (ckpt.stop_file_path) after saving a checkpoint."""
 
 
 class Trainer:
+    """Runs the phases of one command. ``pc`` is the parallel context of the first phase's layout; a phase
+    with another layout gets a new context, model chunks and optimizer (see `_enter_layout`)."""
+
     def __init__(self, phases: List[Phase], launch: Launch, pc: Any) -> None:
         self.phases = phases
         self.pc = pc
@@ -51,11 +75,12 @@ class Trainer:
             torch.backends.cudnn.deterministic = bool(cfg.cudnn_deterministic)
             torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
         self.model_config = model_config_from(cfg)
-        self.chunks = build_model_chunks(self.model_config, cfg, pc, self.device)
-        self.loss_fn = build_loss_fn(cfg, pc)
-        root = cfg.ckpt.save_ckpt_folder or os.path.join(self.work_dir, "checkpoints")
-        self.ckpt = CheckpointManager(root, pc, keep_last=cfg.ckpt.keep_last)
+        self.ckpt_root = cfg.ckpt.save_ckpt_folder or os.path.join(self.work_dir, "checkpoints")
+        self.ckpt = CheckpointManager(self.ckpt_root, pc, keep_last=cfg.ckpt.keep_last)
+        self.chunks: Optional[List[Any]] = None  # built by _enter_layout for the first phase that runs
+        self.loss_fn = None
         self.optimizer = None
+        self.last_checkpoint: Optional[str] = None  # newest checkpoint this process saved
         self.step = 0  # global optimizer updates so far, over all phases
         self.tokens = 0  # tokens consumed so far, over all phases
         self.history: List[Dict[str, Any]] = []  # one record per started phase
@@ -80,10 +105,14 @@ class Trainer:
         point = resume_point(self.phases, meta, latest)
         for warning in point.warnings:
             self.logger.message(f"warning: {warning}")
+        # the layout of the phase that runs next (of the last phase when all are complete)
+        self._enter_layout(self.phases[min(point.phase_index, len(self.phases) - 1)].cfg)
         loader_state = None
         if latest:
-            self.ckpt.load_model(latest, self.chunks)
-            train_state = self.ckpt.load_train_state(latest)
+            resharded = self._load_model(latest)
+            if resharded:
+                self.logger.message("RNG states are per rank and were saved under another layout: not restored")
+            train_state = self.ckpt.load_train_state(latest, restore_rng=not resharded)
             loader_state = train_state["loader"]
             self.history = train_state["history"]
             self.step, self.tokens = meta["step"], meta["tokens"]
@@ -93,17 +122,22 @@ class Trainer:
         else:
             self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
         if latest is None and self.cfg.ckpt.load_ckpt_folder:
-            self.ckpt.load_model(self.cfg.ckpt.load_ckpt_folder, self.chunks)
+            self._load_model(self.cfg.ckpt.load_ckpt_folder)
             self.logger.message(f"initial model weights from {self.cfg.ckpt.load_ckpt_folder}")
         if point.phase_index >= len(self.phases):
             self.logger.message(f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
                                 f"Add a phase config to the command to extend pretraining.")
             return self._summary()
 
+        restore_from = latest  # checkpoint the optimizer state comes from; None: it carries over in memory
         for phase in self.phases[point.phase_index:]:
             resuming_inside = phase.index == point.phase_index and point.phase_step > 0
             start = point.phase_step if resuming_inside else 0
-            self._prepare_optimizer(phase, latest, resuming_inside)
+            if self._enter_layout(phase.cfg):
+                # a new layout between phases: continue from the previous phase's final checkpoint
+                restore_from = self._phase_end_checkpoint(phase)
+                self._load_model(restore_from)
+            self._prepare_optimizer(phase, restore_from, resuming_inside)
             loader = build_train_loader(phase.cfg.data, phase.cfg.seed, self.pc.dp_rank, self.pc.dp_size)
             if loader_state is not None and (resuming_inside or not phase.cfg.phase.reset_data):
                 loader.load_state_dict(loader_state)
@@ -112,15 +146,83 @@ class Trainer:
                                          fingerprint=phase.fingerprint, first_step=self.step + 1, tokens=0))
             self._run_phase(phase, start, loader)
             loader_state = loader.state_dict()
-            latest = None  # later phases continue from memory
+            restore_from = None  # later phases continue from memory
         self.logger.close()
         return self._summary()
+
+    # ------------------------------------------------------------------ layouts
+    @property
+    def layout(self) -> Layout:
+        """The layout this trainer runs now (as recorded in checkpoints' meta.json)."""
+        return layout_of(self.pc, len(self.chunks) if self.chunks is not None else 0)
+
+    def _enter_layout(self, cfg: Any) -> bool:
+        """Make the parallel context, model chunks, loss and checkpoint file names those of ``cfg``'s layout.
+
+        Returns True when the chunks were (re)built: they then hold fresh initial weights, and any optimizer
+        of an earlier layout has been closed (``self.optimizer`` is None). Every rank calls this at the
+        same point: a new context creates its process groups collectively, in the same order everywhere.
+        """
+        wanted = config_layout(cfg, self.pc.world_size)
+        previous = self.layout if self.chunks is not None else None
+        if wanted == previous:
+            return False
+        if self.optimizer is not None:
+            self.optimizer.close()
+            self.optimizer = None
+        if previous is not None:
+            self.logger.message(f"parallel layout changes from {format_layout(previous)} to {format_layout(wanted)}")
+        if wanted != layout_of(self.pc, wanted["num_chunks"]):
+            from internlm.parallel import describe_layout, init_parallel_context
+
+            _release_groups(self.pc)
+            self.pc = init_parallel_context(cfg.parallel, self.pc.world_size, self.pc.rank)
+            self.ckpt = CheckpointManager(self.ckpt_root, self.pc, keep_last=self.cfg.ckpt.keep_last)
+            if self.pc.rank == 0:
+                print(describe_layout(self.pc), flush=True)
+        self.chunks = None  # free the old chunks (and the closed optimizer's buffers they view) first
+        self.chunks = build_model_chunks(self.model_config, cfg, self.pc, self.device)
+        self.loss_fn = build_loss_fn(cfg, self.pc)
+        return True
+
+    def _phase_end_checkpoint(self, phase: Phase) -> str:
+        """The final checkpoint of the phase before ``phase`` (saved by this process), to reshard from."""
+        path = self.last_checkpoint
+        meta = read_meta(path) if path else None
+        if meta is None or meta["step"] != self.step or not meta["phase_completed"]:
+            raise RuntimeError(
+                f"phase {phase.name!r} changes the parallel layout, which goes through the previous phase's final "
+                f"checkpoint, but none was saved at step {self.step} (ckpt.enable_save_ckpt is off?)"
+            )
+        return path
+
+    def _load_model(self, path: str) -> bool:
+        """Load the model chunks from checkpoint ``path``: the exact per-rank files when it was saved under
+        this layout, else resharded from full tensors. Returns True when resharded."""
+        # a folder without meta.json (e.g. ckpt.load_ckpt_folder from elsewhere) can only be read as it is
+        saved = checkpoint_layout(path) if os.path.isfile(os.path.join(path, META_FILE)) else None
+        if saved is None or saved == self.layout:
+            self.ckpt.load_model(path, self.chunks)
+            return False
+        load_model_resharded(path, self.chunks)
+        self.logger.message(f"resharded checkpoint from {format_layout(saved)} to {format_layout(self.layout)} "
+                            f"({path})")
+        return True
+
+    def _load_optimizer(self, path: str) -> None:
+        """Optimizer state from checkpoint ``path``: this rank's shard when saved under this layout, else this
+        rank's slices of the merged full state."""
+        if checkpoint_layout(path) == self.layout:
+            self.ckpt.load_optimizer(path, self.optimizer)
+        else:
+            self.optimizer.load_full_state(merge_optimizer_checkpoint(path, trainable_names(self.chunks)))
 
     def _summary(self) -> Dict[str, Any]:
         return dict(step=self.step, tokens=self.tokens, loss=self.last_loss, val_loss=self.last_val_loss)
 
     def _prepare_optimizer(self, phase: Phase, checkpoint: Optional[str], resuming_inside: bool) -> None:
-        """Optimizer state carries over between phases unless the phase sets phase.reset_optimizer."""
+        """Optimizer state carries over between phases unless the phase sets phase.reset_optimizer: in memory
+        (``checkpoint`` None), or from ``checkpoint`` when resuming or after a layout change."""
         reset = phase.cfg.phase.reset_optimizer and not resuming_inside
         if self.optimizer is not None and not reset:
             return
@@ -128,7 +230,7 @@ class Trainer:
             self.optimizer.close()
         self.optimizer = build_optimizer(self.chunks, phase.cfg, self.pc)
         if checkpoint is not None and not reset:
-            self.ckpt.load_optimizer(checkpoint, self.optimizer)
+            self._load_optimizer(checkpoint)
         if reset:
             self.logger.message(f"phase {phase.name!r}: fresh optimizer state (phase.reset_optimizer)")
 
@@ -256,15 +358,13 @@ class Trainer:
         if not self.cfg.ckpt.enable_save_ckpt:
             return
         self.optimizer.sync_params()
-        pc = self.pc
         meta = dict(
             version=1, step=self.step, tokens=self.tokens, phase_index=phase.index, phase_name=phase.name,
             phase_step=phase_step, phase_steps=phase.steps, phase_completed=completed,
             phase_tokens=self.history[-1]["tokens"], phases=self.history, config_file=phase.config_file,
-            layout=dict(world_size=pc.world_size, tensor=pc.tp_size, pipeline=pc.pp_size, data=pc.dp_size,
-                        zero1=pc.zero1_size, num_chunks=len(self.chunks),
-                        sequence_parallel=bool(pc.sequence_parallel)),
+            layout=self.layout,
         )
         train_state = dict(loader=loader.state_dict(), history=self.history)
         path = self.ckpt.save(self.step, self.chunks, self.optimizer, train_state, meta)
+        self.last_checkpoint = path
         self.logger.message(f"saved checkpoint {path}")

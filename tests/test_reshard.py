@@ -1,0 +1,269 @@
+"""Resharding: checkpoints loaded under another parallel layout, and phases that change the layout.
+
+Unit level: merged optimizer state (`merge_optimizer_checkpoint`) + `HybridZeroOptimizer.load_full_state`
+against the same-layout shard load. End to end: `train.py` runs whose per-step losses after a layout change
+equal an uninterrupted run's (same global batch dp x micro_bsz x micro_num = 8 sequences, fp32, 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distributed_utils import run_distributed
+from internlm.optim import HybridZeroOptimizer
+from internlm.optim.full_state import merge_shard_states
+from internlm.train.checkpoint import merge_model_checkpoint, optim_file, read_meta
+from internlm.train.reshard import merge_optimizer_checkpoint
+from test_hybrid_zero import HYPER, make_opt, max_rel_error, reference_run, snapshot, tiny_model, train_zero
+from test_hybrid_zero_dist import Quadratic, make_context
+from train_utils import REPO, read_metrics, request_stop, run_train, step_losses, write_base, write_phase
+
+DP2_LAYOUT = dict(world_size=2, tensor=1, pipeline=1, data=2, zero1=2, num_chunks=1, sequence_parallel=False)
+
+
+def _assert_close_losses(ref, got, steps, rel=1e-4):
+    for step in steps:
+        assert abs(ref[step] - got[step]) <= rel * abs(ref[step]), (step, ref[step], got[step])
+
+
+# ---------------------------------------------------------------------- unit: optimizer state round trip
+def _save_dp2_worker(rank: int, world: int, folder: str) -> dict:
+    """dp2 zero1=2: train 2 steps, save shards; then continue 2 steps after a same-layout shard load and after
+    a full-state load, each on a fresh model + optimizer."""
+    pc = make_context(rank, world, tp_size=1, zero1_size=2)
+    model = tiny_model()
+    opt = make_opt(model, pc)
+    train_zero(model, opt, range(2), pc.dp_rank, pc.dp_size)
+    opt.skipped_steps = 2  # counters travel too
+    torch.save(opt.state_dict(), os.path.join(folder, optim_file(0, 0, pc.dp_rank)))
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(dict(layout=DP2_LAYOUT), f)
+    torch.distributed.barrier()
+    out = {}
+    for how in ("shard", "full"):
+        resumed = tiny_model()
+        resumed.load_state_dict(torch.load(os.path.join(folder, "model.pt")))
+        opt2 = make_opt(resumed, pc, lr=5.0)  # wrong lr on purpose: the state restores it
+        if how == "shard":
+            opt2.load_state_dict(torch.load(os.path.join(folder, optim_file(0, 0, pc.dp_rank)), weights_only=False))
+        else:
+            opt2.load_full_state(merge_optimizer_checkpoint(folder))
+        assert opt2.lr == HYPER["lr"] and opt2.num_updates == 2 and opt2.skipped_steps == 2
+        train_zero(resumed, opt2, range(2, 4), pc.dp_rank, pc.dp_size)
+        out[how] = dict(params=snapshot(resumed), state=opt2.state_dict())
+    return out
+
+
+def test_full_state_round_trip_follows_the_same_trajectory(tmp_path):
+    folder = str(tmp_path)
+    for result in run_distributed(_save_dp2_worker, 2, folder):
+        shard, full = result["shard"], result["full"]
+        assert all(torch.equal(shard["params"][n], full["params"][n]) for n in shard["params"])
+        assert full["state"]["num_updates"] == 4
+        for a, b in zip(shard["state"]["buffers"], full["state"]["buffers"]):
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(a[key], b[key]), key
+
+    # the merged state holds full tensors: its masters are the saved fp32 weights, moments have global shapes
+    merged = merge_optimizer_checkpoint(folder)
+    weights = torch.load(os.path.join(folder, "model.pt"))
+    assert (merged["num_updates"], merged["skipped_steps"]) == (2, 2)
+    for name, entry in merged["params"].items():
+        assert torch.equal(entry["master"], weights[name]), name
+        assert entry["exp_avg"].shape == entry["exp_avg_sq"].shape == weights[name].shape
+        assert float(entry["exp_avg_sq"].abs().sum()) > 0, name
+
+    # one process continues the dp2 run from the merged state like an uninterrupted single-process run
+    model = tiny_model()
+    model.load_state_dict(weights)
+    opt = make_opt(model)
+    opt.load_full_state(merged)
+    train_zero(model, opt, range(2, 4))
+    ref, _ = reference_run(4)
+    assert max_rel_error(snapshot(model), ref) < 1e-5
+
+    os.remove(os.path.join(folder, optim_file(0, 0, 1)))
+    with pytest.raises(FileNotFoundError, match="optim_tp0_pp0_dp1.pt is missing"):
+        merge_optimizer_checkpoint(folder)
+
+
+def _fake_tp_context(tp_rank: int) -> SimpleNamespace:
+    """Tensor rank ``tp_rank`` of 2 without process groups: enough to build and step shards (the tensor-group
+    sum of partial gradients is skipped, which only changes the values the test round-trips)."""
+    return SimpleNamespace(dp_size=1, dp_rank=0, dp_group=None, zero1_size=1, zero1_rank=0, zero1_group=None,
+                           tp_size=2, tp_rank=tp_rank, tp_group=None, pp_size=1, pp_group=None)
+
+
+def _trained_tp_shard(tp_rank: int) -> dict:
+    model = Quadratic(tp_rank, 2)
+    opt = HybridZeroOptimizer([model], _fake_tp_context(tp_rank), **HYPER)
+    for step in range(2):
+        opt.begin_step(1)
+        model(step).backward()
+        opt.step()
+    opt.sync_params()
+    return opt.state_dict()
+
+
+def _local_values(shard: dict, name: str, key: str) -> torch.Tensor:
+    """Parameter ``name``'s flat ``key`` values in a shard whose rank owns whole buffers (zero1 = 1)."""
+    for buffer in shard["buffers"]:
+        for meta in buffer["params"]:
+            if meta["name"] == name:
+                start, end = meta["range"]
+                return buffer[key][start:end]
+    raise KeyError(name)
+
+
+def test_tensor_shards_concatenate_and_cut_back_exactly():
+    shards = {r: _trained_tp_shard(r) for r in range(2)}
+    full = merge_shard_states((f"tp{r}", shards[r]) for r in range(2))
+    assert list(full["params"]["weight"]["master"].shape) == [8, 6]  # (0, r, 2) shards of an 8 x 6 matrix
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        for r in range(2):
+            piece = full["params"]["weight"][key].chunk(2, 0)[r].reshape(-1)
+            assert torch.equal(piece, _local_values(shards[r], "weight", key)), (r, key)
+        # replicated parameters come from the lowest tensor rank
+        assert torch.equal(full["params"]["gain"][key], _local_values(shards[0], "gain", key))
+
+    # cutting the full state again for each tensor rank restores its shard exactly (replicated tensors: rank 0's
+    # values; here the ranks' replicas differ because the fake context skips the tensor-group gradient sum)
+    for r in range(2):
+        fresh = HybridZeroOptimizer([Quadratic(r, 2)], _fake_tp_context(r), **dict(HYPER, lr=1.0))
+        fresh.load_full_state(full)
+        again = fresh.state_dict()
+        assert again["num_updates"] == 2 and again["lr"] == HYPER["lr"]
+        for name, source in (("weight", r), ("bias", 0), ("gain", 0)):
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                expected = _local_values(shards[source], name, key)
+                assert torch.equal(_local_values(again, name, key), expected), (r, name, key)
+        for buffer in again["buffers"]:  # padding stays zero
+            assert float(buffer["master"][buffer["numel"] - buffer["shard_range"][0]:].abs().sum()) == 0.0
+
+    with pytest.raises(ValueError, match=r"parameter weight: split into 2 tensor shards but found tensor ranks \[0\]"):
+        merge_shard_states([("tp0", shards[0])])
+
+
+def test_load_full_state_rejects_another_model():
+    model = tiny_model()
+    opt = make_opt(model)
+    train_zero(model, opt, range(1))
+    full = merge_shard_states([("single", opt.state_dict())])
+    wrong = dict(full, params=dict(full["params"]))
+    wrong["params"]["lm_head.weight"] = {k: v[:, :16] for k, v in full["params"]["lm_head.weight"].items()}
+    with pytest.raises(ValueError, match=r"parameter lm_head.weight: full optimizer state has shape \[64, 16\]"):
+        make_opt(tiny_model()).load_full_state(wrong)
+    del wrong["params"]["lm_head.weight"]
+    with pytest.raises(ValueError, match="parameter lm_head.weight .* is not in the full optimizer state"):
+        make_opt(tiny_model()).load_full_state(wrong)
+
+
+# ---------------------------------------------------------------------- end to end through train.py
+DP2_TP2 = ["parallel.tensor=2", "parallel.zero1=2", "data.micro_num=2"]  # 4 processes, global batch 8
+PP2_TP2 = ["parallel.tensor=2", "parallel.pipeline.size=2", "data.micro_num=4"]  # 4 processes, global batch 8
+
+
+def test_resume_under_other_layouts(tmp_path, demo_data):
+    """Saved by dp2 x tp2 (zero1=2) after 3 of 6 steps; resumed by one process and by pp2 x tp2."""
+    ref_dir, cut_dir, other_dir = (str(tmp_path / d) for d in ("ref", "cut", "other"))
+    run_train([write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)])
+    ref = step_losses(ref_dir)
+    cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
+    request_stop(cut_dir, after_step=3)
+    run_train([cut_cfg], nproc=4, sets=DP2_TP2)
+    saved = os.path.join(cut_dir, "checkpoints", "3")
+    assert read_meta(saved)["layout"]["tensor"] == 2
+
+    # the merged optimizer masters are exactly the saved fp32 weights: zero1 slices and tp shards fit together
+    model = merge_model_checkpoint(saved)
+    optim = merge_optimizer_checkpoint(saved)
+    assert optim["num_updates"] == 3 and sorted(optim["params"]) == sorted(model)
+    for name, tensor in model.items():
+        assert torch.equal(optim["params"][name]["master"], tensor), name
+
+    shutil.copytree(cut_dir, other_dir)
+    out = run_train([cut_cfg], nproc=1)
+    assert "resharded checkpoint from tp2 x pp1 x dp2 (zero1 2, 1 chunk, 4 ranks) to tp1 x pp1 x dp1" in out.stdout
+    assert "RNG states" in out.stdout
+    got = step_losses(cut_dir)
+    assert sorted(got) == list(range(1, 7))
+    _assert_close_losses(ref, got, range(4, 7))
+
+    other_cfg = write_base(str(tmp_path / "cfg_other"), demo_data, other_dir)
+    out = run_train([other_cfg], nproc=4, sets=PP2_TP2)
+    assert "to tp2 x pp2 x dp1" in out.stdout
+    got = step_losses(other_dir)
+    _assert_close_losses(ref, got, range(4, 7))
+    # the final parameters agree too (Adam amplifies summation-order noise on tiny gradients: 1e-4 absolute)
+    final_ref = merge_model_checkpoint(os.path.join(ref_dir, "checkpoints", "6"))
+    final_other = merge_model_checkpoint(os.path.join(other_dir, "checkpoints", "6"))
+    for name, tensor in final_ref.items():
+        torch.testing.assert_close(final_other[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def _two_phases(folder, demo, work_dir, phase2_parallel: str, phase2_micro_num: int):
+    """Phase 1 dp2 zero1=2 (micro_num 2); phase 2 with ``parallel = dict(...)`` and ``micro_num``."""
+    write_base(folder, demo, work_dir)
+    return [
+        write_phase(folder, "p1", "parallel = dict(zero1=2)\ndata = dict(micro_num=2, total_steps=3)"),
+        write_phase(folder, "p2", f"parallel = dict({phase2_parallel})\n"
+                                  f"data = dict(micro_num={phase2_micro_num}, total_steps=3)\nadam = dict(lr=1e-3)"),
+    ]
+
+
+def test_phase_changes_layout(tmp_path, demo_data):
+    """2 processes: phase 1 dp2 zero1=2; phase 2 tp2 (dp1, micro_num 4) against phase 2 kept at dp2."""
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = _two_phases(str(tmp_path / "cfg_ref"), demo_data, ref_dir, "zero1=2", phase2_micro_num=2)
+    run_train(ref, nproc=2)
+    switch = _two_phases(str(tmp_path / "cfg_run"), demo_data, run_dir, "tensor=2", phase2_micro_num=4)
+    out = run_train(switch, nproc=2)
+    assert "parallel layout changes from tp1 x pp1 x dp2 (zero1 2, 1 chunk, 2 ranks) to tp2 x pp1 x dp1" in out.stdout
+    assert "resharded checkpoint from" in out.stdout
+    expected, got = step_losses(ref_dir), step_losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for work_dir in (ref_dir, run_dir):  # the global batch is 8 sequences of 32 tokens in every step
+        assert [r["tokens"] for r in read_metrics(work_dir) if "loss" in r] == [256 * s for s in range(1, 7)]
+    assert all(expected[s] == got[s] for s in range(1, 4))  # phase 1: the same layout in both runs
+    _assert_close_losses(expected, got, range(4, 7))
+    meta = read_meta(os.path.join(run_dir, "checkpoints", "6"))
+    assert meta["layout"]["tensor"] == 2 and meta["layout"]["data"] == 1
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "6", "model_tp1_pp0.pt"))
+    out = run_train(switch, nproc=2)  # a rerun of the finished command loads the tp2 checkpoint as it is
+    assert "nothing to do" in out.stdout and "changed after it completed" not in out.stdout
+
+
+def test_layout_change_needs_saved_checkpoints(tmp_path, demo_data):
+    import subprocess
+    import sys
+
+    paths = _two_phases(str(tmp_path / "cfg"), demo_data, str(tmp_path / "run"), "tensor=2", 4)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", *paths, "--dry-run",
+                           "--world-size", "2", "--set", "ckpt.enable_save_ckpt=False"],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 2 and "set ckpt.enable_save_ckpt=True" in proc.stderr
+
+
+def test_phase_fingerprint_ignores_the_layout_but_not_the_global_batch(tmp_path, demo_data):
+    """A rerun under another layout must not report completed phases as edited."""
+    from internlm.config import load_config
+    from internlm.train.phases import plan_phases
+
+    path = write_base(str(tmp_path / "cfg"), demo_data, str(tmp_path / "run"))
+
+    def fingerprint(world_size, *sets):
+        return plan_phases([(path, load_config(path, sets))], world_size)[0].fingerprint
+
+    single = fingerprint(1)  # 1 x 2 x 4 = 8 sequences
+    assert fingerprint(4, *DP2_TP2) == single
+    assert fingerprint(4, *PP2_TP2, "model.num_chunks=2") == single
+    assert fingerprint(2, "parallel.zero1=2") != single  # 2 x 2 x 4 = 16 sequences: another computation
+    assert fingerprint(1, "adam.lr=1e-3") != single

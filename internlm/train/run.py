@@ -64,8 +64,10 @@ def run_training(phases: List[Phase]) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if launch.rank == 0:
-            print(f"done: step {summary['step']}, tokens {summary['tokens']:,}, last loss {summary['loss']}, "
-                  f"last validation loss {summary['val_loss']}", flush=True)
+            losses = "" if summary["loss"] is None else f", last loss {summary['loss']:.4f}"
+            if summary["val_loss"] is not None:
+                losses += f", last validation loss {summary['val_loss']:.4f}"
+            print(f"done: step {summary['step']}, tokens {summary['tokens']:,}{losses}", flush=True)
             _print_sample(trainer, phases)
     finally:
         shutdown_distributed()

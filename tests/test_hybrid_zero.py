@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 from internlm.train.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta

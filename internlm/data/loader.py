@@ -12,24 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
+from internlm.config.access import section_get as cfg_get
+
 from .packing import PackedSequence, collate, pack_window, padding_sequence
 from .sampler import MixtureSampler
 from .stream import TokenStream, source_key
 
-_MISSING = object()
-
-
-def cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
-    """``cfg[key]`` for dicts and attribute/item-access configs, with an optional default."""
-    try:
-        value = cfg[key]
-    except (KeyError, TypeError, AttributeError):
-        value = getattr(cfg, key, _MISSING)
-    if value is _MISSING:
-        if default is _MISSING:
-            raise KeyError(f"data config has no key {key!r}")
-        return default
-    return value
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
+from internlm.config.access import section_get
+
 from .collectives import all_gather_shards, group_size
 from .flat_buffer import BufferKey, FlatBuffer
 from .full_state import load_full_state
@@ -89,14 +91,15 @@ class HybridZeroOptimizer:
         return cls(
             model_chunks,
             pc,
-            lr=float(_get(adam_cfg, "lr")),
-            betas=(float(_get(adam_cfg, "adam_beta1", 0.9)), float(_get(adam_cfg, "adam_beta2", 0.95))),
-            eps=float(_get(adam_cfg, "adam_eps", 1e-8)),
-            weight_decay=float(_get(adam_cfg, "weight_decay", 0.01)),
-            clip_grad_norm=float(_get(zero_cfg, "clip_grad_norm", 1.0)),
-            reduce_bucket_size=int(_get(zero_cfg, "reduce_bucket_size", 512 * 1024**2)),
-            overlap_sync_grad=bool(_get(zero_cfg, "overlap_sync_grad", True)),
-            overlap_sync_param=bool(_get(zero_cfg, "overlap_sync_param", True)),
+            lr=float(section_get(adam_cfg, "lr")),
+            betas=(float(section_get(adam_cfg, "adam_beta1", 0.9)),
+                   float(section_get(adam_cfg, "adam_beta2", 0.95))),
+            eps=float(section_get(adam_cfg, "adam_eps", 1e-8)),
+            weight_decay=float(section_get(adam_cfg, "weight_decay", 0.01)),
+            clip_grad_norm=float(section_get(zero_cfg, "clip_grad_norm", 1.0)),
+            reduce_bucket_size=int(section_get(zero_cfg, "reduce_bucket_size", 512 * 1024**2)),
+            overlap_sync_grad=bool(section_get(zero_cfg, "overlap_sync_grad", True)),
+            overlap_sync_param=bool(section_get(zero_cfg, "overlap_sync_param", True)),
         )
 
     # ------------------------------------------------------------------ step protocol
@@ -261,19 +264,6 @@ def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int
     if len(devices) > 1:
         raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
     return [FlatBuffer(key, params, zero1_size, zero1_rank) for key, params in groups.items()]
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a mapping or an attribute-style config section."""
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    if value is None:
-        if default is None:
-            raise KeyError(f"missing optimizer config key {key!r}")
-        return default
-    return value
 
 
 __all__ = ["HybridZeroOptimizer"]

@@ -13,9 +13,11 @@ inside a block, while gradients are still reduced over the whole data-parallel g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
+
+from internlm.config.access import section_get
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so the dataclass pickles without torch internals
 
@@ -66,9 +68,7 @@ class ParallelContext:
 
 # ---------------------------------------------------------------------------------------------- config
 def config_value(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+    return section_get(cfg, key, default)
 
 
 def config_size(value: Any, default: int) -> int:

@@ -77,7 +77,7 @@ def test_two_phases_interrupted_in_phase2_and_extended(tmp_path, demo_data):
     run_train(cut)  # resumes phase 2 exactly
     cut3 = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir, with_third=True)
     out = run_train(cut3)  # adding a phase extends the run from the end of phase 2
-    assert "steps 1..3" in out.stdout or "phase 3/3" in out.stdout
+    assert "phase 3/3 'p3': steps 1..3" in out.stdout
     _assert_same_losses(step_losses(ref_dir), step_losses(cut_dir))
 
     records = [r for r in read_metrics(cut_dir) if "loss" in r]

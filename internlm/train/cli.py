@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 a config or layout error (one line on stderr, no traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -88,7 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, phases = load_phases(argv)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         from .plan import print_plan

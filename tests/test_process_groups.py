@@ -109,7 +109,7 @@ def test_tensor_layout_problems_messages():
 
     odd = InternLMConfig.preset("internlm-tiny", hidden_size=48, num_attention_heads=6, vocab_size=250)
     problems = tensor_layout_problems(odd, dict(tensor=4, zero1=3, sequence_parallel=True), 6, seq_len=15, micro_bsz=2)
-    assert problems[0] == "parallel.tensor: world size 6 is not a multiple of tensor (4) * pipeline (1)"
+    assert problems[0] == "parallel.tensor / parallel.pipeline.size: world size 6 is not a multiple of tensor (4) * pipeline (1)"
     assert "model.num_attention_heads: 6 is not divisible by parallel.tensor size 4" in problems
     assert "model.hidden_size: 48 is not divisible by parallel.tensor size 4" not in problems
     assert any(p.startswith("model.vocab_size: 250 is not divisible") for p in problems)

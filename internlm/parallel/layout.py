@@ -61,7 +61,8 @@ def tensor_layout_problems(
         return [f"parallel.tensor / parallel.pipeline: sizes must be >= 1, got tensor={tp}, pipeline={pp}"]
     if world_size % (tp * pp):
         problems.append(
-            f"parallel.tensor: world size {world_size} is not a multiple of tensor ({tp}) * pipeline ({pp})"
+            f"parallel.tensor / parallel.pipeline.size: world size {world_size} is not a multiple of "
+            f"tensor ({tp}) * pipeline ({pp})"
         )
     else:
         dp = world_size // (tp * pp)

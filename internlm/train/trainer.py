@@ -88,12 +88,18 @@ class Trainer:
         self.last_loss: Optional[float] = None
         self._peak_tflops = device_peak_tflops(self.device, cfg.monitor.get("peak_tflops"))
         self._first_metrics_line = True
-        self._terminated = False  # SIGTERM (e.g. a scheduler's preemption): save at the next step and stop
+        # SIGTERM (a scheduler's preemption) or a first Ctrl-C: finish the step, save, stop; a second Ctrl-C
+        # interrupts at once
+        self._terminated = False
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            signal.signal(signal.SIGTERM, self._on_stop_signal)
+            signal.signal(signal.SIGINT, self._on_stop_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_stop_signal(self, signum, frame) -> None:
         self._terminated = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.logger.message("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -280,7 +286,7 @@ class Trainer:
                 self._save(phase, phase_step + 1, loader, completed=False)
                 self._clear_stop_file(cfg)
                 self.logger.close_bar()
-                reason = "on SIGTERM" if self._terminated else f"as asked by {cfg.ckpt.stop_file_path}"
+                reason = "on a stop signal" if self._terminated else f"as asked by {cfg.ckpt.stop_file_path}"
                 raise StopRequested(f"stopped after step {self.step} {reason}; rerun the same command to resume")
             if valid_batches and cfg.data.valid_every and self.step % cfg.data.valid_every == 0 and not last:
                 self._validate(valid_batches, schedule)

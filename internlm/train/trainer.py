@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from internlm.config import dump_config, model_config_from
 from internlm.data import build_train_loader, build_valid_batches
+from internlm.optim.collectives import all_reduce_sum
 
 from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
 from .checkpoint import META_FILE, CheckpointManager, latest_checkpoint, read_meta
@@ -37,9 +38,9 @@ _TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
 
 
 def _all_reduce_sum(value: torch.Tensor, *groups) -> torch.Tensor:
+    """Sum `value` in place over each group in turn (size-1 groups issue nothing); returns it."""
     for group in groups:
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(value, group=group)
+        all_reduce_sum(value, group)
     return value
 
 

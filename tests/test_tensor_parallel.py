@@ -14,6 +14,7 @@ from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import (
     ColumnParallelLinear,
+    Layout,
     ParallelContext,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -21,6 +22,7 @@ from internlm.parallel import (
     gather_from_sequence_region,
     init_parallel_context,
     make_loss_fn,
+    param_shards,
     parallelize_model,
     reduce_from_tensor_region,
     reduce_scatter_to_sequence_region,
@@ -63,19 +65,18 @@ def _batch():
     return ids, labels
 
 
-def _full_grad(param, pc):
+def _full_grad(param, shard, pc):
     """The single-device gradient of ``param``: partial grads summed, shards gathered."""
     grad = param.grad.clone()
-    if getattr(param, "_tp_partial_grad", False):
+    if shard.partial_grad:
         torch.distributed.all_reduce(grad, group=pc.tp_group)
-    shard = getattr(param, "_tp_shard", None)
-    if shard is not None:
-        grad = all_gather_along_dim(grad, shard[0], pc.tp_group)
+    if shard.is_split:
+        grad = all_gather_along_dim(grad, shard.dim, pc.tp_group)
     return grad
 
 
 def _model_case(rank, tp, sp, kv_heads):
-    pc = init_parallel_context(dict(tensor=tp, sequence_parallel=sp), WORLD, rank)
+    pc = init_parallel_context(Layout.create(WORLD, tensor=tp, sequence_parallel=sp), rank)
     ids, labels = _batch()
     ref = _reference_model(kv_heads)
     ref_logits = ref(ids, cu_seqlens=CU_SEQLENS)
@@ -89,10 +90,11 @@ def _model_case(rank, tp, sp, kv_heads):
 
     logits = all_gather_along_dim(local_logits.detach(), -1, pc.tp_group)
     ref_grads = dict(ref.named_parameters())
+    shards = param_shards(par)
     grad_abs, grad_rel, worst = 0.0, 0.0, ""
     for name, param in par.named_parameters():
         expected = ref_grads[name].grad
-        err = (_full_grad(param, pc) - expected).abs().max().item()
+        err = (_full_grad(param, shards[name], pc) - expected).abs().max().item()
         if err > grad_abs:
             grad_abs, worst = err, name
         grad_rel = max(grad_rel, err / expected.abs().max().item())
@@ -104,35 +106,33 @@ def _model_case(rank, tp, sp, kv_heads):
         grad_abs=grad_abs, grad_rel=grad_rel, worst=worst,
         n_params=len(list(par.parameters())),
         hidden_seq=hidden.shape[1], local_vocab=local_logits.shape[-1],
-        marks={n: (getattr(p, "_tp_shard", None), getattr(p, "_tp_duplicate", False),
-                   getattr(p, "_tp_partial_grad", False)) for n, p in par.named_parameters()},
+        marks={n: (s.to_record(), s.duplicate, s.partial_grad) for n, s in shards.items()},
     )
 
 
 def _meta_case(rank, tp, kv_heads):
     """A meta-built, parallelized, then initialised model equals a materialised model sliced afterwards."""
-    pc = init_parallel_context(dict(tensor=tp), WORLD, rank)
+    pc = init_parallel_context(Layout.create(WORLD, tensor=tp), rank)
     with torch.device("meta"):
         meta = InternLM(_config(kv_heads))
     meta = parallelize_model(meta, pc)
     meta.to_empty(device="cpu")
-    meta.init_weights(seed=3)
+    meta.init_weights(seed=3, shards=param_shards(meta))
     full = InternLM(_config(kv_heads))
     full.init_weights(seed=3)
     sliced = parallelize_model(full, pc)
     sliced_params = dict(sliced.named_parameters())
-    diff, marks_equal = 0.0, True
+    diff = 0.0
     for name, p in meta.named_parameters():
         q = sliced_params[name]
         diff = max(diff, (p - q).abs().max().item()) if p.shape == q.shape else float("inf")
-        marks_equal &= all(getattr(p, a, None) == getattr(q, a, None)
-                           for a in ("_tp_shard", "_tp_duplicate", "_tp_partial_grad"))
+    marks_equal = param_shards(meta) == param_shards(sliced)
     return dict(diff=diff, marks_equal=marks_equal, n=len(sliced_params))
 
 
 def _regions_case(rank):
     """Forward and backward of every region on a (1, 4, 3) tensor over the 4-rank tensor group."""
-    pc = init_parallel_context(dict(tensor=WORLD), WORLD, rank)
+    pc = init_parallel_context(Layout.create(WORLD, tensor=WORLD), rank)
     g = pc.tp_group
     full = torch.arange(12.0).reshape(1, 4, 3)
     weight = torch.arange(12.0).reshape(1, 4, 3) + 100 * rank  # rank-dependent upstream gradient
@@ -160,7 +160,7 @@ def _regions_case(rank):
 
 
 def _cross_entropy_case(rank, tp):
-    pc = init_parallel_context(dict(tensor=tp), WORLD, rank)
+    pc = init_parallel_context(Layout.create(WORLD, tensor=tp), rank)
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(20, 256, generator=gen) * 3
     labels = torch.randint(0, 256, (20,), generator=gen)
@@ -185,7 +185,7 @@ def _cross_entropy_case(rank, tp):
 def _stage_case(rank):
     """Pipeline stages under tp2 + SP: [embedding, layer 0] emits sequence-sharded hidden states and
     [layer 1, norm, lm_head] consumes them; both match the single-process model."""
-    pc = init_parallel_context(dict(tensor=2, sequence_parallel=True), WORLD, rank)
+    pc = init_parallel_context(Layout.create(WORLD, tensor=2, sequence_parallel=True), rank)
     ids, _ = _batch()
     ref = _reference_model(None)
     positions = torch.cat([torch.arange(13), torch.arange(SEQ - 13)])
@@ -316,4 +316,4 @@ def test_single_process_loss_and_no_group_cross_entropy():
 def test_tp1_parallelize_is_identity():
     model = InternLM(_config(None))
     assert parallelize_model(model, ParallelContext.single()) is model
-    assert all(not hasattr(p, "_tp_shard") for p in model.parameters())
+    assert all(not shard.is_split and not shard.duplicate for shard in param_shards(model).values())

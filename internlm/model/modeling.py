@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -152,23 +152,22 @@ class InternLM(nn.Module):
         return h
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
+    def init_weights(self, seed: int = 0, shards: Optional[Mapping[str, Any]] = None) -> None:
         """InternLM initialisation: normal(0, init_std) for weights, init_std / sqrt(2 * num_layers) for
         the output projections (o_proj, down_proj), ones for norms, zeros for biases.
 
         Each parameter draws from a generator seeded by (seed, parameter name) over its *full* shape, so
-        the values do not depend on which parameters a process holds: a tensor-parallel shard (marked by
-        `internlm.parallel` with ``param._tp_shard = (dim, rank, size)``) takes its slice of the same
-        full tensor, and every pipeline stage matches the single-device model.
+        the values do not depend on which parameters a process holds. ``shards`` maps a parameter name to its
+        placement when the model is a tensor-parallel shard (`internlm.parallel.param_shards`; any object with
+        ``global_shape`` and ``slice(full)``): the parameter takes its slice of the same full tensor, and every
+        layout starts from exactly the single-device weights.
         """
+        shards = shards or {}
         std = self.config.init_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
         for name, param in self.named_parameters():
-            shard = getattr(param, "_tp_shard", None)
-            full_shape = list(param.shape)
-            if shard is not None:
-                dim, _, size = shard
-                full_shape[dim] *= size
+            shard = shards.get(name)
+            full_shape = list(shard.global_shape) if shard is not None else list(param.shape)
             if name.endswith("norm.weight"):
                 full = torch.ones(full_shape)
             elif name.endswith(".bias"):
@@ -178,6 +177,5 @@ class InternLM(nn.Module):
                 scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 full = torch.empty(full_shape).normal_(0.0, scale, generator=gen)
             if shard is not None:
-                dim, rank, size = shard
-                full = full.chunk(size, dim=dim)[rank]
+                full = shard.slice(full)
             param.copy_(full.to(param.dtype))

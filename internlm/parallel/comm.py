@@ -43,12 +43,25 @@ def _check_divisible(x: torch.Tensor, dim: int, size: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- collectives
+def all_reduce_(
+    x: torch.Tensor, group: Optional[Any], op: Any = dist.ReduceOp.SUM, async_op: bool = False
+) -> Optional[Any]:
+    """Reduce ``x`` in place over ``group`` (SUM unless ``op``); nothing is issued for a group of one.
+
+    Returns the work handle when ``async_op`` and a collective was issued, else None. The one all-reduce
+    helper of the package: regions, the loss, the optimizer and the trainer all call it.
+    """
+    if group_size(group) == 1:
+        return None
+    return dist.all_reduce(x, op=op, group=group, async_op=async_op)
+
+
 def all_reduce(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
-    """Sum over the group (in place on a contiguous copy; the input is not modified)."""
+    """Sum over the group into a new contiguous tensor (the input is not modified)."""
     if group_size(group) == 1:
         return x
     out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
+    all_reduce_(out, group)
     return out
 
 
@@ -177,6 +190,7 @@ __all__ = [
     "SEQ_DIM",
     "group_size",
     "group_rank",
+    "all_reduce_",
     "all_reduce",
     "split_along_dim",
     "all_gather_along_dim",

@@ -14,20 +14,17 @@ using the softmax kept from the forward. Tokens whose label is ``ignore_index`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import group_rank, group_size
+from internlm.data.packing import IGNORE_INDEX
+
+from .comm import all_reduce_, group_rank, group_size
+from .pipeline.steps import LossFn
 from .process_groups import ParallelContext
-
-
-def _all_reduce_(x: torch.Tensor, group: Optional[Any], op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -39,7 +36,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         vocab_start = group_rank(group) * vocab_local
 
         # softmax is shift invariant: subtract the global max for a stable exp
-        logits_max = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        logits_max = z.max(dim=-1).values
+        all_reduce_(logits_max, group, dist.ReduceOp.MAX)
         z = z - logits_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
 
         local_label = labels - vocab_start
@@ -51,7 +49,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = [z_label, exp_z.sum(dim=-1)]
         if label_smoothing > 0:
             stats.append(z.sum(dim=-1))
-        stats = _all_reduce_(torch.stack(stats), group)  # one collective for all per-token sums
+        stats = torch.stack(stats)
+        all_reduce_(stats, group)  # one collective for all per-token sums
         log_z = stats[1].log()
         loss = log_z - stats[0]
         if label_smoothing > 0:
@@ -82,7 +81,7 @@ def vocab_parallel_cross_entropy(
     labels: torch.Tensor,
     group: Optional[Any],
     label_smoothing: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Per-token loss (fp32, shape of ``labels``) from logits split along the last (vocab) dim over ``group``.
 
@@ -96,11 +95,8 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, labels, group, float(label_smoothing), ignore_index)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
-    """``loss_fn(logits, labels)`` -> fp32 SUM of token losses over labels != -100 (the schedule's contract).
+    """``loss_fn(logits, labels)`` -> fp32 SUM of token losses over labels != IGNORE_INDEX (`LossFn`).
 
     With tp = 1 this is ``F.cross_entropy(reduction='sum')``; otherwise logits are vocab-split (parallel
     output) and the vocab-parallel cross-entropy is used. Every tensor rank returns the same value.
@@ -110,10 +106,10 @@ def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         if pc.tp_size == 1:
             return F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum",
-                                   label_smoothing=label_smoothing, ignore_index=-100)
+                                   label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
         return vocab_parallel_cross_entropy(flat_logits, flat_labels, pc.tp_group, label_smoothing).sum()
 
     return loss_fn
 
 
-__all__ = ["vocab_parallel_cross_entropy", "make_loss_fn"]
+__all__ = ["LossFn", "vocab_parallel_cross_entropy", "make_loss_fn"]

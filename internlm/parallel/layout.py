@@ -1,17 +1,167 @@
-"""Checks that a model fits a tensor / data-parallel layout, before any process group exists.
+"""`Layout`: the parallel layout of a run, one value built once from the config and the world size.
 
-`tensor_layout_problems` returns one line per problem, each starting with the config key to change, so
-config validation and planning tools can print them all at once. (Pipeline checks live in
-`internlm.parallel.pipeline`.)
+A layout says how ``world_size`` processes tile the three parallel dimensions and how the optimizer state is
+sharded::
+
+    world_size = tensor * pipeline * data          zero1 divides data (zero1 = data: plain ZeRO-1)
+    rank       = tp_rank + tensor * (dp_rank + data * pp_rank)
+
+Tensor ranks are neighbours (their collectives run in every layer, so a tensor group stays inside a node),
+pipeline stages the slowest dimension. Zero1 groups are consecutive blocks of ``zero1`` data-parallel ranks:
+optimizer states are sharded inside a block, and blocks hold identical replicas (hybrid ZeRO).
+
+The layout needs no process group: the CLI checks it, ``--dry-run`` plans with it, checkpoints record it
+(``to_dict``), resharding compares two of them, and `init_parallel_context` builds the groups it describes.
+`problems` (and `fit_problems` for a given model and batch) return structured `Problem` records naming the
+config key to change.
 """
 
 from __future__ import annotations
 
-from typing import Any, List
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Mapping, Tuple
 
-from .process_groups import config_size, config_value
+from internlm.problems import Problem
+
+from .pipeline.partition import pipeline_problems
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of every parallel dimension. Build with `Layout.create`, which resolves ``zero1 <= 0`` to ``data``.
+
+    ``data`` is ``world_size // (tensor * pipeline)``; when that division is not exact, `problems` says so.
+    ``num_chunks`` is the number of model chunks (virtual pipeline stages) per pipeline rank.
+    """
+
+    world_size: int = 1
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    zero1: int = 1
+    num_chunks: int = 1
+    sequence_parallel: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        world_size: int,
+        tensor: int = 1,
+        pipeline: int = 1,
+        zero1: int = -1,
+        num_chunks: int = 1,
+        sequence_parallel: bool = False,
+    ) -> "Layout":
+        """The layout of ``world_size`` processes; ``zero1 <= 0`` shards over the whole data-parallel group."""
+        data = world_size // (tensor * pipeline) if tensor >= 1 and pipeline >= 1 else 0
+        return cls(
+            world_size=world_size,
+            tensor=tensor,
+            pipeline=pipeline,
+            data=data,
+            zero1=data if zero1 <= 0 else zero1,
+            num_chunks=num_chunks,
+            sequence_parallel=bool(sequence_parallel),
+        )
+
+    @classmethod
+    def single(cls) -> "Layout":
+        """One process."""
+        return cls()
+
+    # ------------------------------------------------------------------ checks
+    def problems(self) -> List[Problem]:
+        """Sizes that do not tile the world; empty when the grid can be built."""
+        if self.tensor < 1 or self.pipeline < 1:
+            return [
+                Problem(
+                    "parallel.tensor / parallel.pipeline",
+                    f"sizes must be >= 1, got tensor={self.tensor}, pipeline={self.pipeline}",
+                )
+            ]
+        if self.world_size % (self.tensor * self.pipeline) or self.data < 1:
+            return [
+                Problem(
+                    "parallel.tensor / parallel.pipeline.size",
+                    f"world size {self.world_size} is not a multiple of tensor ({self.tensor}) * "
+                    f"pipeline ({self.pipeline})",
+                )
+            ]
+        if self.zero1 < 1 or self.data % self.zero1:
+            return [
+                Problem(
+                    "parallel.zero1",
+                    f"size {self.zero1} does not divide the data-parallel size {self.data} (world "
+                    f"{self.world_size} / tensor {self.tensor} / pipeline {self.pipeline}); use a divisor of "
+                    f"{self.data} or -1",
+                )
+            ]
+        return []
+
+    def fit_problems(self, model_config: Any, micro_bsz: int, seq_len: int, micro_num: int) -> List[Problem]:
+        """`problems` plus what keeps ``model_config`` (an `InternLMConfig`) and this batch shape from running
+        under this layout: tensor splits of the model, the pipeline partition, sequence-parallel tokens."""
+        out = self.problems()
+        out += tensor_split_problems(model_config, self.tensor)
+        if self.sequence_parallel and (micro_bsz * seq_len) % self.tensor:
+            out.append(
+                Problem(
+                    "parallel.sequence_parallel",
+                    f"micro_bsz * seq_len = {micro_bsz} * {seq_len} = {micro_bsz * seq_len} tokens is not "
+                    f"divisible by parallel.tensor size {self.tensor}",
+                )
+            )
+        out += pipeline_problems(model_config.num_layers, self.pipeline, self.num_chunks, micro_num)
+        return out
+
+    # ------------------------------------------------------------------ ranks
+    def coords(self, rank: int) -> Tuple[int, int, int]:
+        """``(tp_rank, dp_rank, pp_rank)`` of global ``rank``."""
+        return rank % self.tensor, (rank // self.tensor) % self.data, rank // (self.tensor * self.data)
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        """Global rank at grid coordinates ``(tp_rank, dp_rank, pp_rank)``."""
+        return tp_rank + self.tensor * (dp_rank + self.data * pp_rank)
+
+    def group_ranks(self) -> Dict[str, List[List[int]]]:
+        """Global ranks of every group of each kind, in creation order.
+
+        ``tp``: ranks sharing (dp, pp); ``dp``: ranks sharing (tp, pp); ``pp``: ranks sharing (tp, dp), ordered
+        by stage; ``zero1``: consecutive blocks of ``zero1`` data-parallel ranks inside each dp group.
+        """
+        tp, dp, pp, rank = self.tensor, self.data, self.pipeline, self.rank_of
+        out: Dict[str, List[List[int]]] = {
+            "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        }
+        out["zero1"] = [ranks[b : b + self.zero1] for ranks in out["dp"] for b in range(0, dp, self.zero1)]
+        return out
+
+    # ------------------------------------------------------------------ text and records
+    def describe(self) -> str:
+        """E.g. ``tp2+sp x pp1 x dp2 (zero1 2, 1 chunk, 4 ranks)``."""
+        chunks, world = self.num_chunks, self.world_size
+        return (
+            f"tp{self.tensor}{'+sp' if self.sequence_parallel else ''} x pp{self.pipeline} x dp{self.data} "
+            f"(zero1 {self.zero1}, {chunks} chunk{'s' if chunks != 1 else ''}, {world} rank{'s' if world != 1 else ''})"
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The record kept in a checkpoint's meta.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "Layout":
+        """The layout a checkpoint's meta.json recorded; raises ValueError naming a missing or unknown field."""
+        fields = set(cls.__dataclass_fields__)
+        if set(record) != fields:
+            missing, unknown = sorted(fields - set(record)), sorted(set(record) - fields)
+            raise ValueError(f"not a layout record (missing {missing}, unknown {unknown})")
+        return cls(**{k: record[k] for k in fields})
+
+
+# ---------------------------------------------------------------------------------------------- tensor splits
 def kv_heads_supported(num_kv_heads: int, tp: int) -> bool:
     """Column-split k/v when tp divides the kv heads; replicated k/v when the kv heads divide tp.
 
@@ -21,64 +171,38 @@ def kv_heads_supported(num_kv_heads: int, tp: int) -> bool:
     return num_kv_heads % tp == 0 or tp % num_kv_heads == 0
 
 
-def model_tensor_problems(model_config: Any, tp: int) -> List[str]:
-    """Shapes of ``model_config`` that cannot be split over ``tp`` tensor ranks (one line per key)."""
-    problems: List[str] = []
+def tensor_split_problems(model_config: Any, tp: int) -> List[Problem]:
+    """Shapes of ``model_config`` (an `InternLMConfig`) that cannot be split over ``tp`` tensor ranks."""
+    out: List[Problem] = []
+    if tp < 1:
+        return out
     heads = model_config.num_attention_heads
     kv_heads = model_config.num_kv_attention_heads or heads
+    size = f"parallel.tensor size {tp}"
     if heads % tp:
-        problems.append(f"model.num_attention_heads: {heads} is not divisible by parallel.tensor size {tp}")
+        out.append(Problem("model.num_attention_heads", f"{heads} is not divisible by {size}"))
     if model_config.hidden_size % tp:
-        problems.append(f"model.hidden_size: {model_config.hidden_size} is not divisible by parallel.tensor size {tp}")
+        out.append(Problem("model.hidden_size", f"{model_config.hidden_size} is not divisible by {size}"))
     if model_config.intermediate_size % tp:
-        problems.append(
-            f"model.mlp_ratio: intermediate size {model_config.intermediate_size} is not divisible by "
-            f"parallel.tensor size {tp}"
+        out.append(
+            Problem("model.mlp_ratio", f"intermediate size {model_config.intermediate_size} is not divisible by {size}")
         )
     if model_config.vocab_size % tp:
-        problems.append(f"model.vocab_size: {model_config.vocab_size} is not divisible by parallel.tensor size {tp}; "
-                        f"pad the vocab to a multiple of {tp}")
-    if not kv_heads_supported(kv_heads, tp):
-        problems.append(
-            f"model.num_kv_attention_heads: {kv_heads} kv heads can neither be split over nor replicated across "
-            f"parallel.tensor size {tp}; one must divide the other"
-        )
-    return problems
-
-
-def tensor_layout_problems(
-    model_config: Any, parallel_cfg: Any, world_size: int, seq_len: int, micro_bsz: int
-) -> List[str]:
-    """Problems of running ``model_config`` (an `InternLMConfig`) with ``parallel_cfg`` on ``world_size`` ranks.
-
-    Empty list: the tensor and data dimensions are consistent.
-    """
-    problems: List[str] = []
-    tp = config_size(config_value(parallel_cfg, "tensor"), 1)
-    pp = config_size(config_value(parallel_cfg, "pipeline"), 1)
-    zero1 = config_size(config_value(parallel_cfg, "zero1"), -1)
-    if tp < 1 or pp < 1:
-        return [f"parallel.tensor / parallel.pipeline: sizes must be >= 1, got tensor={tp}, pipeline={pp}"]
-    if world_size % (tp * pp):
-        problems.append(
-            f"parallel.tensor / parallel.pipeline.size: world size {world_size} is not a multiple of "
-            f"tensor ({tp}) * pipeline ({pp})"
-        )
-    else:
-        dp = world_size // (tp * pp)
-        if zero1 > 0 and dp % zero1:
-            problems.append(
-                f"parallel.zero1: size {zero1} does not divide the data-parallel size {dp} "
-                f"(world {world_size} / tensor {tp} / pipeline {pp}); use a divisor of {dp} or -1"
+        out.append(
+            Problem(
+                "model.vocab_size",
+                f"{model_config.vocab_size} is not divisible by {size}; pad the vocab to a multiple of {tp}",
             )
-
-    problems += model_tensor_problems(model_config, tp)
-    if bool(config_value(parallel_cfg, "sequence_parallel", False)) and (micro_bsz * seq_len) % tp:
-        problems.append(
-            f"parallel.sequence_parallel: micro_bsz * seq_len = {micro_bsz} * {seq_len} = {micro_bsz * seq_len} "
-            f"tokens is not divisible by parallel.tensor size {tp}"
         )
-    return problems
+    if not kv_heads_supported(kv_heads, tp):
+        out.append(
+            Problem(
+                "model.num_kv_attention_heads",
+                f"{kv_heads} kv heads can neither be split over nor replicated across {size}; one must divide the "
+                f"other",
+            )
+        )
+    return out
 
 
-__all__ = ["tensor_layout_problems", "model_tensor_problems", "kv_heads_supported"]
+__all__ = ["Layout", "kv_heads_supported", "tensor_split_problems"]

@@ -11,12 +11,12 @@ See docs/pipeline.md.
 
 from .interleaved import InterleavedSchedule
 from .p2p import Exchange, PipelineP2P, ring_neighbours
-from .partition import build_pipeline_chunks, partition_layers, pipeline_layout_problems
+from .partition import build_pipeline_chunks, partition_layers, pipeline_problems
 from .schedules import NoPipelineSchedule, OneFOneBSchedule, build_schedule
 
 __all__ = [
     "partition_layers",
-    "pipeline_layout_problems",
+    "pipeline_problems",
     "build_pipeline_chunks",
     "PipelineP2P",
     "Exchange",

@@ -17,6 +17,7 @@ from typing import List, Union
 import torch
 
 from internlm.model import InternLM, InternLMConfig
+from internlm.problems import Problem
 
 
 def partition_layers(num_layers: int, pp_size: int, num_chunks: int = 1) -> List[List[range]]:
@@ -35,33 +36,41 @@ def partition_layers(num_layers: int, pp_size: int, num_chunks: int = 1) -> List
     return [[ranges[chunk * pp_size + stage] for chunk in range(num_chunks)] for stage in range(pp_size)]
 
 
-def pipeline_layout_problems(num_layers: int, pp_size: int, num_chunks: int, micro_num: int) -> List[str]:
-    """Reasons this pipeline layout cannot run, one ``key: problem`` line each; empty when it is usable."""
-    problems = []
+def pipeline_problems(num_layers: int, pp_size: int, num_chunks: int, micro_num: int) -> List[Problem]:
+    """Reasons this pipeline partition and schedule cannot run, one `Problem` each; empty when usable."""
     if pp_size < 1:
-        problems.append(f"parallel.pipeline.size: must be positive, got {pp_size}")
-        return problems
+        return [Problem("parallel.pipeline.size", f"must be positive, got {pp_size}")]
     if num_chunks < 1:
-        problems.append(f"model.num_chunks: must be positive, got {num_chunks}")
-        return problems
+        return [Problem("model.num_chunks", f"must be positive, got {num_chunks}")]
+    problems = []
     if num_chunks > 1 and pp_size == 1:
-        problems.append(f"model.num_chunks: {num_chunks} chunks need a pipeline (parallel.pipeline.size > 1); use 1")
+        problems.append(
+            Problem("model.num_chunks", f"{num_chunks} chunks need a pipeline (parallel.pipeline.size > 1); use 1")
+        )
     if num_layers < pp_size * num_chunks:
         problems.append(
-            f"model.num_layers: {num_layers} layers are fewer than parallel.pipeline.size * model.num_chunks = "
-            f"{pp_size} * {num_chunks} virtual stages"
+            Problem(
+                "model.num_layers",
+                f"{num_layers} layers are fewer than parallel.pipeline.size * model.num_chunks = {pp_size} * "
+                f"{num_chunks} virtual stages",
+            )
         )
     if micro_num < 1:
-        problems.append(f"data.micro_num: must be positive, got {micro_num}")
+        problems.append(Problem("data.micro_num", f"must be positive, got {micro_num}"))
     elif pp_size > 1 and num_chunks > 1 and micro_num % pp_size:
         problems.append(
-            f"data.micro_num: the interleaved schedule needs a multiple of parallel.pipeline.size={pp_size}, "
-            f"got {micro_num}"
+            Problem(
+                "data.micro_num",
+                f"the interleaved schedule needs a multiple of parallel.pipeline.size={pp_size}, got {micro_num}",
+            )
         )
     elif pp_size > 1 and micro_num < pp_size:
         problems.append(
-            f"data.micro_num: {micro_num} is smaller than parallel.pipeline.size={pp_size}; 1F1B needs at least "
-            f"one micro-batch per stage to fill the pipeline"
+            Problem(
+                "data.micro_num",
+                f"{micro_num} is smaller than parallel.pipeline.size={pp_size}; 1F1B needs at least one "
+                f"micro-batch per stage to fill the pipeline",
+            )
         )
     return problems
 
@@ -82,10 +91,10 @@ def build_pipeline_chunks(
     """
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank {pp_rank} is outside a pipeline of {pp_size} stages")
-    layout = partition_layers(config.num_layers, pp_size, num_chunks)
+    stages = partition_layers(config.num_layers, pp_size, num_chunks)
     last_virtual = pp_size * num_chunks - 1
     chunks = []
-    for chunk_id, layers in enumerate(layout[pp_rank]):
+    for chunk_id, layers in enumerate(stages[pp_rank]):
         virtual = chunk_id * pp_size + pp_rank
         with torch.device("meta"):  # the full model on meta costs nothing; prune before materialising
             model = InternLM(config)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(logits, labels) -> fp32 SUM of token losses`` (labels equal to IGNORE_INDEX take none): what every
+schedule calls on the last stage (`internlm.parallel.make_loss_fn` builds one)."""
 
 
 def chunk_device(model_chunks: List[nn.Module]) -> torch.device:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from internlm.model import InternLM, InternLMConfig
 from internlm.optim import HybridZeroOptimizer
+from internlm.parallel.tp_shard import TPShard, declare_shards
 
 VOCAB, SEQ, GLOBAL_BSZ = 64, 8, 8
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad_norm=0.5)
@@ -97,7 +98,9 @@ def max_rel_error(params: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor])
     return max(float((params[n].float() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12)) for n in ref)
 
 
-def update_rel_error(params: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], init: Dict[str, torch.Tensor]) -> float:
+def update_rel_error(
+    params: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], init: Dict[str, torch.Tensor]
+) -> float:
     """||(params - init) - (ref - init)|| / ||ref - init|| over the whole model: how far two runs moved apart
     relative to how far training moved (1.0 for a run that never updated)."""
     num = sum(float((params[n].float() - ref[n]).square().sum()) for n in ref)
@@ -238,12 +241,11 @@ def test_state_dict_metadata_and_layout_errors():
         make_opt(other).load_state_dict(state)
 
 
-def test_optim_state_bytes_and_config():
+def test_optim_state_bytes_and_hyper_parameters():
     model = tiny_model()
-    opt = HybridZeroOptimizer.from_config(
-        [model], single_context(),
-        {"lr": 3e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "weight_decay": 0.01},
-        SimpleNamespace(overlap_sync_grad=False, overlap_sync_param=False, reduce_bucket_size=1024, clip_grad_norm=1.0),
+    opt = HybridZeroOptimizer(
+        [model], single_context(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, clip_grad_norm=1.0,
+        reduce_bucket_size=1024, overlap_sync_grad=False, overlap_sync_param=False,
     )
     assert opt.lr == 3e-4 and not opt.grad_reducer.overlap and opt.param_groups[0]["betas"] == (0.9, 0.95)
     opt.set_lr(1e-3)
@@ -255,3 +257,48 @@ def test_optim_state_bytes_and_config():
     assert opt.optim_state_bytes() == held
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 12 * num_params <= held < 12 * (num_params + 16 * len(opt.buffers))
+
+
+def test_tp_shard_records_slices_and_joins():
+    full = torch.arange(48.0).reshape(8, 6)
+    pieces = []
+    for rank in range(2):
+        shard = TPShard.split((8, 6), dim=0, rank=rank, size=2)
+        assert shard.is_split and not shard.duplicate and shard.local_shape == (4, 6)
+        assert shard.to_record() == (0, rank, 2)
+        assert TPShard.from_record((4, 6), shard.to_record()) == shard
+        pieces.append(shard.slice(full))
+        assert torch.equal(pieces[-1], full.chunk(2, 0)[rank])
+    assert torch.equal(TPShard.split((8, 6), dim=0, rank=0, size=2).join(pieces), full)
+    columns = [TPShard.split((8, 6), dim=1, rank=r, size=3).slice(full) for r in range(3)]
+    assert torch.equal(TPShard.split((8, 6), dim=1, rank=2, size=3).join(columns), full)
+
+    duplicate = TPShard.replicated((6,), rank=1, size=2, partial_grad=True)
+    assert duplicate.duplicate and duplicate.partial_grad and not duplicate.is_split
+    assert duplicate.to_record() is None and duplicate.local_shape == (6,)
+    assert not TPShard.replicated((6,)).duplicate  # a tensor group of one holds no duplicate
+    assert TPShard.from_record((6,), None) == TPShard.replicated((6,))
+    assert torch.equal(duplicate.slice(full[0]), full[0]) and torch.equal(duplicate.join([full[0]]), full[0])
+    with pytest.raises(ValueError, match="does not split into 4 tensor shards"):
+        TPShard.split((6, 6), dim=0, rank=0, size=4)
+    with pytest.raises(ValueError, match=r"expected a tensor of the full shape \[8, 6\]"):
+        TPShard.split((8, 6), dim=0, rank=0, size=2).slice(full[:4])
+
+
+def test_declared_shards_set_buffer_kinds_and_metadata():
+    """Duplicate and partial-gradient parameters get their own buffers; the shard records its split."""
+    model = torch.nn.Linear(6, 8)
+    model.gain = torch.nn.Parameter(torch.ones(6))
+    declare_shards(model, weight=TPShard.split((16, 6), dim=0, rank=1, size=2),
+                   bias=TPShard.replicated((8,), rank=1, size=2),
+                   gain=TPShard.replicated((6,), rank=1, size=2, partial_grad=True))
+    opt = make_opt(model, SimpleNamespace(**dict(vars(single_context()), tp_size=2, tp_rank=1)))
+    kinds = {(b.key.decay, b.key.tp_duplicate, b.key.tp_partial_grad): [s.name for s in b.slots] for b in opt.buffers}
+    assert kinds == {(True, False, False): ["weight"], (False, True, False): ["bias"], (False, True, True): ["gain"]}
+    meta = {p["name"]: p for b in opt.state_dict()["buffers"] for p in b["params"]}
+    assert (meta["weight"]["tp_shard"], meta["weight"]["global_shape"]) == ((0, 1, 2), [16, 6])
+    assert (meta["gain"]["tp_shard"], meta["gain"]["global_shape"]) == (None, [6])
+    opt.close()
+    declare_shards(model, weight=TPShard.split((8, 6), dim=0, rank=1, size=2))
+    with pytest.raises(ValueError, match=r"weight: declared tensor shard .* has local shape \[4, 6\]"):
+        make_opt(model)

@@ -29,6 +29,7 @@ from test_hybrid_zero import (
     train_zero,
 )
 from internlm.optim import HybridZeroOptimizer
+from internlm.parallel.tp_shard import TPShard, declare_shards
 
 STEPS = 4
 
@@ -123,7 +124,7 @@ def test_data_parallel_matches_single_process(reference, world, zero1, overlaps,
         assert all(torch.equal(replicas[0][n], other[n]) for n in other)
 
 
-# ---------------------------------------------------------------------- tensor parallel attributes
+# ---------------------------------------------------------------------- tensor parallel shards
 ROWS, OUT, IN = 8, 8, 6
 PARTIAL_WEIGHTS = (0.25, 0.75)  # tp rank r computes this fraction of the g term: partial gradients
 
@@ -139,16 +140,19 @@ class Quadratic(nn.Module):
         self.gain = nn.Parameter(torch.ones(IN))
         self.tp_rank, self.tp_size = tp_rank, tp_size
         if tp_size > 1:
-            self.weight._tp_shard = (0, tp_rank, tp_size)
-            self.bias._tp_duplicate = True
-            self.gain._tp_duplicate = True
-            self.gain._tp_partial_grad = True
+            declare_shards(
+                self,
+                weight=TPShard.split((OUT, IN), dim=0, rank=tp_rank, size=tp_size),
+                bias=TPShard.replicated((IN,), rank=tp_rank, size=tp_size),
+                gain=TPShard.replicated((IN,), rank=tp_rank, size=tp_size, partial_grad=True),
+            )
 
     def forward(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
         """This dp rank's rows of batch ``step``; called as ``model(...)`` so the optimizer's pre-hook waits for
         the parameter all-gather of the previous step."""
         gen = torch.Generator().manual_seed(100 + step)
-        a, c, e = torch.randn(ROWS, OUT, IN, generator=gen), torch.randn(ROWS, IN, generator=gen), torch.randn(ROWS, IN, generator=gen)
+        a = torch.randn(ROWS, OUT, IN, generator=gen)
+        c, e = torch.randn(ROWS, IN, generator=gen), torch.randn(ROWS, IN, generator=gen)
         rows = slice(dp_rank * ROWS // dp_size, (dp_rank + 1) * ROWS // dp_size)
         a = a.chunk(self.tp_size, 1)[self.tp_rank]
         share = PARTIAL_WEIGHTS[self.tp_rank] if self.tp_size > 1 else 1.0
@@ -174,7 +178,7 @@ def _tp_worker(rank: int, world: int) -> dict:
     return dict(tp_rank=pc.tp_rank, params=snapshot(model), norms=norms, weight_meta=meta["weight"])
 
 
-def test_tensor_parallel_attributes_match_single_process():
+def test_tensor_parallel_shards_match_single_process():
     model = Quadratic()
     decay = torch.optim.AdamW(
         [{"params": [model.weight], "weight_decay": HYPER["weight_decay"]},

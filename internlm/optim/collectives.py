@@ -1,8 +1,8 @@
-"""The few collectives the optimizer issues, with the size-1 and gloo special cases in one place.
+"""The parameter all-gather of the optimizer, with its size-1 and gloo special cases.
 
-A group is a ``torch.distributed`` process group, or ``None`` for a dimension of size 1. Every helper
-returns immediately (and issues nothing) when the group has a single member, so a single process never
-needs ``torch.distributed`` to be initialised.
+A group is a ``torch.distributed`` process group, or ``None`` for a dimension of size 1. Nothing is issued
+when the group has a single member, so a single process never needs ``torch.distributed`` to be initialised.
+All-reduces go through `internlm.parallel.comm.all_reduce_`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-
-def group_size(group: Any) -> int:
-    """Number of ranks in ``group``; 1 for ``None``."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def all_reduce_sum(tensor: torch.Tensor, group: Any, async_op: bool = False) -> Optional[Any]:
-    """In-place SUM over ``group``; returns the work handle when ``async_op`` (None when nothing was issued)."""
-    if group_size(group) == 1:
-        return None
-    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+from internlm.parallel.comm import group_size
 
 
 class _GatherWork:
@@ -59,4 +49,4 @@ def all_gather_shards(flat: torch.Tensor, group: Any, async_op: bool = False) ->
     return _GatherWork(work, source) if async_op else None
 
 
-__all__ = ["group_size", "all_reduce_sum", "all_gather_shards"]
+__all__ = ["all_gather_shards"]

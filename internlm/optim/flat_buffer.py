@@ -1,6 +1,6 @@
 """Flat contiguous parameter and gradient buffers, split into equal zero1 slices.
 
-Layout of one buffer holding parameters p_0 .. p_{n-1} (all of one dtype and one optimizer class)::
+Arrangement of one buffer holding parameters p_0 .. p_{n-1} (all of one dtype and one optimizer class)::
 
     params (model dtype):  | p_0 | p_1 | ... | p_{n-1} | pad |
     grads  (fp32):         | g_0 | g_1 | ... | g_{n-1} | pad |
@@ -15,7 +15,8 @@ through parameters freely: ownership is by element, not by tensor. The padding i
 and stays zero (zero gradient, and AdamW with decay maps 0 to 0).
 
 After construction every parameter's ``.data`` is a view into ``params``, so the model reads the gathered
-values without a copy.
+values without a copy. Each slot also carries the parameter's tensor-parallel placement (`TPShard`), which the
+checkpoint formats record.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from internlm.parallel.tp_shard import TPShard
 
 # Slice starts are aligned to 16 elements (64 bytes of fp32, 32 bytes of bf16) for vectorised kernels.
 ALIGN = 16
@@ -37,39 +40,43 @@ class BufferKey:
     chunk: int  # index of the model chunk (pipeline virtual stage) holding them
     dtype: torch.dtype  # model dtype of the parameters
     decay: bool  # weight decay applies (matrices and embeddings) or not (norm weights, biases)
-    tp_duplicate: bool  # same values on every tensor rank: count once in the grad norm
-    tp_partial_grad: bool  # gradient must be summed over the tensor group
+    tp_duplicate: bool  # same values on every tensor rank: count once in the grad norm (`TPShard.duplicate`)
+    tp_partial_grad: bool  # gradient must be summed over the tensor group (`TPShard.partial_grad`)
 
 
 @dataclass
 class ParamSlot:
-    """One parameter's place in a buffer: elements ``[start, end)``."""
+    """One parameter's place in a buffer, elements ``[start, end)``, and its tensor-parallel placement."""
 
     name: str
     param: nn.Parameter
+    shard: TPShard
     start: int
     end: int
 
 
 class FlatBuffer:
-    """Parameters of one ``BufferKey`` as views into a padded flat tensor, plus their fp32 gradient buffer."""
+    """Parameters of one ``BufferKey`` as views into a padded flat tensor, plus their fp32 gradient buffer.
+
+    ``entries`` are ``(name, parameter, shard)`` in buffer order.
+    """
 
     def __init__(
         self,
         key: BufferKey,
-        named_params: Sequence[Tuple[str, nn.Parameter]],
+        entries: Sequence[Tuple[str, nn.Parameter, TPShard]],
         zero1_size: int,
         zero1_rank: int,
     ) -> None:
-        if not named_params:
+        if not entries:
             raise ValueError("a FlatBuffer needs at least one parameter")
         self.key = key
         self.zero1_size = zero1_size
         self.zero1_rank = zero1_rank
         self.slots: List[ParamSlot] = []
         offset = 0
-        for name, param in named_params:
-            self.slots.append(ParamSlot(name, param, offset, offset + param.numel()))
+        for name, param, shard in entries:
+            self.slots.append(ParamSlot(name, param, shard, offset, offset + param.numel()))
             offset += param.numel()
         self.numel = offset
         unit = zero1_size * ALIGN
@@ -78,7 +85,7 @@ class FlatBuffer:
         self.shard_start = zero1_rank * self.shard_numel
         self.shard_end = self.shard_start + self.shard_numel
 
-        device = named_params[0][1].device
+        device = entries[0][1].device
         self.params = torch.zeros(self.padded_numel, dtype=key.dtype, device=device)
         self.grads = torch.zeros(self.padded_numel, dtype=torch.float32, device=device)
         with torch.no_grad():

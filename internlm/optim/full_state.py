@@ -11,52 +11,40 @@ A *full state* is what every layout agrees on::
     }
 
 `merge_shard_states` builds it from the shards of one data-parallel replica (see `shard_state.py` for the
-shard format); `load_full_state` cuts it for the current layout. With ``f`` a parameter's full tensor, its
-tensor-parallel shard ``(dim, r, T)`` and its buffer range ``[a, e)``, a rank whose zero1 slice is
-``[s0, s1)`` holds, for every buffer element ``i`` in ``[max(a, s0), min(e, s1))``::
+shard format); `cut_full_state` cuts it for the current layout into the `StateValues` the optimizer installs.
+With ``f`` a parameter's full tensor, its tensor-parallel shard ``(dim, r, T)`` and its buffer range ``[a, e)``,
+a rank whose zero1 slice is ``[s0, s1)`` holds, for every buffer element ``i`` in ``[max(a, s0), min(e, s1))``::
 
     master[i - s0] = flatten(chunk(f, T, dim)[r])[i - a]         (the same for exp_avg, exp_avg_sq)
 
 Merging inverts this: the slices of every zero1 rank tile each local tensor, and the tensor ranks'
 local tensors are concatenated along ``dim`` (replicated tensors are taken from the lowest tensor rank).
+Both directions go through the parameter's `TPShard` (``TPShard.from_record`` of the saved ``(dim, r, T)``
+when merging, the slot's own shard when cutting): ``join`` concatenates, ``slice`` cuts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .shard_state import FORMAT, global_shape, install_state
+from internlm.parallel.tp_shard import TPShard
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .hybrid_zero import HybridZeroOptimizer
+from .flat_buffer import FlatBuffer
+from .shard_state import FORMAT, StateValues
 
 FULL_FORMAT = "internlm.hybrid_zero.full.v1"
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 _COUNTERS = ("num_updates", "skipped_steps")
 
 
-def tp_slice(full: torch.Tensor, tp_shard: Optional[Sequence[int]]) -> torch.Tensor:
-    """Tensor-parallel shard ``(dim, rank, size)`` of ``full``: chunk ``rank`` of ``size`` equal chunks along
-    ``dim`` (the whole tensor when ``tp_shard`` is None). Raises ValueError if ``size`` does not divide it."""
-    if tp_shard is None:
-        return full
-    dim, rank, size = tp_shard
-    if full.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of shape {list(full.shape)} does not split into {size} tensor shards")
-    local = full.shape[dim] // size
-    return full.narrow(dim, rank * local, local)
-
-
 @dataclass
 class _LocalTensor:
     """One tensor rank's local tensor of one parameter, being stitched from zero1 slices."""
 
-    shape: List[int]
-    global_shape: List[int]
-    tp_shard: Optional[Tuple[int, int, int]]
+    shard: TPShard
     values: Dict[str, Optional[torch.Tensor]]  # flat, per STATE_KEYS
     covered: List[Tuple[int, int]] = field(default_factory=list)  # filled element ranges (local coordinates)
     sources: List[str] = field(default_factory=list)
@@ -127,19 +115,23 @@ def _take_buffer(label: str, tp_rank: int, buffer: Mapping[str, Any], has_moment
         if wanted is not None and name not in wanted:
             continue
         start, end = meta["range"]
-        tp_shard = tuple(meta["tp_shard"]) if meta["tp_shard"] is not None else None
+        shard = TPShard.from_record(meta["shape"], meta["tp_shard"])
+        if list(shard.global_shape) != list(meta["global_shape"]):
+            raise ValueError(f"{label}: parameter {name} (tensor rank {tp_rank}) has global shape "
+                             f"{list(meta['global_shape'])}, but shape {list(meta['shape'])} with tp_shard "
+                             f"{shard.to_record()} gives {list(shard.global_shape)}")
         local = pieces.setdefault(name, {}).get(tp_rank)
         if local is None:
             local = _LocalTensor(
-                shape=list(meta["shape"]), global_shape=list(meta["global_shape"]), tp_shard=tp_shard,
+                shard=shard,
                 values={k: torch.zeros(end - start, dtype=torch.float32) if k == "master" or has_moments else None
                         for k in STATE_KEYS},
             )
             pieces[name][tp_rank] = local
-        elif (local.shape, local.global_shape, local.tp_shard) != (list(meta["shape"]), list(meta["global_shape"]),
-                                                                  tp_shard):
-            raise ValueError(f"{label}: parameter {name} (tensor rank {tp_rank}) has shape {meta['shape']} / "
-                             f"tp_shard {tp_shard}, but {local.sources[0]} has {local.shape} / {local.tp_shard}")
+        elif local.shard != shard:
+            raise ValueError(f"{label}: parameter {name} (tensor rank {tp_rank}) has shape {list(meta['shape'])} / "
+                             f"tp_shard {shard.to_record()}, but {local.sources[0]} has "
+                             f"{list(local.shard.local_shape)} / {local.shard.to_record()}")
         owned_start, owned_end = meta["owned_range"]
         local.sources.append(label)
         if owned_end <= owned_start:
@@ -159,30 +151,30 @@ def _join_tensor_ranks(name: str, per_rank: Dict[int, _LocalTensor]) -> Dict[str
             raise ValueError(f"parameter {name} (tensor rank {tp_rank}): {problem} (shards read: "
                              f"{', '.join(sorted(set(local.sources)))}); is an optimizer file missing?")
     lowest = per_rank[min(per_rank)]
-    if lowest.tp_shard is None:  # replicated over the tensor group: every rank holds the same values
-        return {k: (v.view(lowest.shape) if v is not None else None) for k, v in lowest.values.items()}
-    dim, _, size = lowest.tp_shard
-    if sorted(per_rank) != list(range(size)):
-        raise ValueError(f"parameter {name}: split into {size} tensor shards but found tensor ranks "
+    shard = lowest.shard
+    if not shard.is_split:  # replicated over the tensor group: every rank holds the same values
+        return {k: (v.view(shard.local_shape) if v is not None else None) for k, v in lowest.values.items()}
+    if sorted(per_rank) != list(range(shard.size)):
+        raise ValueError(f"parameter {name}: split into {shard.size} tensor shards but found tensor ranks "
                          f"{sorted(per_rank)}")
     for tp_rank, local in per_rank.items():
-        if local.tp_shard != (dim, tp_rank, size):
-            raise ValueError(f"parameter {name}: tensor rank {tp_rank} holds tp_shard {local.tp_shard}")
+        expected = TPShard.split(shard.global_shape, shard.dim, tp_rank, shard.size)
+        if local.shard != expected:
+            raise ValueError(f"parameter {name}: tensor rank {tp_rank} holds tp_shard {local.shard.to_record()} "
+                             f"of global shape {list(local.shard.global_shape)}, expected "
+                             f"{expected.to_record()} of {list(expected.global_shape)}")
     out: Dict[str, Optional[torch.Tensor]] = {}
     for key in STATE_KEYS:
         if lowest.values[key] is None:
             out[key] = None
             continue
-        out[key] = torch.cat([per_rank[r].values[key].view(per_rank[r].shape) for r in range(size)], dim=dim)
-    if list(out["master"].shape) != lowest.global_shape:
-        raise ValueError(f"parameter {name}: merged shape {list(out['master'].shape)} is not the recorded global "
-                         f"shape {lowest.global_shape}")
+        out[key] = shard.join([per_rank[r].values[key].view(shard.local_shape) for r in range(shard.size)])
     return out
 
 
 @torch.no_grad()
-def load_full_state(opt: "HybridZeroOptimizer", full: Mapping[str, Any]) -> None:
-    """Fill this rank's owned slices (master, exp_avg, exp_avg_sq) of every buffer from a full state, and the
+def cut_full_state(full: Mapping[str, Any], buffers: Sequence[FlatBuffer]) -> StateValues:
+    """This rank's owned slices (master, exp_avg, exp_avg_sq) of every buffer from a full state, with its
     counters, lr and betas. Padding stays zero. Raises ValueError naming the parameter when it is missing
     or its global shape differs."""
     if full.get("format") != FULL_FORMAT:
@@ -191,15 +183,15 @@ def load_full_state(opt: "HybridZeroOptimizer", full: Mapping[str, Any]) -> None
     params = full["params"]
     has_moments: Optional[bool] = None
     slices: List[Dict[str, torch.Tensor]] = []
-    for buffer, master in zip(opt.buffers, opt.masters):
-        values = {k: torch.zeros_like(master) for k in STATE_KEYS}
+    for buffer in buffers:
+        device = buffer.grads.device
+        values = {k: torch.zeros(buffer.shard_numel, dtype=torch.float32, device=device) for k in STATE_KEYS}
         for slot in buffer.slots:
             entry = params.get(slot.name)
             if entry is None:
                 raise ValueError(f"parameter {slot.name} (chunk {buffer.key.chunk}) is not in the full optimizer "
                                  f"state; it was saved for another model")
-            tp_shard = getattr(slot.param, "_tp_shard", None)
-            expected = global_shape(slot.param.shape, tp_shard)
+            expected = list(slot.shard.global_shape)
             if list(entry["master"].shape) != expected:
                 raise ValueError(f"parameter {slot.name}: full optimizer state has shape "
                                  f"{list(entry['master'].shape)}, this model needs {expected}")
@@ -214,14 +206,17 @@ def load_full_state(opt: "HybridZeroOptimizer", full: Mapping[str, Any]) -> None
             src = slice(owned_start - slot.start, owned_end - slot.start)
             for key in STATE_KEYS:
                 if entry[key] is not None:
-                    local = tp_slice(entry[key], tp_shard).reshape(-1)
-                    values[key][dst] = local[src].to(device=master.device, dtype=torch.float32)
+                    local = slot.shard.slice(entry[key]).reshape(-1)
+                    values[key][dst] = local[src].to(device=device, dtype=torch.float32)
         slices.append(values)
-    for master, values in zip(opt.masters, slices):
-        master.copy_(values["master"])
-    moments = [(v["exp_avg"], v["exp_avg_sq"]) for v in slices] if has_moments else None
-    install_state(opt, moments, int(full["num_updates"]), int(full["skipped_steps"]), full["lr"],
-                  tuple(full["betas"]))
+    return StateValues(
+        masters=[v["master"] for v in slices],
+        moments=[(v["exp_avg"], v["exp_avg_sq"]) for v in slices] if has_moments else None,
+        num_updates=int(full["num_updates"]),
+        skipped_steps=int(full["skipped_steps"]),
+        lr=full["lr"],
+        betas=tuple(full["betas"]),
+    )
 
 
-__all__ = ["FULL_FORMAT", "STATE_KEYS", "tp_slice", "merge_shard_states", "load_full_state"]
+__all__ = ["FULL_FORMAT", "STATE_KEYS", "merge_shard_states", "cut_full_state"]

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .collectives import all_reduce_sum
+from internlm.parallel.comm import all_reduce_
+
 from .flat_buffer import FlatBuffer
 
 
@@ -33,7 +34,7 @@ def global_grad_norm(
             continue
         total += torch.linalg.vector_norm(buffer.grad_shard()).square()
     for group in (zero1_group, tp_group, pp_group):
-        all_reduce_sum(total, group)
+        all_reduce_(total, group)
     return total.sqrt()
 
 

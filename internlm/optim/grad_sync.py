@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .collectives import all_reduce_sum
+from internlm.parallel.comm import all_reduce_
+
 from .flat_buffer import FlatBuffer, ParamSlot
 
 
@@ -55,7 +56,8 @@ class _Entry:
 
 
 def build_buckets(buffer: FlatBuffer, bucket_bytes: int) -> List[Bucket]:
-    """Split ``buffer`` at parameter boundaries into ranges of at least ``bucket_bytes`` of fp32 (the last may be smaller)."""
+    """Split ``buffer`` at parameter boundaries into ranges of at least ``bucket_bytes`` of fp32 (the last may be
+    smaller)."""
     limit = max(1, bucket_bytes // 4)
     buckets: List[Bucket] = []
     start, count = 0, 0
@@ -120,7 +122,7 @@ class GradReducer:
                 self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        bucket.work = all_reduce_sum(bucket.grads(), self.dp_group, async_op=True)
+        bucket.work = all_reduce_(bucket.grads(), self.dp_group, async_op=True)
         bucket.launched = True
 
     # ------------------------------------------------------------------ step protocol
@@ -147,7 +149,7 @@ class GradReducer:
         self._wait()
         for buffer in self.buffers:
             if buffer.key.tp_partial_grad:
-                all_reduce_sum(buffer.grad_shard(), self.tp_group)
+                all_reduce_(buffer.grad_shard(), self.tp_group)
         self.num_micro_batches = None
 
     def _wait(self) -> None:

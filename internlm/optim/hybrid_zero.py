@@ -4,7 +4,7 @@ Per step, on every rank (see docs/zero.md for the volumes)::
 
     begin_step(n) -> n x backward        gradients accumulate in fp32 buffers; ready buckets all-reduce (SUM,
                                          data-parallel group) while backward continues
-    step()                               wait for buckets; sum `_tp_partial_grad` slices over the tensor group;
+    step()                               wait for buckets; sum partial-gradient slices over the tensor group;
                                          global grad norm (one scalar all-reduce per zero1/tp/pp group);
                                          skip on inf/nan, else clip + AdamW on this rank's fp32 slice;
                                          copy the slice into the model dtype; all-gather slices over zero1
@@ -12,6 +12,11 @@ Per step, on every rank (see docs/zero.md for the volumes)::
 
 ``zero1_size`` may be smaller than ``dp_size`` (hybrid): data-parallel ranks form ``dp_size / zero1_size``
 consecutive blocks, each block shards the optimizer state once, and blocks hold identical replicas.
+
+Each parameter's tensor-parallel placement is its `TPShard` (`internlm.parallel.param_shards`): duplicates
+are counted once in the grad norm, partial gradients are summed over the tensor group, and the checkpoint
+formats record the shard. Checkpoint helpers (`shard_state.py`, `full_state.py`) work on values; this class
+turns its AdamW state into `StateValues` and installs the ones a load returns.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from internlm.config.access import section_get
+from internlm.parallel.comm import group_size
+from internlm.parallel.tp_shard import TPShard, param_shards
 
-from .collectives import all_gather_shards, group_size
+from .collectives import all_gather_shards
 from .flat_buffer import BufferKey, FlatBuffer
-from .full_state import load_full_state
+from .full_state import cut_full_state
 from .grad_norm import global_grad_norm
 from .grad_sync import GradReducer
-from .shard_state import load_shard_state, shard_state
+from .shard_state import StateValues, read_shard_state, shard_state
 
 
 class HybridZeroOptimizer:
@@ -81,26 +87,6 @@ class HybridZeroOptimizer:
         self._pre_hooks = [
             chunk.register_forward_pre_hook(self._make_wait_hook(i)) for i, chunk in enumerate(self.model_chunks)
         ]
-
-    @classmethod
-    def from_config(
-        cls, model_chunks: Sequence[nn.Module], pc: Any, adam_cfg: Any, zero_cfg: Any
-    ) -> "HybridZeroOptimizer":
-        """Build from InternLM config sections ``adam`` (lr, adam_beta1, adam_beta2, adam_eps, weight_decay)
-        and ``hybrid_zero_optimizer`` (overlap_sync_grad, overlap_sync_param, reduce_bucket_size, clip_grad_norm)."""
-        return cls(
-            model_chunks,
-            pc,
-            lr=float(section_get(adam_cfg, "lr")),
-            betas=(float(section_get(adam_cfg, "adam_beta1", 0.9)),
-                   float(section_get(adam_cfg, "adam_beta2", 0.95))),
-            eps=float(section_get(adam_cfg, "adam_eps", 1e-8)),
-            weight_decay=float(section_get(adam_cfg, "weight_decay", 0.01)),
-            clip_grad_norm=float(section_get(zero_cfg, "clip_grad_norm", 1.0)),
-            reduce_bucket_size=int(section_get(zero_cfg, "reduce_bucket_size", 512 * 1024**2)),
-            overlap_sync_grad=bool(section_get(zero_cfg, "overlap_sync_grad", True)),
-            overlap_sync_param=bool(section_get(zero_cfg, "overlap_sync_param", True)),
-        )
 
     # ------------------------------------------------------------------ step protocol
     def begin_step(self, num_micro_batches: int) -> None:
@@ -205,7 +191,7 @@ class HybridZeroOptimizer:
 
     def state_dict(self) -> Dict[str, Any]:
         """This rank's shard (master weights, AdamW moments, counters) with its layout metadata."""
-        return shard_state(self)
+        return shard_state(self._ranks(), self.buffers, self._state_values())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a shard saved under the same layout; raises ValueError naming any layout difference
@@ -214,20 +200,63 @@ class HybridZeroOptimizer:
         Collective over the zero1 group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
-        load_shard_state(self, state)
+        self._install_state(read_shard_state(state, self._ranks(), self.buffers))
         self._publish_params(async_op=False)
 
     def load_full_state(self, full: Mapping[str, Any]) -> None:
         """Restore from a layout-independent full state (``internlm.train.reshard.merge_optimizer_checkpoint``):
         for every buffer, the owned slice of each parameter's full fp32 master, ``exp_avg`` and ``exp_avg_sq``
-        after cutting the parameter's own tensor shard ``_tp_shard``; then the counters, lr and betas.
+        after cutting the parameter's own tensor shard (`TPShard.slice`); then the counters, lr and betas.
 
         Any saved layout works (see ``full_state.py`` for the index arithmetic). Collective over the zero1
         group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
-        load_full_state(self, full)
+        self._install_state(cut_full_state(full, self.buffers))
         self._publish_params(async_op=False)
+
+    def _ranks(self) -> Dict[str, int]:
+        """The group sizes and ranks a shard records."""
+        pc = self.pc
+        return dict(zero1_size=pc.zero1_size, zero1_rank=pc.zero1_rank, dp_size=pc.dp_size, dp_rank=pc.dp_rank,
+                    tp_size=pc.tp_size, tp_rank=pc.tp_rank, pp_size=pc.pp_size)
+
+    def _state_values(self) -> StateValues:
+        """The current state (masters and moments are the live tensors, not copies)."""
+        states = [self.optimizer.state.get(master, {}) for master in self.masters]
+        updated = all("exp_avg" in state for state in states)
+        group = self.optimizer.param_groups[0]
+        return StateValues(
+            masters=list(self.masters),
+            moments=[(state["exp_avg"], state["exp_avg_sq"]) for state in states] if updated else None,
+            num_updates=self.num_updates,
+            skipped_steps=self.skipped_steps,
+            lr=group["lr"],
+            betas=tuple(group["betas"]),
+        )
+
+    @torch.no_grad()
+    def _install_state(self, values: StateValues) -> None:
+        """Copy ``values`` in: the master slices, AdamW's moments (none: no update yet, no state) with step count
+        ``num_updates``, the counters, lr and betas. Each param group keeps its own weight decay (it follows the
+        buffer kind, not the saved state)."""
+        for master, saved in zip(self.masters, values.masters):
+            master.copy_(saved)
+        torch_state: Dict[str, Any] = {"state": {}, "param_groups": []}
+        for index, (master, group) in enumerate(zip(self.masters, self.optimizer.param_groups)):
+            if values.moments is not None:
+                exp_avg, exp_avg_sq = values.moments[index]
+                torch_state["state"][index] = {
+                    "step": torch.tensor(float(values.num_updates), dtype=torch.float32),
+                    "exp_avg": exp_avg.to(master.device),
+                    "exp_avg_sq": exp_avg_sq.to(master.device),
+                }
+            restored = {k: v for k, v in group.items() if k != "params"}
+            restored.update(params=[index], lr=values.lr, betas=tuple(values.betas))
+            torch_state["param_groups"].append(restored)
+        self.optimizer.load_state_dict(torch_state)
+        self.num_updates = values.num_updates
+        self.skipped_steps = values.skipped_steps
 
 
 def _check_context(pc: Any) -> None:
@@ -242,28 +271,33 @@ def _check_context(pc: Any) -> None:
 def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int) -> List[FlatBuffer]:
     """Group trainable parameters by ``BufferKey``, each group listed in reverse registration order."""
     seen: set = set()
-    groups: Dict[BufferKey, List[Tuple[str, nn.Parameter]]] = {}
+    groups: Dict[BufferKey, List[Tuple[str, nn.Parameter, TPShard]]] = {}
     devices = set()
     for index, chunk in enumerate(chunks):
+        shards = param_shards(chunk)
         named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad and id(p) not in seen]
         for name, param in reversed(named):  # backward finishes the last layers first
             if param.dtype == torch.float16:
                 raise ValueError(f"{name}: fp16 parameters need loss scaling, which is not implemented; use bf16")
+            shard = shards[name]
+            if shard.local_shape != tuple(param.shape):
+                raise ValueError(f"{name}: declared tensor shard {shard} has local shape {list(shard.local_shape)}, "
+                                 f"but the parameter has shape {list(param.shape)}")
             seen.add(id(param))
             devices.add(param.device)
             key = BufferKey(
                 chunk=index,
                 dtype=param.dtype,
                 decay=param.ndim >= 2,
-                tp_duplicate=bool(getattr(param, "_tp_duplicate", False)),
-                tp_partial_grad=bool(getattr(param, "_tp_partial_grad", False)),
+                tp_duplicate=shard.duplicate,
+                tp_partial_grad=shard.partial_grad,
             )
-            groups.setdefault(key, []).append((name, param))
+            groups.setdefault(key, []).append((name, param, shard))
     if not groups:
         raise ValueError("the model chunks have no trainable parameters")
     if len(devices) > 1:
         raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
-    return [FlatBuffer(key, params, zero1_size, zero1_rank) for key, params in groups.items()]
+    return [FlatBuffer(key, entries, zero1_size, zero1_rank) for key, entries in groups.items()]
 
 
 __all__ = ["HybridZeroOptimizer"]

@@ -1,6 +1,6 @@
 """Checkpoint format of one rank's optimizer shard, with the layout metadata needed to reshard it.
 
-``shard_state(opt)`` returns::
+``shard_state(ranks, buffers, values)`` returns::
 
     {
       "format": "internlm.hybrid_zero.v1",
@@ -20,50 +20,54 @@
     }
 
 Element ``i`` of ``master`` is buffer element ``shard_range[0] + i``; parameter ``p`` is the flattened local
-tensor at ``range``, and its local tensor is tp shard ``tp_shard`` of a ``global_shape`` tensor. That is
-enough to rebuild full fp32 tensors from all shards and cut them again for another layout (`full_state.py`);
-``load_shard_state`` itself accepts only the identical layout.
+tensor at ``range``, and its local tensor is tp shard ``tp_shard`` of a ``global_shape`` tensor
+(`TPShard.to_record` and `TPShard.global_shape` of the parameter's slot). That is enough to rebuild full fp32
+tensors from all shards and cut them again for another layout (`full_state.py`); ``read_shard_state`` itself
+accepts only the identical layout.
+
+The helpers here work on values: the optimizer hands over its flat buffers, ranks and `StateValues`, and
+installs the `StateValues` a load returns (``HybridZeroOptimizer._install_state``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .flat_buffer import FlatBuffer
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .hybrid_zero import HybridZeroOptimizer
-
 FORMAT = "internlm.hybrid_zero.v1"
 _LAYOUT_KEYS = ("zero1_size", "zero1_rank", "tp_size", "tp_rank")
 
 
-def global_shape(shape: Sequence[int], tp_shard: Optional[Sequence[int]]) -> List[int]:
-    """Full shape of a tensor-parallel shard ``(dim, rank, size)`` of local ``shape``."""
-    out = list(shape)
-    if tp_shard is not None:
-        dim, _, size = tp_shard
-        out[dim] *= size
-    return out
+@dataclass
+class StateValues:
+    """One rank's optimizer state as values: per flat buffer its fp32 master slice and ``(exp_avg, exp_avg_sq)``
+    (``moments`` None before the first update), AdamW steps applied, skipped steps, lr and betas."""
+
+    masters: List[torch.Tensor]
+    moments: Optional[List[Tuple[torch.Tensor, torch.Tensor]]]
+    num_updates: int
+    skipped_steps: int
+    lr: float
+    betas: Tuple[float, float]
 
 
 def _buffer_meta(buffer: FlatBuffer) -> Dict[str, Any]:
-    params = []
-    for slot in buffer.slots:
-        tp_shard = getattr(slot.param, "_tp_shard", None)
-        params.append(
-            {
-                "name": slot.name,
-                "chunk": buffer.key.chunk,
-                "shape": list(slot.param.shape),
-                "global_shape": global_shape(slot.param.shape, tp_shard),
-                "tp_shard": tuple(tp_shard) if tp_shard is not None else None,
-                "range": (slot.start, slot.end),
-                "owned_range": buffer.owned_range(slot),
-            }
-        )
+    params = [
+        {
+            "name": slot.name,
+            "chunk": buffer.key.chunk,
+            "shape": list(slot.param.shape),
+            "global_shape": list(slot.shard.global_shape),
+            "tp_shard": slot.shard.to_record(),
+            "range": (slot.start, slot.end),
+            "owned_range": buffer.owned_range(slot),
+        }
+        for slot in buffer.slots
+    ]
     key = buffer.key
     return {
         "key": {
@@ -80,32 +84,30 @@ def _buffer_meta(buffer: FlatBuffer) -> Dict[str, Any]:
     }
 
 
-def shard_state(opt: "HybridZeroOptimizer") -> Dict[str, Any]:
-    """This rank's optimizer shard as plain tensors and Python values (safe to ``torch.save``)."""
-    pc = opt.pc
-    buffers = []
-    for buffer, master in zip(opt.buffers, opt.masters):
+def shard_state(ranks: Mapping[str, int], buffers: Sequence[FlatBuffer], values: StateValues) -> Dict[str, Any]:
+    """This rank's optimizer shard as plain tensors and Python values (safe to ``torch.save``).
+
+    ``ranks``: ``zero1_size, zero1_rank, dp_size, dp_rank, tp_size, tp_rank, pp_size``; ``values`` belong to
+    ``buffers`` (one master slice per buffer, in order). Tensors are copied.
+    """
+    entries = []
+    for index, (buffer, master) in enumerate(zip(buffers, values.masters)):
         entry = _buffer_meta(buffer)
-        state = opt.optimizer.state.get(master, {})
         entry["master"] = master.detach().clone()
-        for name in ("exp_avg", "exp_avg_sq"):
-            entry[name] = state[name].detach().clone() if name in state else None
-        buffers.append(entry)
-    group = opt.optimizer.param_groups[0]
+        if values.moments is None:
+            entry["exp_avg"] = entry["exp_avg_sq"] = None
+        else:
+            exp_avg, exp_avg_sq = values.moments[index]
+            entry["exp_avg"], entry["exp_avg_sq"] = exp_avg.detach().clone(), exp_avg_sq.detach().clone()
+        entries.append(entry)
     return {
         "format": FORMAT,
-        "zero1_size": pc.zero1_size,
-        "zero1_rank": pc.zero1_rank,
-        "dp_size": pc.dp_size,
-        "dp_rank": pc.dp_rank,
-        "tp_size": pc.tp_size,
-        "tp_rank": pc.tp_rank,
-        "pp_size": pc.pp_size,
-        "num_updates": opt.num_updates,
-        "skipped_steps": opt.skipped_steps,
-        "lr": group["lr"],
-        "betas": tuple(group["betas"]),
-        "buffers": buffers,
+        **ranks,
+        "num_updates": values.num_updates,
+        "skipped_steps": values.skipped_steps,
+        "lr": values.lr,
+        "betas": tuple(values.betas),
+        "buffers": entries,
     }
 
 
@@ -115,7 +117,8 @@ def layout_differences(expected: Mapping[str, Any], saved: Mapping[str, Any]) ->
     Causes (group sizes and ranks, buffer kinds, parameter names and shapes) come first; offset and size
     differences, which any shape change entails, are listed only when no cause was found.
     """
-    causes = [f"{k}: saved {saved.get(k)} vs current {expected[k]}" for k in _LAYOUT_KEYS if saved.get(k) != expected[k]]
+    causes = [f"{k}: saved {saved.get(k)} vs current {expected[k]}" for k in _LAYOUT_KEYS
+              if saved.get(k) != expected[k]]
     offsets: List[str] = []
     mine, theirs = expected["buffers"], saved.get("buffers", [])
     if len(mine) != len(theirs):
@@ -142,48 +145,28 @@ def layout_differences(expected: Mapping[str, Any], saved: Mapping[str, Any]) ->
     return causes or offsets
 
 
-@torch.no_grad()
-def load_shard_state(opt: "HybridZeroOptimizer", state: Mapping[str, Any]) -> None:
-    """Copy a saved shard into ``opt`` (masters, moments, counters, lr, betas) after checking its layout."""
+def read_shard_state(state: Mapping[str, Any], ranks: Mapping[str, int], buffers: Sequence[FlatBuffer]
+                     ) -> StateValues:
+    """The values of a saved shard, after checking that it was saved under this rank's layout (``ranks`` and
+    ``buffers`` as for `shard_state`). Raises ValueError naming the differences."""
     if state.get("format") != FORMAT:
         raise ValueError(f"not a hybrid ZeRO optimizer shard: format {state.get('format')!r}, expected {FORMAT!r}")
-    expected = {k: getattr(opt.pc, k) for k in _LAYOUT_KEYS}
-    expected["buffers"] = [_buffer_meta(buffer) for buffer in opt.buffers]
+    expected: Dict[str, Any] = {k: ranks[k] for k in _LAYOUT_KEYS}
+    expected["buffers"] = [_buffer_meta(buffer) for buffer in buffers]
     diffs = layout_differences(expected, state)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
         raise ValueError(f"optimizer shard does not match the current layout: {shown}")
-
-    for master, saved in zip(opt.masters, state["buffers"]):
-        master.copy_(saved["master"])
-    has_moments = all(saved["exp_avg"] is not None for saved in state["buffers"])
-    moments = [(saved["exp_avg"], saved["exp_avg_sq"]) for saved in state["buffers"]] if has_moments else None
-    install_state(opt, moments, int(state["num_updates"]), int(state["skipped_steps"]), state["lr"],
-                  tuple(state["betas"]))
-
-
-def install_state(opt: "HybridZeroOptimizer", moments: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]],
-                  num_updates: int, skipped_steps: int, lr: float, betas: Tuple[float, float]) -> None:
-    """Set the AdamW state of ``opt``: per buffer ``(exp_avg, exp_avg_sq)`` of its owned slice (``moments``;
-    None: no update yet, no state), AdamW's step count ``num_updates``, the counters, lr and betas.
-
-    Each param group keeps its own weight decay (it follows the buffer kind, not the checkpoint).
-    """
-    torch_state: Dict[str, Any] = {"state": {}, "param_groups": []}
-    for index, (master, group) in enumerate(zip(opt.masters, opt.optimizer.param_groups)):
-        if moments is not None:
-            exp_avg, exp_avg_sq = moments[index]
-            torch_state["state"][index] = {
-                "step": torch.tensor(float(num_updates), dtype=torch.float32),
-                "exp_avg": exp_avg.to(master.device),
-                "exp_avg_sq": exp_avg_sq.to(master.device),
-            }
-        restored = {k: v for k, v in group.items() if k != "params"}
-        restored.update(params=[index], lr=lr, betas=tuple(betas))
-        torch_state["param_groups"].append(restored)
-    opt.optimizer.load_state_dict(torch_state)
-    opt.num_updates = num_updates
-    opt.skipped_steps = skipped_steps
+    saved = state["buffers"]
+    has_moments = all(entry["exp_avg"] is not None for entry in saved)
+    return StateValues(
+        masters=[entry["master"] for entry in saved],
+        moments=[(entry["exp_avg"], entry["exp_avg_sq"]) for entry in saved] if has_moments else None,
+        num_updates=int(state["num_updates"]),
+        skipped_steps=int(state["skipped_steps"]),
+        lr=state["lr"],
+        betas=tuple(state["betas"]),
+    )
 
 
-__all__ = ["FORMAT", "global_shape", "shard_state", "layout_differences", "load_shard_state", "install_state"]
+__all__ = ["FORMAT", "StateValues", "shard_state", "layout_differences", "read_shard_state"]

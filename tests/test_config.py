@@ -4,13 +4,34 @@ import os
 import pickle
 import re
 import textwrap
+import typing
+from dataclasses import FrozenInstanceError, fields
+from typing import Optional, Union
 
 import pytest
 import torch
 
-from internlm.config import Config, ConfigError, dump_config, load_config, model_config_from, parse_overrides
+from internlm.config import (
+    CONFIG_KEY_OF_FIELD,
+    Config,
+    ConfigError,
+    DataSection,
+    ModelSection,
+    ParallelSection,
+    RunConfig,
+    TensorSection,
+    dump_config,
+    load_config,
+    load_run_config,
+    model_config_from,
+    parse_overrides,
+    section_from,
+    sections,
+)
 from internlm.config.docs import DOC_PATH, render_reference
-from internlm.config.schema import iter_fields
+from internlm.config.schema import DATA, MODEL, ROOT, Section, iter_fields
+from internlm.model.config import InternLMConfig
+from internlm.problems import Problem
 
 # an InternLM-style config in the shape of InternLM's configs/7B_sft.py (trimmed)
 INTERNLM_STYLE = """
@@ -183,10 +204,15 @@ def test_dump_skips_non_literal_constant_but_not_keys(tmp_path):
         dump_config(cfg, str(tmp_path / "out2.py"))
 
 
-def test_preformatted_error_line():
-    err = ConfigError("a.py: parallel: differs from b.py")
-    assert str(err) == "a.py: parallel: differs from b.py" and err.problem == str(err)
+def test_config_error_has_one_signature():
+    err = ConfigError("parallel", "differs from b.py", "a.py")
+    assert str(err) == "a.py: parallel: differs from b.py"
+    assert (err.key, err.problem, err.file) == ("parallel", "differs from b.py", "a.py")
     assert pickle.loads(pickle.dumps(err)).args == err.args
+    with pytest.raises(TypeError):
+        ConfigError("a.py: parallel: differs from b.py")  # no pre-formatted single-argument form
+    err = ConfigError.from_problem(Problem("parallel.zero1", "size 3 does not divide 4"), "a.py")
+    assert str(err) == "a.py: parallel.zero1: size 3 does not divide 4" and err.file == "a.py"
 
 
 def test_model_config_from_preset(tmp_path):
@@ -209,3 +235,88 @@ def test_every_schema_key_documented():
     for path, _ in iter_fields():
         assert re.search(rf"`{re.escape(path)}`", text), f"docs/config.md lacks key {path}"
     assert render_reference() in text, "docs/config.md is stale: run python -m internlm.config.docs"
+
+
+def test_model_config_from_is_a_plain_mapping(tmp_path):
+    cfg = load_config(write(tmp_path, "t.py", TINY), ["model.use_flash_attn=False"])
+    mc = model_config_from(cfg)
+    assert mc.attn_backend == "sdpa" == cfg.model.attn_backend  # resolved by load_config, not here
+    for field in fields(InternLMConfig):
+        key = CONFIG_KEY_OF_FIELD.get(field.name, field.name)
+        assert key in MODEL.fields, f"InternLMConfig.{field.name} has no config key"
+        expected = cfg.model[key] if field.name != "dtype" else torch.bfloat16
+        assert getattr(mc, field.name) == expected, field.name
+    del cfg.model["max_position_embeddings"]
+    with pytest.raises(KeyError):  # no fallback of its own: the config must be resolved
+        model_config_from(cfg)
+
+
+def test_preset_fills_renamed_keys(tmp_path):
+    cfg = load_config(write(tmp_path, "t.py", TINY))
+    assert cfg.model.layer_norm_epsilon == 1e-6 and "norm_eps" not in cfg.model
+
+
+def test_section_classes_follow_the_schema():
+    expected = {
+        "model": "ModelSection", "data": "DataSection", "parallel": "ParallelSection",
+        "parallel.tensor": "TensorSection", "parallel.pipeline": "PipelineSection", "parallel.zero1": "Zero1Section",
+        "adam": "AdamSection", "lr_scheduler": "LRSchedulerSection", "beta2_scheduler": "Beta2SchedulerSection",
+        "hybrid_zero_optimizer": "HybridZeroOptimizerSection", "grad_scaler": "GradScalerSection",
+        "grad_scaler.fp16": "Fp16Section", "loss": "LossSection", "ckpt": "CkptSection",
+        "monitor": "MonitorSection", "phase": "PhaseSection",
+    }
+    for path, spec in iter_fields():
+        if isinstance(spec, Section):
+            cls = getattr(sections, expected[path])
+            assert cls.__name__ == expected[path] and cls.__doc__ == spec.doc
+            assert [f.name for f in fields(cls)] == list(spec.fields)
+    hints = typing.get_type_hints(ModelSection)
+    assert hints["num_kv_attention_heads"] == Optional[int] and hints["hidden_size"] is int
+    assert hints["checkpoint"] == Union[bool, float]
+    assert typing.get_type_hints(ParallelSection)["tensor"] is TensorSection
+    root = [f.name for f in fields(RunConfig)]
+    assert root == list(ROOT.fields) + ["raw", "file", "model_config"]
+
+
+def test_section_from_needs_a_resolved_section(tmp_path):
+    cfg = load_config(write(tmp_path, "t.py", TINY))
+    data = section_from(DataSection, cfg.data)
+    assert data.seq_len == 32 and section_from(DATA, cfg.data) == data  # the class or its schema section
+    partial = dict(cfg.data)
+    del partial["micro_bsz"]
+    with pytest.raises(ConfigError, match=r"^data\.micro_bsz: missing"):
+        section_from(DataSection, partial)
+    with pytest.raises(ConfigError, match=r"^data\.extra: not a key"):
+        section_from(DataSection, dict(cfg.data, extra=1))
+
+
+def test_run_config(tmp_path):
+    path = write(tmp_path, "t.py", TINY + "parallel = dict(tensor=2, zero1=2, sequence_parallel=True)\nSTEPS = 3\n")
+    run = load_run_config(path, ["data.train_folder={'a': 1}"])
+    cfg = load_config(path, ["data.train_folder={'a': 1}"])
+    assert isinstance(run, RunConfig) and run.raw == cfg and run.file == path
+    assert run == RunConfig.from_config(cfg, path)
+    assert run.data.seq_len == 32 and run.data.micro_bsz == 2 and run.parallel.tensor.size == 2
+    assert run.parallel.pipeline.size == 1 and run.parallel.zero1.size == 2 and run.JOB_NAME == "internlm"
+    assert isinstance(run.model, ModelSection) and run.model.layer_norm_epsilon == 1e-6
+    assert run.phase.name == "t" and run.grad_scaler.fp16.initial_scale == 2.0**16
+    assert type(run.data.train_folder) is dict and run.data.train_folder == {"a": 1.0}  # plain, not shared
+    assert run.raw.STEPS == 3 and not hasattr(run, "STEPS")  # constants stay in raw
+    assert run.model_config == model_config_from(cfg)
+    with pytest.raises(FrozenInstanceError):
+        run.data = None
+    with pytest.raises(FrozenInstanceError):
+        run.parallel.tensor.size = 4
+    assert pickle.loads(pickle.dumps(run)) == run
+    assert "raw=" not in repr(run)
+
+
+def test_run_config_layout(tmp_path):
+    from internlm.parallel.layout import Layout
+
+    path = write(tmp_path, "t.py", TINY + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
+    run = load_run_config(path, ["model.num_chunks=2"])
+    assert run.layout(8) == Layout.create(8, tensor=2, pipeline=2, zero1=-1, num_chunks=2, sequence_parallel=True)
+    assert run.layout(8).data == 2 and run.layout(8).zero1 == 2
+    tp2 = load_run_config(write(tmp_path, "u.py", TINY + "parallel = dict(tensor=2)\n"))
+    assert tp2.layout(8) == Layout.create(8, tensor=2)

@@ -6,6 +6,8 @@ import textwrap
 import pytest
 
 from internlm.config import ConfigError, load_config
+from internlm.model.config import InternLMConfig
+from internlm.problems import Problem
 
 VALID = "model = dict(preset='internlm-tiny')\ndata = dict(seq_len=32, total_steps=10)\n"
 
@@ -99,3 +101,38 @@ def test_missing_config_file(tmp_path):
         load_config(path)
     assert str(info.value) == f"{path}: config file not found"
     assert os.path.basename(path) in str(info.value)
+
+
+def test_model_problems_are_records_keyed_by_field():
+    problems = InternLMConfig.unchecked(hidden_size=102, num_attention_heads=4, num_kv_attention_heads=3).problems()
+    assert problems == [
+        Problem("hidden_size", "102 is not divisible by num_attention_heads=4"),
+        Problem("num_kv_attention_heads", "3 does not divide num_attention_heads=4"),
+    ]
+    assert InternLMConfig.unchecked(hidden_size=12, num_attention_heads=4).problems() == [
+        Problem("hidden_size", "head dimension 3 must be even for rotary embedding")
+    ]
+    assert InternLMConfig.unchecked(num_layers=0).problems() == [Problem("num_layers", "must be positive, got 0")]
+    assert InternLMConfig().problems() == []
+    with pytest.raises(ValueError) as info:
+        InternLMConfig(hidden_size=102, num_attention_heads=4, num_kv_attention_heads=3)
+    assert str(info.value) == (
+        "hidden_size: 102 is not divisible by num_attention_heads=4; "
+        "num_kv_attention_heads: 3 does not divide num_attention_heads=4"
+    )
+    with pytest.raises(TypeError, match="unknown InternLMConfig fields: layer_norm_epsilon"):
+        InternLMConfig.unchecked(layer_norm_epsilon=1e-5)
+
+
+def test_model_problem_reported_under_its_config_key(tmp_path, monkeypatch):
+    # a model problem of a renamed field names the config key, not the InternLMConfig field
+    def problems(self):
+        return [Problem("norm_eps", "made up")] if self.norm_eps > 0.1 else []
+
+    monkeypatch.setattr(InternLMConfig, "problems", problems)
+    path = str(tmp_path / "run.py")
+    with open(path, "w") as f:
+        f.write(VALID + "model['layer_norm_epsilon'] = 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: model.layer_norm_epsilon: made up"

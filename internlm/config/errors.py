@@ -4,22 +4,27 @@ from __future__ import annotations
 
 from typing import Optional
 
+from internlm.problems import Problem
+
 
 class ConfigError(Exception):
     """A config problem, rendered as one line ``FILE: key.path: problem``.
 
-    ``file`` is the config file the user passed (filled in by `load_config` when the error is raised
-    deeper down), ``key`` the dotted key path (``--set key.path`` when a command-line override caused it).
-    A single argument is taken as the whole, already formatted line (checks outside this package).
+    ``key`` is the dotted key path (``--set key.path`` when a command-line override caused it; ``""`` when
+    no key applies, as for a missing file), ``problem`` what is wrong with it, and ``file`` the config file
+    the user passed (filled in by `load_config` when the error is raised deeper down).
     """
 
-    def __init__(self, key: str, problem: Optional[str] = None, file: Optional[str] = None) -> None:
-        if problem is None:  # ConfigError("FILE: key: problem"): a line its caller formatted already
-            key, problem = "", key
+    def __init__(self, key: str, problem: str, file: Optional[str] = None) -> None:
         self.key = key
         self.problem = problem
         self.file = file
         super().__init__(str(self))
+
+    @classmethod
+    def from_problem(cls, problem: Problem, file: Optional[str] = None) -> "ConfigError":
+        """The error for a `Problem` whose key is a dotted config key (``model.hidden_size``)."""
+        return cls(problem.key, problem.message, file)
 
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.key, self.problem) if p]

@@ -1,40 +1,35 @@
-"""`model_config_from`: the model part of a resolved config as an `InternLMConfig`."""
+"""`model_config_from`: the model section of a resolved config as an `InternLMConfig`.
+
+`CONFIG_KEY_OF_FIELD` is the one table of names that differ between the config (InternLM's key names) and
+`InternLMConfig`; every other field has the name of its config key.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Dict, Mapping
 
-from internlm.model.config import PRESETS, InternLMConfig, parse_dtype
+from internlm.model.config import InternLMConfig
 
-# config key -> InternLMConfig field, where InternLM's name differs from the model's
-_RENAMED = {"layer_norm_epsilon": "norm_eps"}
-_SHAPE_KEYS = (
-    "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads", "mlp_ratio",
-    "multiple_of", "max_position_embeddings", "rope_base", "layer_norm_epsilon", "qkvo_bias", "init_std",
-)
+# InternLMConfig field -> config key of the model section, where InternLM's name differs from the model's
+CONFIG_KEY_OF_FIELD: Dict[str, str] = {"norm_eps": "layer_norm_epsilon"}
+
+
+def config_key(field: str) -> str:
+    """The model-section config key of the `InternLMConfig` field ``field``."""
+    return CONFIG_KEY_OF_FIELD.get(field, field)
+
+
+def model_config_values(model: Mapping[str, Any]) -> Dict[str, Any]:
+    """The `InternLMConfig` field values of a resolved model section (every key present)."""
+    return {f.name: model[config_key(f.name)] for f in dataclasses.fields(InternLMConfig)}
 
 
 def model_config_from(cfg: Mapping[str, Any]) -> InternLMConfig:
-    """Build the `InternLMConfig` described by ``cfg["model"]`` (a resolved config from `load_config`).
+    """The `InternLMConfig` of ``cfg["model"]``, a resolved config from `load_config`.
 
-    The preset fills keys the model section lacks, ``max_position_embeddings`` defaults to
-    ``data.seq_len``, ``dtype`` strings are parsed, and ``use_flash_attn=False`` turns
-    ``attn_backend="auto"`` into ``"sdpa"``. Raises ValueError for an inconsistent shape.
+    A plain mapping of keys to fields: presets, derived values (``max_position_embeddings``,
+    ``num_kv_attention_heads``, ``attn_backend``) and defaults were all filled by `load_config`.
+    Raises ValueError for an inconsistent shape (`load_config` has reported it already).
     """
-    model = dict(cfg["model"])
-    preset = PRESETS.get(model.get("preset") or "", {})
-    values = {}
-    for key in _SHAPE_KEYS:
-        field = _RENAMED.get(key, key)
-        if model.get(key) is not None:
-            values[field] = model[key]
-        elif field in preset:
-            values[field] = preset[field]
-    if "max_position_embeddings" not in values and "data" in cfg:
-        values["max_position_embeddings"] = cfg["data"]["seq_len"]
-    backend = model.get("attn_backend", "auto")
-    if backend == "auto" and model.get("use_flash_attn", True) is False:
-        backend = "sdpa"
-    values["attn_backend"] = backend
-    values["dtype"] = parse_dtype(model.get("dtype", "torch.bfloat16"))
-    return InternLMConfig(**values)
+    return InternLMConfig(**model_config_values(cfg["model"]))

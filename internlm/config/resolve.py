@@ -13,11 +13,9 @@ from typing import Any, Dict, Mapping
 from internlm.model.config import PRESETS
 
 from .errors import ConfigError
+from .model_config import config_key
 from .schema import FIXED, MODEL, ROOT, Field, Section, is_constant, type_name
 from .validate import fill_derived, validate
-
-# InternLMConfig field names that differ from the config key of the same meaning
-_PRESET_KEY_NAMES = {"norm_eps": "layer_norm_epsilon"}
 
 
 def unknown_key(path: str, name: str, known: Any) -> ConfigError:
@@ -84,8 +82,8 @@ def apply_preset(model: Mapping[str, Any]) -> Dict[str, Any]:
         return out
     if name not in PRESETS:
         raise ConfigError("model.preset", f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    for key, value in PRESETS[name].items():
-        out.setdefault(_PRESET_KEY_NAMES.get(key, key), value)
+    for field, value in PRESETS[name].items():  # presets name InternLMConfig fields
+        out.setdefault(config_key(field), value)
     return out
 
 

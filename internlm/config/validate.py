@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
+from internlm.model.config import InternLMConfig
+
 from .errors import ConfigError
-from .model_config import model_config_from
+from .model_config import config_key, model_config_values
 
 
 def fill_derived(cfg: Dict[str, Any], stem: str) -> None:
@@ -60,9 +62,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError("data.total_steps", "set data.total_steps or data.total_tokens to a positive number")
     if steps is not None and tokens is not None:
         raise ConfigError("data.total_tokens", "set only one of data.total_steps and data.total_tokens")
-    try:
-        model_config_from(cfg)
-    except ValueError as err:
-        # InternLMConfig reports "key: problem"; its keys are the config's model keys
-        key, _, problem = str(err).split(";")[0].partition(": ")
-        raise ConfigError(f"model.{key}", problem or str(err)) from None
+    problems = InternLMConfig.unchecked(**model_config_values(model)).problems()
+    if problems:
+        # InternLMConfig names its fields; report the config key of the first problem
+        raise ConfigError(f"model.{config_key(problems[0].key)}", problems[0].message)

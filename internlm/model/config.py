@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+from internlm.problems import Problem
 
 _DTYPES = {
     "float32": torch.float32,
@@ -57,12 +59,29 @@ class InternLMConfig:
     attn_backend: str = "auto"  # auto | flash | sdpa | reference
 
     def __post_init__(self) -> None:
+        self._normalize()
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+
+    def _normalize(self) -> None:
         self.dtype = parse_dtype(self.dtype)
         if self.num_kv_attention_heads is None:
             self.num_kv_attention_heads = self.num_attention_heads
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def unchecked(cls, **values: Any) -> "InternLMConfig":
+        """A config of ``values`` (defaults for the rest) that does not raise for its `problems()`.
+
+        For validation that reports the problems itself, e.g. `internlm.config` naming the config key.
+        """
+        config = cls.__new__(cls)
+        for field in dataclasses.fields(cls):
+            setattr(config, field.name, values.pop(field.name, field.default))
+        if values:
+            raise TypeError(f"unknown InternLMConfig fields: {', '.join(sorted(values))}")
+        config._normalize()
+        return config
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -78,25 +97,23 @@ class InternLMConfig:
         raw = int(math.ceil(self.mlp_ratio * self.hidden_size))
         return self.multiple_of * ((raw + self.multiple_of - 1) // self.multiple_of)
 
-    def problems(self) -> list:
-        """Inconsistencies as (key: message) strings; empty when the config is usable."""
+    def problems(self) -> List[Problem]:
+        """Inconsistencies, each keyed by the field to change; empty when the config is usable."""
         out = []
-        if self.hidden_size % self.num_attention_heads:
+        heads, kv_heads = self.num_attention_heads, self.num_kv_attention_heads
+        if heads > 0 and self.hidden_size % heads:
+            out.append(Problem("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads={heads}"))
+        elif heads > 0 and self.head_dim % 2:
+            out.append(Problem("hidden_size", f"head dimension {self.head_dim} must be even for rotary embedding"))
+        if kv_heads > 0 and heads % kv_heads:
             out.append(
-                f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
-        elif self.head_dim % 2:
-            out.append(f"hidden_size: head dimension {self.head_dim} must be even for rotary embedding")
-        if self.num_attention_heads % self.num_kv_attention_heads:
-            out.append(
-                f"num_kv_attention_heads: {self.num_kv_attention_heads} does not divide "
-                f"num_attention_heads={self.num_attention_heads}"
+                Problem("num_kv_attention_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
             )
         if self.attn_backend not in ("auto", "flash", "sdpa", "reference"):
-            out.append(f"attn_backend: {self.attn_backend!r} is not one of auto, flash, sdpa, reference")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads"):
+            out.append(Problem("attn_backend", f"{self.attn_backend!r} is not one of auto, flash, sdpa, reference"))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads"):
             if getattr(self, name) <= 0:
-                out.append(f"{name}: must be positive, got {getattr(self, name)}")
+                out.append(Problem(name, f"must be positive, got {getattr(self, name)}"))
         return out
 
     # ------------------------------------------------------------------ presets

@@ -1,6 +1,7 @@
 """Mixture sampling and the train loader: determinism, dp independence, resume, proportions, phases."""
 
 import json
+from types import SimpleNamespace
 from collections import Counter
 
 import numpy as np
@@ -8,6 +9,12 @@ import pytest
 import torch
 
 from internlm.data import MixtureSampler, RollingShardWriter, SourceSampler, build_train_loader
+
+
+def build_train_loader_from(data: dict, *args):
+    """The data section as the loader reads it: an object with one attribute per key."""
+    return build_train_loader(SimpleNamespace(**data), *args)
+
 
 BASES = {"a": 100, "b": 10000, "c": 20000}  # token = base + stream position: tokens reveal source and position
 SIZES = {"a": 3000, "b": 1500, "c": 2000}
@@ -39,7 +46,7 @@ def cfg(folders, weights, seq_len=16, micro_bsz=2, micro_num=2, **extra):
 
 def global_batches(data, steps, dp_size, seed=7):
     """Concatenate every rank's micro-batches in rank order: the global batch as one tensor per step."""
-    loaders = [build_train_loader(data, seed, r, dp_size) for r in range(dp_size)]
+    loaders = [build_train_loader_from(data, seed, r, dp_size) for r in range(dp_size)]
     out = []
     for _ in range(steps):
         per_rank = [loader.next_global_batch() for loader in loaders]
@@ -66,7 +73,7 @@ def test_global_batches_independent_of_dp_size(folders):
 
 
 def test_micro_batch_layout(folders):
-    loader = build_train_loader(cfg(folders, {"a": 1}, seq_len=16, micro_bsz=3, micro_num=2), 0, 1, 2)
+    loader = build_train_loader_from(cfg(folders, {"a": 1}, seq_len=16, micro_bsz=3, micro_num=2), 0, 1, 2)
     mbs = loader.next_global_batch()
     assert len(mbs) == 2
     for mb in mbs:
@@ -83,7 +90,7 @@ def test_exact_resume_from_state_dict(folders):
     straight, _ = global_batches(data, 30, dp_size=1)  # 120 sequences: crosses blocks, wraps a and b
     first, loaders = global_batches(data, 12, dp_size=1)
     state = json.loads(json.dumps(loaders[0].state_dict()))  # checkpoints store it as plain data
-    resumed = build_train_loader(data, 7, 0, 1)
+    resumed = build_train_loader_from(data, 7, 0, 1)
     resumed.load_state_dict(state)
     rest = [torch.cat([mb["input_ids"].view(-1, 64) for mb in resumed.next_global_batch()]) for _ in range(18)]
     assert all(torch.equal(x, y) for x, y in zip(straight, first + rest, strict=True))
@@ -99,7 +106,7 @@ def test_mixture_proportions_are_exact_for_every_prefix(folders):
         counts[sampler.next_sequences(1)[0][0]] += 1
         assert all(abs(counts[k] - n * w) < 1 for k, w in weights.items())
     assert counts == {"a": 250, "b": 150, "c": 100}
-    loader = build_train_loader(cfg(folders, {"a": 3, "b": 1}), 0, 0, 1)
+    loader = build_train_loader_from(cfg(folders, {"a": 3, "b": 1}), 0, 0, 1)
     loader.next_global_batch()
     assert loader.last_batch_source_tokens == {folders["a"]: 3 * 16, folders["b"]: 1 * 16}
 
@@ -121,42 +128,42 @@ def test_later_phase_continues_after_consumed_data(folders):
 
     # phase 2: other seq_len, batch size and weights; b leaves the mixture, c joins
     data2 = cfg(folders, {"a": 1, "c": 2}, seq_len=24, micro_bsz=3, micro_num=2)
-    phase2 = build_train_loader(data2, 7, 0, 1)
+    phase2 = build_train_loader_from(data2, 7, 0, 1)
     phase2.load_state_dict(state)
     got = torch.cat([mb["input_ids"] for _ in range(5) for mb in phase2.next_global_batch()])
     assert positions(got, "a") and not positions(got, "a") & seen_a
     assert min(positions(got, "a")) >= max(seen_a)  # continues after the consumed blocks
-    fresh = build_train_loader(data2, 7, 0, 1)  # control: without the state, a is sampled again
+    fresh = build_train_loader_from(data2, 7, 0, 1)  # control: without the state, a is sampled again
     again = torch.cat([mb["input_ids"] for _ in range(5) for mb in fresh.next_global_batch()])
     assert positions(again, "a") & seen_a
 
     # phase 3: b comes back; its cursor was carried through phase 2 untouched
     state2 = phase2.state_dict()
     assert state2["sources"][folders["b"]] == state["sources"][folders["b"]]
-    phase3 = build_train_loader(cfg(folders, {"b": 1}, seq_len=16), 7, 0, 1)
+    phase3 = build_train_loader_from(cfg(folders, {"b": 1}, seq_len=16), 7, 0, 1)
     phase3.load_state_dict(state2)
     got_b = torch.cat([mb["input_ids"] for mb in phase3.next_global_batch()])
     assert not positions(got_b, "b") & seen_b
 
 
 def test_unchanged_weights_keep_mixture_counts_new_weights_reset_them(folders):
-    loader = build_train_loader(cfg(folders, {"a": 1, "b": 1}), 0, 0, 1)
+    loader = build_train_loader_from(cfg(folders, {"a": 1, "b": 1}), 0, 0, 1)
     loader.next_global_batch()
-    same = build_train_loader(cfg(folders, {"a": 2, "b": 2}, seq_len=32), 0, 0, 1)  # same proportions
+    same = build_train_loader_from(cfg(folders, {"a": 2, "b": 2}, seq_len=32), 0, 0, 1)  # same proportions
     same.load_state_dict(loader.state_dict())
     assert same.sampler.total == 4
-    changed = build_train_loader(cfg(folders, {"a": 1, "b": 3}), 0, 0, 1)
+    changed = build_train_loader_from(cfg(folders, {"a": 1, "b": 3}), 0, 0, 1)
     changed.load_state_dict(loader.state_dict())
     assert changed.sampler.total == 0 and changed.sampler.samplers[folders["a"]].cursor.taken == 2
 
 
 def test_clear_errors(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_train_loader(cfg(folders, {"a": 1}) | {"train_folder": str(tmp_path / "nope")}, 0, 0, 1)
+        build_train_loader_from(cfg(folders, {"a": 1}) | {"train_folder": str(tmp_path / "nope")}, 0, 0, 1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .bin shards"):
-        build_train_loader(cfg(folders, {"a": 1}) | {"train_folder": str(tmp_path / "empty")}, 0, 0, 1)
+        build_train_loader_from(cfg(folders, {"a": 1}) | {"train_folder": str(tmp_path / "empty")}, 0, 0, 1)
     with pytest.raises(ValueError, match=r"'.*b' has 1500 training tokens.*seq_len \+ 1 = 2001"):
-        build_train_loader(cfg(folders, {"b": 1}, seq_len=2000), 0, 0, 1)
+        build_train_loader_from(cfg(folders, {"b": 1}, seq_len=2000), 0, 0, 1)
     with pytest.raises(ValueError, match="weight of source"):
-        build_train_loader(cfg(folders, {"a": -1.0}), 0, 0, 1)
+        build_train_loader_from(cfg(folders, {"a": -1.0}), 0, 0, 1)

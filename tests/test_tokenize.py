@@ -1,4 +1,4 @@
-"""Tokenizer training, tools/tokenize.py and the shard format."""
+"""Tokenizer training, tools/tokenizer.py and the shard format."""
 
 import json
 import os
@@ -95,22 +95,40 @@ def test_output_with_shards_is_refused(tmp_path, tok_path, inputs):
 
 
 def test_command_line_tools(tmp_path, inputs):
-    """Both scripts run from tools/ although tools/tokenize.py shadows the stdlib module name."""
+    """tools/train_tokenizer.py and tools/tokenizer.py end to end, and the error exit status."""
     folder, expected_docs = inputs
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     r = run("tools/train_tokenizer.py", "--input", str(folder), "--vocab-size", "320", "--output", str(tmp_path / "t"))
     assert r.returncode == 0, r.stderr
-    r = run("tools/tokenize.py", "--input", str(folder), "--tokenizer", str(tmp_path / "t.model"),
+    r = run("tools/tokenizer.py", "--input", str(folder), "--tokenizer", str(tmp_path / "t.model"),
             "--output", str(tmp_path / "out"), "--no-progress")
     assert r.returncode == 0, r.stderr
     tok = Tokenizer(tmp_path / "t.model")
     stream = TokenStream(str(tmp_path / "out"))
     assert stream.read(0, stream.num_tokens).tolist() == sum((tok.encode(d) + [2] for d in expected_docs), [])
-    r = run("tools/tokenize.py", "--input", str(tmp_path / "missing"), "--tokenizer", str(tmp_path / "t.model"),
+    r = run("tools/tokenizer.py", "--input", str(tmp_path / "missing"), "--tokenizer", str(tmp_path / "t.model"),
             "--output", str(tmp_path / "o2"))
     assert r.returncode == 2 and "missing" in r.stderr
 
+
+def test_command_line_accepts_internlm_flag_names(tmp_path, tok_path, inputs):
+    """InternLM's --text_input_path / --bin_output_path are aliases of --input / --output."""
+    folder, expected_docs = inputs
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "tools/tokenizer.py", "--text_input_path", str(folder / "a.txt"),
+                        str(folder / "c.jsonl"), str(folder / "sub"), "--tokenizer", str(tok_path),
+                        "--bin_output_path", str(out), "--shard-tokens", "20", "--no-progress"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shards = sorted(n for n in os.listdir(out) if n.endswith(".bin"))
+    assert len(shards) > 1 and shards[0] == "shard_00000.bin"
+    assert all((out / (n + ".meta")).is_file() for n in shards)
+    tok = Tokenizer(tok_path)
+    stream = TokenStream(str(out))
+    assert stream.read(0, stream.num_tokens).tolist() == sum((tok.encode(d) + [2] for d in expected_docs), [])
+    assert f"wrote {len(shards)} shards, 4 documents" in r.stdout
 
 def test_shard_dtype_and_rolling(tmp_path):
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.int32

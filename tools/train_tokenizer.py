@@ -2,7 +2,7 @@
 
     python tools/train_tokenizer.py --input corpus/ --vocab-size 32000 --output tokenizers/my
 
-writes ``tokenizers/my.model`` and ``tokenizers/my.vocab``. Inputs are read like tools/tokenize.py
+writes ``tokenizers/my.model`` and ``tokenizers/my.vocab``. Inputs are read like tools/tokenizer.py
 (``.txt`` = one document, ``.jsonl`` = one document per line in ``"text"``).
 """
 

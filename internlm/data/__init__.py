@@ -1,7 +1,7 @@
 """Data pipeline: tokenizer, tokenized shards, packed sequences, mixture sampling, loaders, demo corpus.
 
     from internlm.data import build_train_loader, build_valid_batches
-    loader = build_train_loader(cfg.data, seed, dp_rank, dp_size)
+    loader = build_train_loader(run.data, seed, dp_rank, dp_size)  # run: a RunConfig
     micro_batches = loader.next_global_batch()      # this rank's micro_num micro-batch dicts
 
 Names are imported lazily (PEP 562) so that tokenizer worker processes, which only need numpy and

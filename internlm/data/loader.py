@@ -1,9 +1,10 @@
-"""Train loader and validation batches built from the ``data`` section of a config.
+"""Train loader and validation batches built from the ``data`` section of a resolved config.
 
-``data_cfg`` keys: ``seq_len``, ``micro_bsz``, ``micro_num``, ``train_folder`` (a path, a list of
-paths with equal weights, or ``{path: weight}``), ``valid_folder`` (path or None), ``valid_ratio``
-(default 0.02), ``valid_max_samples`` (default 64), ``valid_micro_num`` (default None: no cap),
-``block_seqs`` (default 1024: shuffle block of the sampler).
+``data`` is the typed section (`internlm.config.DataSection`) or any object with its attributes, every one
+present (the config system fills the defaults; nothing is defaulted here): ``seq_len``, ``micro_bsz``,
+``micro_num``, ``train_folder`` (a path, a list of paths with equal weights, or ``{path: weight}``),
+``valid_folder`` (path or None), ``valid_ratio``, ``valid_max_samples``, ``valid_micro_num`` (None: no cap),
+``block_seqs`` (shuffle block of the sampler).
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
-from internlm.config.access import section_get as cfg_get
-
 from .packing import PackedSequence, collate, pack_window, padding_sequence
 from .sampler import MixtureSampler
 from .stream import TokenStream, source_key
-
 
 
 @dataclass
@@ -60,10 +58,10 @@ def parse_weights(train_folder: Any) -> Dict[str, float]:
     return weights
 
 
-def open_train_sources(data_cfg: Any) -> Tuple[List[Source], Dict[str, float]]:
-    weights = parse_weights(cfg_get(data_cfg, "train_folder"))
-    hold_out = cfg_get(data_cfg, "valid_folder", None) is None
-    ratio = float(cfg_get(data_cfg, "valid_ratio", 0.02) or 0.0) if hold_out else 0.0
+def open_train_sources(data: Any) -> Tuple[List[Source], Dict[str, float]]:
+    """The training sources of ``data`` (sorted by path) and their mixture weights."""
+    weights = parse_weights(data.train_folder)
+    ratio = float(data.valid_ratio) if data.valid_folder is None else 0.0
     sources = []
     for key in sorted(weights):
         stream = TokenStream(key)
@@ -140,28 +138,27 @@ class TrainLoader:
         self.steps = int(state.get("steps", 0))
 
 
-def build_train_loader(data_cfg: Any, seed: int, dp_rank: int, dp_size: int) -> TrainLoader:
-    """The trainer's entry point: open the training sources of ``data_cfg`` and build this rank's loader."""
-    sources, weights = open_train_sources(data_cfg)
+def build_train_loader(data: Any, seed: int, dp_rank: int, dp_size: int) -> TrainLoader:
+    """The trainer's entry point: open the training sources of the ``data`` section, build this rank's loader."""
+    sources, weights = open_train_sources(data)
     return TrainLoader(
         sources,
         weights,
-        seq_len=int(cfg_get(data_cfg, "seq_len")),
-        micro_bsz=int(cfg_get(data_cfg, "micro_bsz")),
-        micro_num=int(cfg_get(data_cfg, "micro_num")),
+        seq_len=data.seq_len,
+        micro_bsz=data.micro_bsz,
+        micro_num=data.micro_num,
         seed=seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        block_seqs=int(cfg_get(data_cfg, "block_seqs", 1024)),
+        block_seqs=data.block_seqs,
     )
 
 
-def _valid_ranges(data_cfg: Any) -> List[Tuple[TokenStream, int]]:
+def _valid_ranges(data: Any) -> List[Tuple[TokenStream, int]]:
     """``(stream, first token)`` of the data to validate on (to the stream end), in sorted path order."""
-    valid_folder = cfg_get(data_cfg, "valid_folder", None)
-    if valid_folder is not None:
-        return [(TokenStream(k), 0) for k in sorted(parse_weights(valid_folder))]
-    sources, _ = open_train_sources(data_cfg)
+    if data.valid_folder is not None:
+        return [(TokenStream(k), 0) for k in sorted(parse_weights(data.valid_folder))]
+    sources, _ = open_train_sources(data)
     return [(s.stream, s.train_end) for s in sources]
 
 
@@ -184,7 +181,7 @@ def _interleave(ranges: List[Tuple[TokenStream, int]], seq_len: int, limit: int)
     return out
 
 
-def build_valid_batches(data_cfg: Any, seed: int, dp_rank: int, dp_size: int) -> List[Dict[str, Any]]:
+def build_valid_batches(data: Any, seed: int, dp_rank: int, dp_size: int) -> List[Dict[str, Any]]:
     """This rank's validation micro-batches (empty when there is no validation data).
 
     The validation sequences are consecutive windows of the held-out tail of every training source
@@ -196,16 +193,15 @@ def build_valid_batches(data_cfg: Any, seed: int, dp_rank: int, dp_size: int) ->
     micro-batches. Validation is not shuffled, so ``seed`` does not change it.
     """
     del seed  # validation order is fixed; the argument mirrors build_train_loader
-    seq_len, micro_bsz = int(cfg_get(data_cfg, "seq_len")), int(cfg_get(data_cfg, "micro_bsz"))
+    seq_len, micro_bsz = data.seq_len, data.micro_bsz
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    limit = int(cfg_get(data_cfg, "valid_max_samples", 64))
-    cap = cfg_get(data_cfg, "valid_micro_num", None)
-    if cap is not None:
-        limit = min(limit, int(cap) * micro_bsz)
-    if cfg_get(data_cfg, "valid_folder", None) is None and not cfg_get(data_cfg, "valid_ratio", 0.02):
+    limit = data.valid_max_samples
+    if data.valid_micro_num is not None:
+        limit = min(limit, data.valid_micro_num * micro_bsz)
+    if data.valid_folder is None and not data.valid_ratio:
         return []
-    windows = _interleave(_valid_ranges(data_cfg), seq_len, limit)
+    windows = _interleave(_valid_ranges(data), seq_len, limit)
     rounds = math.ceil(len(windows) / (dp_size * micro_bsz))
     batches = []
     for m in range(rounds):

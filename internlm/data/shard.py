@@ -54,7 +54,7 @@ def read_meta_header(meta_path: str) -> tuple:
     with open(meta_path, "rb") as f:
         head = f.read(16)
         if len(head) < 16 or head[:8] != MAGIC:
-            raise ValueError(f"{meta_path}: not a shard meta file (bad magic); re-run tools/tokenize.py")
+            raise ValueError(f"{meta_path}: not a shard meta file (bad magic); re-run tools/tokenizer.py")
         (size,) = struct.unpack("<Q", head[8:])
         header = json.loads(f.read(size).decode("utf-8"))
     if header.get("version") != VERSION:
@@ -167,7 +167,7 @@ class Shard:
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(
                 f"shard {bin_path!r} has no {os.path.basename(meta_path)!r} (interrupted write?); "
-                "re-run tools/tokenize.py"
+                "re-run tools/tokenizer.py"
             )
         self.header, table_offset = read_meta_header(meta_path)
         self.num_docs = int(self.header["num_docs"])
@@ -199,10 +199,10 @@ class Shard:
 def list_shards(folder: str) -> List[str]:
     """Sorted ``.bin`` files directly inside ``folder``."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenize.py")
+        raise FileNotFoundError(f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenizer.py")
     names = sorted(n for n in os.listdir(folder) if n.endswith(SHARD_SUFFIX))
     if not names:
         raise FileNotFoundError(
-            f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenize.py --output {folder}"
+            f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenizer.py --output {folder}"
         )
     return [os.path.join(folder, n) for n in names]

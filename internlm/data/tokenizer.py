@@ -92,7 +92,7 @@ def train_sentencepiece(
     """Train a byte-fallback SentencePiece model and return the path of ``<model_prefix>.model``.
 
     ``texts_or_files`` mixes documents (``str``) and ``pathlib.Path`` objects naming ``.txt``/``.jsonl``
-    files or folders (read as in ``tools/tokenize.py``); it is consumed as a stream. Training is deterministic for a
+    files or folders (read as in ``tools/tokenizer.py``); it is consumed as a stream. Training is deterministic for a
     given input and ``seed`` (one thread; the random generator is seeded; at most ``max_sentences``
     lines are sampled by SentencePiece's seeded reservoir).
     """

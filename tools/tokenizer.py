@@ -1,47 +1,29 @@
 """Tokenize raw text into shards of a data folder.
 
-    python tools/tokenize.py --input corpus/ extra.jsonl --tokenizer tok.model --output data/train --workers 4
+    python tools/tokenizer.py --input corpus/ extra.jsonl --tokenizer tok.model --output data/train --workers 4
 
 ``.txt`` files are one document each; ``.jsonl`` files hold one document per line in ``"text"``.
+InternLM's flag names are accepted too: ``--text_input_path`` for ``--input`` and ``--bin_output_path`` for
+``--output`` (still a data folder here, not a single ``.bin`` file; ``--tokenizer`` is still required).
 The shard format is described in docs/data.md. ``tokenize_to_shards`` is re-exported for in-process use.
 """
 
+import argparse
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from internlm.data.tokenize_corpus import tokenize_to_shards  # noqa: E402
 
 
-def _stand_in_for_stdlib_tokenize() -> None:
-    """Load the standard library's ``tokenize`` into ``sys.modules`` in place of this file.
-
-    Every script run from tools/ has this folder as ``sys.path[0]``, so ``import tokenize`` (done by
-    linecache, inspect, dataclasses, ...) finds this file. The import system returns whatever
-    ``sys.modules["tokenize"]`` holds once the module body finishes, so the real module wins.
-    """
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tokenize", os.path.join(os.path.dirname(os.__file__), "tokenize.py"))
-    real = importlib.util.module_from_spec(spec)
-    sys.modules["tokenize"] = real
-    spec.loader.exec_module(real)
-
-
-if __name__ == "tokenize":
-    _stand_in_for_stdlib_tokenize()
-else:
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
-    from internlm.data.tokenize_corpus import tokenize_to_shards
-
-
-def parse_args(argv=None):
-    import argparse
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Tokenize .txt/.jsonl text into .bin shards.")
-    p.add_argument("--input", nargs="+", required=True, help="files and/or folders (searched recursively)")
+    p.add_argument("--input", "--text_input_path", dest="input", nargs="+", required=True,
+                   help="files and/or folders (searched recursively); --text_input_path is InternLM's name")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
-    p.add_argument("--output", required=True, help="output data folder (must hold no shards yet)")
+    p.add_argument("--output", "--bin_output_path", dest="output", required=True,
+                   help="output data folder (must hold no shards yet); --bin_output_path is InternLM's name")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (spawn); 1 = in-process")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard (documents are not split)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix")
@@ -62,7 +44,7 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
         )
     except (OSError, ValueError) as err:
-        print(f"tokenize: error: {err}", file=sys.stderr)
+        print(f"tokenizer: error: {err}", file=sys.stderr)
         return 2
     shards, docs, tokens = len(info["shards"]), info["num_docs"], info["num_tokens"]
     print(f"wrote {shards} shards, {docs} documents, {tokens} tokens to {args.output}")

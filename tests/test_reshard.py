@@ -7,6 +7,7 @@ equal an uninterrupted run's (same global batch dp x micro_bsz x micro_num = 8 s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -150,6 +151,11 @@ def test_tensor_shards_concatenate_and_cut_back_exactly():
 
     with pytest.raises(ValueError, match=r"parameter weight: split into 2 tensor shards but found tensor ranks \[0\]"):
         merge_shard_states([("tp0", shards[0])])
+    # the saved global shape must be the local shape joined along the recorded split
+    bad = copy.deepcopy(shards[1])
+    next(p for b in bad["buffers"] for p in b["params"] if p["name"] == "weight")["global_shape"] = [8, 7]
+    with pytest.raises(ValueError, match=r"tp1: parameter weight \(tensor rank 1\) has global shape \[8, 7\]"):
+        merge_shard_states([("tp0", shards[0]), ("tp1", bad)])
 
 
 def test_load_full_state_rejects_another_model():
@@ -254,13 +260,13 @@ def test_layout_change_needs_saved_checkpoints(tmp_path, demo_data):
 
 def test_phase_fingerprint_ignores_the_layout_but_not_the_global_batch(tmp_path, demo_data):
     """A rerun under another layout must not report completed phases as edited."""
-    from internlm.config import load_config
+    from internlm.config import load_run_config
     from internlm.train.phases import plan_phases
 
     path = write_base(str(tmp_path / "cfg"), demo_data, str(tmp_path / "run"))
 
     def fingerprint(world_size, *sets):
-        return plan_phases([(path, load_config(path, sets))], world_size)[0].fingerprint
+        return plan_phases([load_run_config(path, sets)], world_size)[0].fingerprint
 
     single = fingerprint(1)  # 1 x 2 x 4 = 8 sequences
     assert fingerprint(4, *DP2_TP2) == single

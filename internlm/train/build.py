@@ -1,4 +1,4 @@
-"""Build the pieces of a training run from a resolved config and a parallel context.
+"""Build the pieces of a training run from a phase's typed config and a parallel context.
 
 Single-device and parallel runs share this path: the model is built on the meta device, split into
 pipeline chunks, tensor-parallelised, then materialised and initialised (the same weights for every
@@ -7,45 +7,59 @@ layout, see `InternLM.init_weights`).
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import List
 
 import torch
-from torch import nn
 
-from internlm.model import InternLM, InternLMConfig
+from internlm.config import RunConfig
+from internlm.model import InternLM
 from internlm.optim import HybridZeroOptimizer
-from internlm.parallel import make_loss_fn, parallelize_model
+from internlm.parallel import LossFn, ParallelContext, make_loss_fn, param_shards, parallelize_model
 from internlm.parallel.pipeline import build_pipeline_chunks, build_schedule
 
 from .activation_checkpoint import apply_activation_checkpointing
 
 
-def build_model_chunks(model_config: InternLMConfig, cfg: Any, pc: Any, device: torch.device) -> List[InternLM]:
-    chunks = build_pipeline_chunks(model_config, pc.pp_rank, pc.pp_size, cfg.model.num_chunks, device="meta")
+def build_model_chunks(config: RunConfig, pc: ParallelContext, device: torch.device) -> List[InternLM]:
+    """This rank's model chunks (pipeline stage, tensor shard), initialised with the layout-independent weights."""
+    chunks = build_pipeline_chunks(config.model_config, pc.pp_rank, pc.pp_size, config.model.num_chunks, device="meta")
     for chunk in chunks:
-        if pc.tp_size > 1:
-            parallelize_model(chunk, pc)
+        parallelize_model(chunk, pc)
         chunk.to_empty(device=device)
-        chunk.init_weights(cfg.seed)
-        apply_activation_checkpointing(chunk, cfg.model.checkpoint)
+        chunk.init_weights(config.seed, param_shards(chunk))
+        apply_activation_checkpointing(chunk, config.model.checkpoint)
     return chunks
 
 
-def build_optimizer(chunks: List[nn.Module], cfg: Any, pc: Any) -> HybridZeroOptimizer:
-    return HybridZeroOptimizer.from_config(chunks, pc, cfg.adam, cfg.hybrid_zero_optimizer)
+def build_optimizer(chunks: List[InternLM], config: RunConfig, pc: ParallelContext) -> HybridZeroOptimizer:
+    """The hybrid ZeRO optimizer over ``chunks`` with the ``adam`` and ``hybrid_zero_optimizer`` sections."""
+    adam, zero = config.adam, config.hybrid_zero_optimizer
+    return HybridZeroOptimizer(
+        chunks,
+        pc,
+        lr=adam.lr,
+        betas=(adam.adam_beta1, adam.adam_beta2),
+        eps=adam.adam_eps,
+        weight_decay=adam.weight_decay,
+        clip_grad_norm=zero.clip_grad_norm,
+        reduce_bucket_size=zero.reduce_bucket_size,
+        overlap_sync_grad=zero.overlap_sync_grad,
+        overlap_sync_param=zero.overlap_sync_param,
+    )
 
 
-def build_loss_fn(cfg: Any, pc: Any):
-    return make_loss_fn(pc, cfg.loss.label_smoothing)
+def build_loss_fn(config: RunConfig, pc: ParallelContext) -> LossFn:
+    return make_loss_fn(pc, config.loss.label_smoothing)
 
 
-def build_step_schedule(cfg: Any, pc: Any, model_config: InternLMConfig):
+def build_step_schedule(config: RunConfig, pc: ParallelContext):
+    """The pipeline schedule of a phase (its seq_len and micro_bsz size the stage-to-stage messages)."""
     return build_schedule(
         pc,
-        num_chunks=cfg.model.num_chunks,
-        micro_bsz=cfg.data.micro_bsz,
-        seq_len=cfg.data.seq_len,
-        hidden_size=model_config.hidden_size,
-        dtype=model_config.dtype,
-        overlap=cfg.parallel.pipeline.get("interleaved_overlap", False),
+        num_chunks=config.model.num_chunks,
+        micro_bsz=config.data.micro_bsz,
+        seq_len=config.data.seq_len,
+        hidden_size=config.model_config.hidden_size,
+        dtype=config.model_config.dtype,
+        overlap=config.parallel.pipeline.interleaved_overlap,
     )

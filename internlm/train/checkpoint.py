@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from internlm.parallel import Layout, TPShard, param_shards
+
 META_FILE = "meta.json"
 
 
@@ -53,6 +55,17 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def read_meta(path: str) -> Dict[str, Any]:
     with open(os.path.join(path, META_FILE)) as f:
         return json.load(f)
+
+
+def checkpoint_layout(path: str) -> Layout:
+    """The layout recorded in checkpoint ``path``'s meta.json."""
+    meta = read_meta(path)
+    if "layout" not in meta:
+        raise ValueError(f"checkpoint {path}: {META_FILE} has no 'layout'; it cannot be resharded")
+    try:
+        return Layout.from_dict(meta["layout"])
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {META_FILE} 'layout': {exc}") from None
 
 
 def model_file(tp_rank: int, pp_rank: int) -> str:
@@ -107,7 +120,7 @@ class CheckpointManager:
             os.makedirs(tmp)
         _barrier()
         if self.pc.dp_rank == 0:
-            shards = [{name: getattr(p, "_tp_shard", None) for name, p in chunk.named_parameters()}
+            shards = [{name: shard.to_record() for name, shard in param_shards(chunk).items()}
                       for chunk in model_chunks]
             torch.save({"chunks": [chunk.state_dict() for chunk in model_chunks], "tp_shards": shards},
                        os.path.join(tmp, self._model_file()))
@@ -163,28 +176,27 @@ def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -
     """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it.
 
     Pipeline stages hold disjoint parameter names (layers keep their global index); tensor-parallel
-    shards are concatenated along their split dimension; replicated tensors are taken from tensor rank 0.
-    ``names`` restricts the result to those tensors (files are memory-mapped, so the others are not read).
+    shards are joined along their split dimension (`TPShard.join`); replicated tensors are taken from tensor
+    rank 0. ``names`` restricts the result to those tensors (files are memory-mapped, so the others are not read).
     """
-    layout = read_meta(path)["layout"]
+    layout = checkpoint_layout(path)
+    tensor, pipeline = layout.tensor, layout.pipeline
     merged: Dict[str, torch.Tensor] = {}
-    for pp_rank in range(layout["pipeline"]):
+    for pp_rank in range(pipeline):
         per_tp = []
-        for t in range(layout["tensor"]):
+        for t in range(tensor):
             file = os.path.join(path, model_file(t, pp_rank))
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"checkpoint {path}: {model_file(t, pp_rank)} is missing (its {META_FILE} "
-                                        f"records tensor {layout['tensor']} x pipeline {layout['pipeline']})")
+                                        f"records tensor {tensor} x pipeline {pipeline})")
             per_tp.append(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
         for chunk_index, state in enumerate(per_tp[0]["chunks"]):
-            shards = per_tp[0]["tp_shards"][chunk_index]
-            for name, tensor in state.items():
+            records = per_tp[0]["tp_shards"][chunk_index]
+            for name, local in state.items():
                 if names is not None and name not in names:
                     continue
-                shard = shards.get(name)
-                if shard is None:
-                    merged[name] = tensor.clone()
-                else:
-                    pieces = [per_tp[t]["chunks"][chunk_index][name] for t in range(layout["tensor"])]
-                    merged[name] = torch.cat(pieces, dim=shard[0])
+                shard = TPShard.from_record(local.shape, records.get(name))
+                pieces = [per_tp[t]["chunks"][chunk_index][name] for t in range(shard.size)]
+                full = shard.join(pieces)
+                merged[name] = full if shard.is_split else full.clone()  # a joined tensor is already a copy
     return merged

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from internlm.config import ConfigError, load_config, model_config_from
+from internlm.config import ConfigError, RunConfig, load_run_config
 
 from .distributed import world_size_from_env
 from .phases import Phase, plan_phases
@@ -34,54 +34,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _model_shape(cfg: Any) -> dict:
+def _model_shape(config: RunConfig) -> dict:
     """What must stay the same across phases (rotary has no learned positions, so context length may change)."""
-    shape = model_config_from(cfg).to_dict()
+    shape = config.model_config.to_dict()
     shape.pop("max_position_embeddings")
     return shape
 
 
-def check_phases(configs: List[Tuple[str, Any]], world_size: int) -> None:
+def check_phases(phases: List[Phase]) -> None:
     """Checks that need all phases or the world size; raise ConfigError naming the file and key."""
-    from internlm.parallel.layout import tensor_layout_problems
-    from internlm.parallel.pipeline import pipeline_layout_problems
-
-    from .phases import parallel_sizes
-    from .reshard import config_layout
-
-    first_path, first = configs[0]
-    previous_layout = None
-    for path, cfg in configs:
-        model_config = model_config_from(cfg)
-        _, pp, _ = parallel_sizes(cfg, world_size)
-        problems = tensor_layout_problems(model_config, cfg.parallel, world_size, cfg.data.seq_len, cfg.data.micro_bsz)
-        problems += pipeline_layout_problems(model_config.num_layers, pp, cfg.model.num_chunks, cfg.data.micro_num)
+    first = phases[0].config
+    for phase in phases:
+        config, file = phase.config, phase.config_file
+        problems = phase.layout.fit_problems(config.model_config, config.data.micro_bsz, config.data.seq_len,
+                                             config.data.micro_num)
         if problems:
-            raise ConfigError(f"{path}: {problems[0]}")
-        if _model_shape(cfg) != _model_shape(first):
-            raise ConfigError(f"{path}: model: differs from {first_path}; all phases train the same model")
-        layout = config_layout(cfg, world_size)
-        if previous_layout not in (None, layout) and not first.ckpt.enable_save_ckpt:
-            raise ConfigError(f"{path}: parallel: the layout differs from the previous phase's, and a layout change "
-                              f"goes through the previous phase's final checkpoint; set ckpt.enable_save_ckpt=True")
-        previous_layout = layout
-        if cfg.work_dir != first.work_dir:
-            raise ConfigError(f"{path}: work_dir: {cfg.work_dir!r} differs from {first.work_dir!r} of {first_path}; "
-                              f"all phases of a run share one work_dir")
-        if not cfg.data.train_folder and not cfg.data.prepare_demo_data:
-            raise ConfigError(f"{path}: data.train_folder: not set; point it at a folder of tokenized shards "
-                              f"(see tools/tokenize.py)")
+            raise ConfigError.from_problem(problems[0], file)
+        if _model_shape(config) != _model_shape(first):
+            raise ConfigError("model", f"differs from {first.file}; all phases train the same model", file)
+        if phase.index > 0 and phase.layout != phases[phase.index - 1].layout and not first.ckpt.enable_save_ckpt:
+            raise ConfigError("parallel", "the layout differs from the previous phase's, and a layout change goes "
+                              "through the previous phase's final checkpoint; set ckpt.enable_save_ckpt=True", file)
+        if config.work_dir != first.work_dir:
+            raise ConfigError("work_dir", f"{config.work_dir!r} differs from {first.work_dir!r} of {first.file}; all "
+                              f"phases of a run share one work_dir", file)
+        if not config.data.train_folder and not config.data.prepare_demo_data:
+            raise ConfigError("data.train_folder", "not set; point it at a folder of tokenized shards (see "
+                              "tools/tokenizer.py)", file)
 
 
 def load_phases(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, List[Phase]]:
+    """Parse the command line, load every phase config once and plan the phases for the world size."""
     args = parse_args(argv)
     world_size = args.world_size or world_size_from_env()
-    configs = [(path, load_config(path, args.set)) for path in args.config]
-    check_phases(configs, world_size)
-    try:
-        phases = plan_phases(configs, world_size)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    configs = [load_run_config(path, args.set) for path in args.config]
+    phases = plan_phases(configs, world_size)
+    check_phases(phases)
     return args, phases
 
 
@@ -95,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         from .plan import print_plan
 
-        print_plan(phases, args.world_size or world_size_from_env(), args.throughput)
+        print_plan(phases, args.throughput)
         return 0
     from .run import run_training
 

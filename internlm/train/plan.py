@@ -19,10 +19,8 @@ import math
 import os
 from typing import List, Optional
 
-from internlm.config import model_config_from
-
-from .phases import Phase, parallel_sizes
-from .schedules import warmup_cosine_lr
+from .lr_schedule import warmup_cosine_lr
+from .phases import Phase
 
 # Throughput assumed when none is given or measured: 40% MFU on a 312 TFLOP/s (A100/A800-class) device,
 # the hardware InternLM was trained on.
@@ -48,79 +46,79 @@ def _measured_tgs(work_dir: str) -> Optional[float]:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def _layout_line(cfg, world_size: int) -> str:
-    tp, pp, dp = parallel_sizes(cfg, world_size)
-    zero_size = cfg.parallel.zero1["size"] if isinstance(cfg.parallel.zero1, dict) else cfg.parallel.zero1
-    return (f"{world_size} devices = tensor {tp} x pipeline {pp} (chunks {cfg.model.num_chunks}) x data {dp}; "
-            f"zero1 {dp if zero_size <= 0 else zero_size}; sequence parallel {bool(cfg.parallel.sequence_parallel)}")
+def _layout_line(phase: Phase) -> str:
+    layout = phase.layout
+    return (f"{layout.world_size} devices = tensor {layout.tensor} x pipeline {layout.pipeline} (chunks "
+            f"{layout.num_chunks}) x data {layout.data}; zero1 {layout.zero1}; sequence parallel "
+            f"{layout.sequence_parallel}")
 
 
-def memory_per_device(phase: Phase, world_size: int) -> dict:
-    cfg = phase.cfg
-    mc = model_config_from(cfg)
-    tp, pp, dp = parallel_sizes(cfg, world_size)
-    zero_size = cfg.parallel.zero1["size"] if isinstance(cfg.parallel.zero1, dict) else cfg.parallel.zero1
-    zero = dp if zero_size <= 0 else zero_size
+def memory_per_device(phase: Phase) -> dict:
+    config, layout = phase.config, phase.layout
+    mc = config.model_config
+    tp, pp = layout.tensor, layout.pipeline
     layers = math.ceil(mc.num_layers / pp)
     per_layer = (mc.num_params(include_embedding=False) - mc.hidden_size - mc.vocab_size * mc.hidden_size) / mc.num_layers
     stage_params = layers * per_layer + mc.vocab_size * mc.hidden_size  # + embedding (first) or head (last)
     p_dev = stage_params / tp
     dtype_bytes = 2 if "16" in str(mc.dtype) else 4
-    tokens = cfg.data.micro_bsz * cfg.data.seq_len
-    ckpt = cfg.model.checkpoint
+    tokens = config.data.micro_bsz * config.data.seq_len
+    ckpt = config.model.checkpoint
     if ckpt is True or (not isinstance(ckpt, bool) and float(ckpt) >= 1.0):
         act_layer = tokens * mc.hidden_size * 2
     else:
-        split = 34 if cfg.parallel.sequence_parallel else 24
+        split = 34 if layout.sequence_parallel else 24
         act_layer = tokens * mc.hidden_size * (split / tp + (34 - split))
-    in_flight = min(pp, cfg.data.micro_num)
-    out = dict(weights=p_dev * dtype_bytes, gradients=p_dev * 4, optimizer=p_dev * 12 / zero,
+    in_flight = min(pp, config.data.micro_num)
+    out = dict(weights=p_dev * dtype_bytes, gradients=p_dev * 4, optimizer=p_dev * 12 / layout.zero1,
                activations=layers * in_flight * act_layer)
     out["total"] = sum(out.values())
     return out
 
 
-def print_plan(phases: List[Phase], world_size: int, throughput: Optional[float] = None) -> None:
-    first = phases[0].cfg
-    mc = model_config_from(first)
+def print_plan(phases: List[Phase], throughput: Optional[float] = None) -> None:
+    """Print the plan of every phase (``throughput``: tokens per device per second for the time estimates)."""
+    first = phases[0].config
+    world_size = phases[0].layout.world_size
+    mc = first.model_config
     print(f"model: {mc.num_params() / 1e9:.2f}B parameters (hidden {mc.hidden_size}, {mc.num_layers} layers, "
           f"{mc.num_attention_heads} heads, vocab {mc.vocab_size}, {str(mc.dtype).replace('torch.', '')})")
-    previous_layout = _layout_line(first, world_size)
+    previous_layout = _layout_line(phases[0])
     print(f"layout: {previous_layout}")
     measured = _measured_tgs(first.work_dir)
     total_tokens = total_seconds = 0.0
     for phase in phases:
-        cfg = phase.cfg
+        config = phase.config
         tgs = throughput or measured
         source = "given" if throughput else ("measured" if measured else "assumed 40% MFU of 312 TFLOP/s")
         if tgs is None:
-            tgs = _ASSUMED_MFU * _ASSUMED_PEAK_TFLOPS * 1e12 / mc.flops_per_token(cfg.data.seq_len)
+            tgs = _ASSUMED_MFU * _ASSUMED_PEAK_TFLOPS * 1e12 / mc.flops_per_token(config.data.seq_len)
         tokens = phase.steps * phase.tokens_per_step
         seconds = tokens / (tgs * world_size)
         total_tokens += tokens
         total_seconds += seconds
-        lr_total = cfg.lr_scheduler.total_steps or phase.steps
-        lr_args = (lr_total, cfg.adam.lr, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min)
-        warmup = int(round(cfg.lr_scheduler.warmup_ratio * lr_total))
-        mixture = cfg.data.train_folder if isinstance(cfg.data.train_folder, dict) else {cfg.data.train_folder: 1.0}
+        lr_total = phase.lr_total_steps
+        lr_args = (lr_total, config.adam.lr, config.lr_scheduler.warmup_ratio, config.lr_scheduler.eta_min)
+        warmup = int(round(config.lr_scheduler.warmup_ratio * lr_total))
+        mixture = config.data.train_folder if isinstance(config.data.train_folder, dict) else {config.data.train_folder: 1.0}
         weight_sum = sum(mixture.values()) or 1.0
-        mem = memory_per_device(phase, world_size)
+        mem = memory_per_device(phase)
         print(f"\nphase {phase.index + 1} {phase.name!r} ({phase.config_file})")
-        layout = _layout_line(cfg, world_size)
+        layout = _layout_line(phase)
         if layout != previous_layout:
             print(f"  layout: {layout} (resharded from the previous phase's final checkpoint)")
         previous_layout = layout
-        print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {cfg.data.seq_len:,} "
+        print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {config.data.seq_len:,} "
               f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
-              f"{cfg.data.micro_bsz}, micro_num {cfg.data.micro_num})")
+              f"{config.data.micro_bsz}, micro_num {config.data.micro_num})")
         names = [os.path.basename(os.path.normpath(k)) for k in mixture]
         if len(set(names)) < len(names):  # folder names clash: show full paths
             names = list(mixture)
         print("  data mixture: " + ", ".join(f"{n} {w / weight_sum:.1%}" for n, w in zip(names, mixture.values())))
-        print(f"  learning rate: warm-up {warmup:,} steps to {cfg.adam.lr:g}, cosine to "
-              f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {cfg.lr_scheduler.eta_min:g}); "
-              f"weight decay {cfg.adam.weight_decay:g}; clip {cfg.hybrid_zero_optimizer.clip_grad_norm:g}; "
-              f"optimizer state {'reset' if cfg.phase.reset_optimizer else 'carried over'}")
+        print(f"  learning rate: warm-up {warmup:,} steps to {config.adam.lr:g}, cosine to "
+              f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {config.lr_scheduler.eta_min:g}); "
+              f"weight decay {config.adam.weight_decay:g}; clip {config.hybrid_zero_optimizer.clip_grad_norm:g}; "
+              f"optimizer state {'reset' if config.phase.reset_optimizer else 'carried over'}")
         print(f"  memory per device: {_gib(mem['total'])} (weights {_gib(mem['weights'])}, gradients "
               f"{_gib(mem['gradients'])}, optimizer {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])})")
         print(f"  time: {seconds / 3600:,.1f} h at {tgs:,.0f} tokens/device/s ({source})")

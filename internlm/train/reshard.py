@@ -1,13 +1,10 @@
 """Load a checkpoint saved under one parallel layout into a run with another.
 
-A layout is what decides which tensors a rank holds and how its files are named::
+The `Layout` (recorded in every checkpoint's ``meta.json``) decides which tensors a rank holds and how its
+files are named. Resharding goes through full tensors:
 
-    {"world_size", "tensor", "pipeline", "data", "zero1", "num_chunks", "sequence_parallel"}
-
-(recorded in every checkpoint's ``meta.json``). Resharding goes through full tensors:
-
-* model: `merge_model_checkpoint` concatenates the tensor shards of every saved stage; each local
-  parameter then takes its own shard ``(dim, rank, size)``, chunk ``rank`` of ``size`` along ``dim``.
+* model: `merge_model_checkpoint` joins the tensor shards of every saved stage; each local parameter then
+  takes its own piece with its `TPShard` (``shard.slice(full)``).
 * optimizer: `merge_optimizer_checkpoint` stitches the zero1 slices of one data-parallel replica into full
   fp32 master weights and Adam moments per parameter name; `HybridZeroOptimizer.load_full_state` cuts
   this rank's owned slices out of them.
@@ -24,42 +21,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from internlm.optim.full_state import merge_shard_states, tp_slice
-from internlm.parallel import parse_parallel_sizes
+from internlm.optim.full_state import merge_shard_states
+from internlm.parallel import Layout, TPShard, param_shards
 
-from .checkpoint import merge_model_checkpoint, optim_file, read_meta
-
-Layout = Dict[str, Any]
-
-
-def layout_of(pc: Any, num_chunks: int) -> Layout:
-    """The layout of a running parallel context with ``num_chunks`` model chunks per rank."""
-    return dict(world_size=pc.world_size, tensor=pc.tp_size, pipeline=pc.pp_size, data=pc.dp_size,
-                zero1=pc.zero1_size, num_chunks=num_chunks, sequence_parallel=bool(pc.sequence_parallel))
-
-
-def config_layout(cfg: Any, world_size: int) -> Layout:
-    """The layout a resolved config asks for under ``world_size`` processes (no process group needed)."""
-    sizes = parse_parallel_sizes(cfg.parallel, world_size)
-    return dict(world_size=world_size, tensor=sizes["tp"], pipeline=sizes["pp"], data=sizes["dp"],
-                zero1=sizes["zero1"], num_chunks=int(cfg.model.num_chunks),
-                sequence_parallel=bool(sizes["sequence_parallel"]))
-
-
-def format_layout(layout: Mapping[str, Any]) -> str:
-    """E.g. ``tp2 x pp1 x dp2 (zero1 2, 1 chunk, 4 ranks)``; ``+sp`` marks sequence parallelism."""
-    chunks = layout["num_chunks"]
-    return (f"tp{layout['tensor']}{'+sp' if layout['sequence_parallel'] else ''} x pp{layout['pipeline']} x "
-            f"dp{layout['data']} (zero1 {layout['zero1']}, {chunks} chunk{'s' if chunks != 1 else ''}, "
-            f"{layout['world_size']} rank{'s' if layout['world_size'] != 1 else ''})")
-
-
-def checkpoint_layout(path: str) -> Layout:
-    """The layout recorded in checkpoint ``path``'s meta.json."""
-    meta = read_meta(path)
-    if "layout" not in meta:
-        raise ValueError(f"checkpoint {path}: meta.json has no 'layout'; it cannot be resharded")
-    return meta["layout"]
+from .checkpoint import checkpoint_layout, merge_model_checkpoint, optim_file
 
 
 @torch.no_grad()
@@ -67,46 +32,43 @@ def load_model_resharded(path: str, model_chunks: Sequence[nn.Module]) -> None:
     """Load this rank's model chunks from checkpoint ``path``, whatever layout saved it.
 
     Every tensor of each chunk's state dict is read in full from the checkpoint, then cut to the local
-    parameter's tensor shard ``_tp_shard = (dim, rank, size)`` (chunk ``rank`` of ``size`` along ``dim``) or
-    taken whole. Values are copied in place (parameters may be views into an optimizer's flat buffer).
+    parameter's `TPShard` (``shard.slice(full)``; buffers and replicated tensors are taken whole). Values are copied in place (parameters may be views into an optimizer's flat buffer).
     Raises KeyError / ValueError naming the checkpoint, chunk and tensor when one is missing or misshapen.
     """
     local_states = [chunk.state_dict(keep_vars=True) for chunk in model_chunks]
     names = {name for state in local_states for name in state}
     full = merge_model_checkpoint(path, names)
-    for index, state in enumerate(local_states):
+    for index, (chunk, state) in enumerate(zip(model_chunks, local_states)):
+        shards = param_shards(chunk)
         for name, tensor in state.items():
             if name not in full:
                 raise KeyError(f"checkpoint {path} has no tensor {name!r} (needed by model chunk {index}); it was "
                                f"saved for another model")
-            shard = getattr(tensor, "_tp_shard", None)
+            shard = shards.get(name) or TPShard.replicated(tensor.shape)
             try:
-                source = tp_slice(full[name], shard)
+                source = shard.slice(full[name])
             except ValueError as exc:
-                raise ValueError(f"checkpoint {path}: {name}: {exc}") from None
-            if source.shape != tensor.shape:
-                raise ValueError(f"checkpoint {path}: {name} has full shape {list(full[name].shape)}; tensor shard "
-                                 f"{shard} of it is {list(source.shape)}, but model chunk {index} holds "
-                                 f"{list(tensor.shape)}")
+                raise ValueError(f"checkpoint {path}: {name} (model chunk {index}, tensor shard "
+                                 f"{shard.to_record()}): {exc}") from None
             tensor.data.copy_(source)
 
 
 def _replica_shards(path: str, layout: Layout) -> Iterator[Tuple[str, Mapping[str, Any]]]:
     """The optimizer shards of data-parallel ranks ``0 .. zero1-1`` (the first zero1 group: one complete
     replica of the state) for every tensor rank and pipeline stage, loaded one at a time."""
-    for pp_rank in range(layout["pipeline"]):
-        for tp_rank in range(layout["tensor"]):
-            for dp_rank in range(layout["zero1"]):
+    for pp_rank in range(layout.pipeline):
+        for tp_rank in range(layout.tensor):
+            for dp_rank in range(layout.zero1):
                 name = optim_file(tp_rank, pp_rank, dp_rank)
                 file = os.path.join(path, name)
                 if not os.path.isfile(file):
                     raise FileNotFoundError(f"checkpoint {path}: {name} is missing (its meta.json records "
-                                            f"{format_layout(layout)})")
+                                            f"{layout.describe()})")
                 shard = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
                 where = (shard.get("tp_rank"), shard.get("dp_rank"), shard.get("zero1_size"))
-                if where != (tp_rank, dp_rank, layout["zero1"]):
+                if where != (tp_rank, dp_rank, layout.zero1):
                     raise ValueError(f"checkpoint {path}: {name} holds tensor rank {where[0]}, data rank {where[1]}, "
-                                     f"zero1 size {where[2]}; expected {tp_rank}, {dp_rank}, {layout['zero1']}")
+                                     f"zero1 size {where[2]}; expected {tp_rank}, {dp_rank}, {layout.zero1}")
                 yield name, shard
 
 
@@ -128,13 +90,4 @@ def trainable_names(model_chunks: Sequence[nn.Module]) -> List[str]:
     return [name for chunk in model_chunks for name, p in chunk.named_parameters() if p.requires_grad]
 
 
-__all__ = [
-    "Layout",
-    "layout_of",
-    "config_layout",
-    "format_layout",
-    "checkpoint_layout",
-    "load_model_resharded",
-    "merge_optimizer_checkpoint",
-    "trainable_names",
-]
+__all__ = ["load_model_resharded", "merge_optimizer_checkpoint", "trainable_names"]

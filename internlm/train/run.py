@@ -6,9 +6,9 @@ import os
 import sys
 from typing import List
 
-from internlm.config import ConfigError
-
 import torch.distributed as dist
+
+from internlm.config import ConfigError
 
 from .distributed import init_distributed, shutdown_distributed
 from .phases import Phase
@@ -17,13 +17,13 @@ from .trainer import StopRequested, Trainer
 
 def _prepare_demo_data(phases: List[Phase], rank: int) -> None:
     """The demo's corpus and tokenizer are built on first use by rank 0 and cached."""
-    cfgs = [p.cfg for p in phases if p.cfg.data.prepare_demo_data]
-    if not cfgs:
+    demo = [p.config for p in phases if p.config.data.prepare_demo_data]
+    if not demo:
         return
     if rank == 0:
         from internlm.data import prepare_demo_data
 
-        prepare_demo_data(cfgs[0].data.demo_cache_dir, vocab_size=cfgs[0].model.vocab_size)
+        prepare_demo_data(demo[0].data.demo_cache_dir, vocab_size=demo[0].model_config.vocab_size)
     if dist.is_initialized():
         dist.barrier()
 
@@ -33,25 +33,24 @@ def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
     from internlm.data import Tokenizer
     from internlm.model import generate
 
-    path = phases[-1].cfg.data.tokenizer_path
+    path = phases[-1].config.data.tokenizer_path
     if trainer.pc.world_size > 1 or not path or not os.path.isfile(path):
         return
     tokenizer = Tokenizer(path)
     prompt = "The "
     ids = generate(trainer.chunks[0], tokenizer.encode(prompt), max_new_tokens=48, temperature=0.7, top_k=20,
-                   eos_id=tokenizer.eos_id, seed=phases[-1].cfg.seed)
+                   eos_id=tokenizer.eos_id, seed=phases[-1].config.seed)
     print("\nsample from the trained model:\n" + tokenizer.decode(ids).strip() + "\n", flush=True)
 
 
 def run_training(phases: List[Phase]) -> int:
     launch = init_distributed()
-    from internlm.parallel import describe_layout, init_parallel_context
+    from internlm.parallel import describe_groups, init_parallel_context
 
-    cfg = phases[0].cfg
     try:
-        pc = init_parallel_context(cfg.parallel, launch.world_size, launch.rank)
+        pc = init_parallel_context(phases[0].layout, launch.rank)
         if launch.rank == 0:
-            print(describe_layout(pc), flush=True)
+            print(describe_groups(pc), flush=True)
         _prepare_demo_data(phases, launch.rank)
         trainer = Trainer(phases, launch, pc)
         try:

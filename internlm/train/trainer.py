@@ -13,38 +13,30 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from internlm.config import dump_config, model_config_from
+from internlm.config import dump_config
 from internlm.data import build_train_loader, build_valid_batches
-from internlm.optim.collectives import all_reduce_sum
+from internlm.data.packing import IGNORE_INDEX
+from internlm.parallel import ParallelContext, all_reduce_, describe_groups, init_parallel_context
 
 from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from .checkpoint import META_FILE, CheckpointManager, latest_checkpoint, read_meta
-from .reshard import (
-    Layout,
-    checkpoint_layout,
-    config_layout,
-    format_layout,
-    layout_of,
-    load_model_resharded,
-    merge_optimizer_checkpoint,
-    trainable_names,
-)
+from .checkpoint import META_FILE, CheckpointManager, checkpoint_layout, latest_checkpoint, read_meta
 from .distributed import Launch
+from .lr_schedule import beta2_at, warmup_cosine_lr
 from .metrics import MetricsLogger, device_peak_tflops
 from .phases import Phase, resume_point
-from .schedules import beta2_at, warmup_cosine_lr
+from .reshard import load_model_resharded, merge_optimizer_checkpoint, trainable_names
 
 _TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
 
 
-def _all_reduce_sum(value: torch.Tensor, *groups) -> torch.Tensor:
-    """Sum `value` in place over each group in turn (size-1 groups issue nothing); returns it."""
+def _sum_over(value: torch.Tensor, *groups: Any) -> torch.Tensor:
+    """``value`` summed in place over each group in turn (size-1 groups issue nothing); returns it."""
     for group in groups:
-        all_reduce_sum(value, group)
+        all_reduce_(value, group)
     return value
 
 
-def _release_groups(pc: Any) -> None:
+def _release_groups(pc: ParallelContext) -> None:
     """Destroy the process groups of a parallel context that is being replaced (after a world barrier, so no
     rank still has work queued on them)."""
     groups = {id(g): g for g in (pc.tp_group, pc.pp_group, pc.dp_group, pc.zero1_group) if g is not None}
@@ -63,21 +55,25 @@ class Trainer:
     """Runs the phases of one command. ``pc`` is the parallel context of the first phase's layout; a phase
     with another layout gets a new context, model chunks and optimizer (see `_enter_layout`)."""
 
-    def __init__(self, phases: List[Phase], launch: Launch, pc: Any) -> None:
+    def __init__(self, phases: List[Phase], launch: Launch, pc: ParallelContext) -> None:
         self.phases = phases
         self.pc = pc
         self.device = launch.device
-        cfg = phases[0].cfg
-        self.cfg = cfg
-        self.work_dir = cfg.work_dir
-        self.logger = MetricsLogger(self.work_dir, enabled=pc.rank == 0, tensorboard=cfg.monitor.tensorboard)
-        torch.manual_seed(cfg.seed)
+        # run-wide settings: the CLI checks that every phase shares work_dir (and the model); the checkpoint
+        # folder, resume switches and logging are those of the first phase
+        run_wide = phases[0].config
+        self.work_dir = run_wide.work_dir
+        self.ckpt_root = run_wide.ckpt.save_ckpt_folder
+        self.keep_last = run_wide.ckpt.keep_last
+        self.auto_resume = run_wide.ckpt.auto_resume
+        self.initial_weights = run_wide.ckpt.load_ckpt_folder
+        self.model_config = run_wide.model_config
+        self.logger = MetricsLogger(self.work_dir, enabled=pc.rank == 0, tensorboard=run_wide.monitor.tensorboard)
+        torch.manual_seed(run_wide.seed)
         if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = bool(cfg.cudnn_deterministic)
-            torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
-        self.model_config = model_config_from(cfg)
-        self.ckpt_root = cfg.ckpt.save_ckpt_folder or os.path.join(self.work_dir, "checkpoints")
-        self.ckpt = CheckpointManager(self.ckpt_root, pc, keep_last=cfg.ckpt.keep_last)
+            torch.backends.cudnn.deterministic = run_wide.cudnn_deterministic
+            torch.backends.cudnn.benchmark = run_wide.cudnn_benchmark
+        self.ckpt = CheckpointManager(self.ckpt_root, pc, keep_last=self.keep_last)
         self.chunks: Optional[List[Any]] = None  # built by _enter_layout for the first phase that runs
         self.loss_fn = None
         self.optimizer = None
@@ -87,7 +83,7 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []  # one record per started phase
         self.last_val_loss: Optional[float] = None
         self.last_loss: Optional[float] = None
-        self._peak_tflops = device_peak_tflops(self.device, cfg.monitor.get("peak_tflops"))
+        self._peak_tflops = device_peak_tflops(self.device, run_wide.monitor.peak_tflops)
         self._first_metrics_line = True
         # SIGTERM (a scheduler's preemption) or a first Ctrl-C: finish the step, save, stop; a second Ctrl-C
         # interrupts at once
@@ -106,14 +102,14 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         if self.pc.rank == 0:
             for phase in self.phases:
-                dump_config(phase.cfg, os.path.join(self.work_dir, f"config_{phase.name}.py"))
-        latest = latest_checkpoint(self.ckpt.root) if self.cfg.ckpt.auto_resume else None
+                dump_config(phase.config.raw, os.path.join(self.work_dir, f"config_{phase.name}.py"))
+        latest = latest_checkpoint(self.ckpt.root) if self.auto_resume else None
         meta = read_meta(latest) if latest else None
         point = resume_point(self.phases, meta, latest)
         for warning in point.warnings:
             self.logger.message(f"warning: {warning}")
         # the layout of the phase that runs next (of the last phase when all are complete)
-        self._enter_layout(self.phases[min(point.phase_index, len(self.phases) - 1)].cfg)
+        self._enter_layout(self.phases[min(point.phase_index, len(self.phases) - 1)])
         loader_state = None
         if latest:
             resharded = self._load_model(latest)
@@ -128,9 +124,9 @@ class Trainer:
                                 f"step {meta['phase_step']})")
         else:
             self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
-        if latest is None and self.cfg.ckpt.load_ckpt_folder:
-            self._load_model(self.cfg.ckpt.load_ckpt_folder)
-            self.logger.message(f"initial model weights from {self.cfg.ckpt.load_ckpt_folder}")
+        if latest is None and self.initial_weights:
+            self._load_model(self.initial_weights)
+            self.logger.message(f"initial model weights from {self.initial_weights}")
         if point.phase_index >= len(self.phases):
             self.logger.message(f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
                                 f"Add a phase config to the command to extend pretraining.")
@@ -140,13 +136,13 @@ class Trainer:
         for phase in self.phases[point.phase_index:]:
             resuming_inside = phase.index == point.phase_index and point.phase_step > 0
             start = point.phase_step if resuming_inside else 0
-            if self._enter_layout(phase.cfg):
+            if self._enter_layout(phase):
                 # a new layout between phases: continue from the previous phase's final checkpoint
                 restore_from = self._phase_end_checkpoint(phase)
                 self._load_model(restore_from)
             self._prepare_optimizer(phase, restore_from, resuming_inside)
-            loader = build_train_loader(phase.cfg.data, phase.cfg.seed, self.pc.dp_rank, self.pc.dp_size)
-            if loader_state is not None and (resuming_inside or not phase.cfg.phase.reset_data):
+            loader = build_train_loader(phase.config.data, phase.config.seed, self.pc.dp_rank, self.pc.dp_size)
+            if loader_state is not None and (resuming_inside or not phase.config.phase.reset_data):
                 loader.load_state_dict(loader_state)
             if not resuming_inside:
                 self.history.append(dict(name=phase.name, file=phase.config_file, steps=phase.steps,
@@ -158,38 +154,30 @@ class Trainer:
         return self._summary()
 
     # ------------------------------------------------------------------ layouts
-    @property
-    def layout(self) -> Layout:
-        """The layout this trainer runs now (as recorded in checkpoints' meta.json)."""
-        return layout_of(self.pc, len(self.chunks) if self.chunks is not None else 0)
-
-    def _enter_layout(self, cfg: Any) -> bool:
-        """Make the parallel context, model chunks, loss and checkpoint file names those of ``cfg``'s layout.
+    def _enter_layout(self, phase: Phase) -> bool:
+        """Make the parallel context, model chunks, loss and checkpoint file names those of ``phase.layout``.
 
         Returns True when the chunks were (re)built: they then hold fresh initial weights, and any optimizer
         of an earlier layout has been closed (``self.optimizer`` is None). Every rank calls this at the
         same point: a new context creates its process groups collectively, in the same order everywhere.
         """
-        wanted = config_layout(cfg, self.pc.world_size)
-        previous = self.layout if self.chunks is not None else None
-        if wanted == previous:
+        wanted = phase.layout
+        if self.chunks is not None and wanted == self.pc.layout:
             return False
         if self.optimizer is not None:
             self.optimizer.close()
             self.optimizer = None
-        if previous is not None:
-            self.logger.message(f"parallel layout changes from {format_layout(previous)} to {format_layout(wanted)}")
-        if wanted != layout_of(self.pc, wanted["num_chunks"]):
-            from internlm.parallel import describe_layout, init_parallel_context
-
+        if self.chunks is not None:
+            self.logger.message(f"parallel layout changes from {self.pc.layout.describe()} to {wanted.describe()}")
+        if wanted != self.pc.layout:
             _release_groups(self.pc)
-            self.pc = init_parallel_context(cfg.parallel, self.pc.world_size, self.pc.rank)
-            self.ckpt = CheckpointManager(self.ckpt_root, self.pc, keep_last=self.cfg.ckpt.keep_last)
+            self.pc = init_parallel_context(wanted, self.pc.rank)
+            self.ckpt = CheckpointManager(self.ckpt_root, self.pc, keep_last=self.keep_last)
             if self.pc.rank == 0:
-                print(describe_layout(self.pc), flush=True)
+                print(describe_groups(self.pc), flush=True)
         self.chunks = None  # free the old chunks (and the closed optimizer's buffers they view) first
-        self.chunks = build_model_chunks(self.model_config, cfg, self.pc, self.device)
-        self.loss_fn = build_loss_fn(cfg, self.pc)
+        self.chunks = build_model_chunks(phase.config, self.pc, self.device)
+        self.loss_fn = build_loss_fn(phase.config, self.pc)
         return True
 
     def _phase_end_checkpoint(self, phase: Phase) -> str:
@@ -208,18 +196,17 @@ class Trainer:
         this layout, else resharded from full tensors. Returns True when resharded."""
         # a folder without meta.json (e.g. ckpt.load_ckpt_folder from elsewhere) can only be read as it is
         saved = checkpoint_layout(path) if os.path.isfile(os.path.join(path, META_FILE)) else None
-        if saved is None or saved == self.layout:
+        if saved is None or saved == self.pc.layout:
             self.ckpt.load_model(path, self.chunks)
             return False
         load_model_resharded(path, self.chunks)
-        self.logger.message(f"resharded checkpoint from {format_layout(saved)} to {format_layout(self.layout)} "
-                            f"({path})")
+        self.logger.message(f"resharded checkpoint from {saved.describe()} to {self.pc.layout.describe()} ({path})")
         return True
 
     def _load_optimizer(self, path: str) -> None:
         """Optimizer state from checkpoint ``path``: this rank's shard when saved under this layout, else this
         rank's slices of the merged full state."""
-        if checkpoint_layout(path) == self.layout:
+        if checkpoint_layout(path) == self.pc.layout:
             self.ckpt.load_optimizer(path, self.optimizer)
         else:
             self.optimizer.load_full_state(merge_optimizer_checkpoint(path, trainable_names(self.chunks)))
@@ -230,12 +217,12 @@ class Trainer:
     def _prepare_optimizer(self, phase: Phase, checkpoint: Optional[str], resuming_inside: bool) -> None:
         """Optimizer state carries over between phases unless the phase sets phase.reset_optimizer: in memory
         (``checkpoint`` None), or from ``checkpoint`` when resuming or after a layout change."""
-        reset = phase.cfg.phase.reset_optimizer and not resuming_inside
+        reset = phase.config.phase.reset_optimizer and not resuming_inside
         if self.optimizer is not None and not reset:
             return
         if self.optimizer is not None:
             self.optimizer.close()
-        self.optimizer = build_optimizer(self.chunks, phase.cfg, self.pc)
+        self.optimizer = build_optimizer(self.chunks, phase.config, self.pc)
         if checkpoint is not None and not reset:
             self._load_optimizer(checkpoint)
         if reset:
@@ -243,25 +230,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one phase
     def _run_phase(self, phase: Phase, start: int, loader) -> None:
-        cfg = phase.cfg
-        schedule = build_step_schedule(cfg, self.pc, self.model_config)
-        valid_batches = build_valid_batches(cfg.data, cfg.seed, self.pc.dp_rank, self.pc.dp_size)
+        config = phase.config
+        schedule = build_step_schedule(config, self.pc)
+        valid_batches = build_valid_batches(config.data, config.seed, self.pc.dp_rank, self.pc.dp_size)
         record = self.history[-1]
-        lr_total = cfg.lr_scheduler.total_steps or phase.steps
-        beta2_init = cfg.beta2_scheduler.init_beta2 if cfg.beta2_scheduler.init_beta2 is not None else cfg.adam.adam_beta2
-        beta2_c = cfg.beta2_scheduler.c if cfg.beta2_scheduler.c is not None else cfg.adam.adam_beta2_c
+        lr, beta2 = config.lr_scheduler, config.beta2_scheduler
         self.logger.message(
             f"phase {phase.index + 1}/{len(self.phases)} {phase.name!r}: steps {start + 1}..{phase.steps}, "
-            f"seq_len {cfg.data.seq_len}, {phase.tokens_per_step:,} tokens/step, data {cfg.data.train_folder}"
+            f"seq_len {config.data.seq_len}, {phase.tokens_per_step:,} tokens/step, data {config.data.train_folder}"
         )
-        flops_per_step = self.model_config.flops_per_token(cfg.data.seq_len) * phase.tokens_per_step
+        flops_per_step = self.model_config.flops_per_token(config.data.seq_len) * phase.tokens_per_step
         for phase_step in range(start, phase.steps):
             batch = loader.next_global_batch()
-            lr = warmup_cosine_lr(phase_step, lr_total, cfg.adam.lr, cfg.lr_scheduler.warmup_ratio,
-                                  cfg.lr_scheduler.eta_min, cfg.lr_scheduler.init_steps)
-            beta2 = beta2_at(self.step + 1, beta2_init, beta2_c)
+            step_lr = warmup_cosine_lr(phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min,
+                                       lr.init_steps)
+            step_beta2 = beta2_at(self.step + 1, beta2.init_beta2, beta2.c)
             started = time.perf_counter()
-            loss, grad_norm, skipped = self._train_step(batch, schedule, lr, beta2)
+            loss, grad_norm, skipped = self._train_step(batch, schedule, step_lr, step_beta2)
             elapsed = time.perf_counter() - started
             self.step += 1
             self.tokens += phase.tokens_per_step
@@ -269,43 +254,43 @@ class Trainer:
             self.last_loss = loss
             tflops = flops_per_step / self.pc.world_size / elapsed / 1e12
             line = dict(step=self.step, phase=phase.name, phase_index=phase.index + 1, phase_step=phase_step + 1,
-                        loss=loss, lr=lr, beta2=beta2, grad_norm=grad_norm, skipped=skipped,
+                        loss=loss, lr=step_lr, beta2=step_beta2, grad_norm=grad_norm, skipped=skipped,
                         skipped_steps=self.optimizer.skipped_steps, tokens=self.tokens,
-                        phase_tokens=record["tokens"], seq_len=cfg.data.seq_len,
+                        phase_tokens=record["tokens"], seq_len=config.data.seq_len,
                         tgs=phase.tokens_per_step / self.pc.world_size / elapsed, tflops=tflops,
                         mfu=tflops / self._peak_tflops, step_time=elapsed,
-                        source_tokens=getattr(loader, "last_batch_source_tokens", None))
+                        source_tokens=loader.last_batch_source_tokens)
             if self._first_metrics_line:
                 line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
                 self._first_metrics_line = False
             self.logger.log(line)
-            if (phase_step + 1) % cfg.monitor.log_every == 0 or phase_step + 1 == phase.steps:
+            if (phase_step + 1) % config.monitor.log_every == 0 or phase_step + 1 == phase.steps:
                 self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
                                      phase.tokens_per_step / elapsed)
             last = phase_step + 1 == phase.steps
-            if not last and self._stop_requested(cfg):
+            if not last and self._stop_requested(phase):
                 self._save(phase, phase_step + 1, loader, completed=False)
-                self._clear_stop_file(cfg)
+                self._clear_stop_file(phase)
                 self.logger.close_bar()
-                reason = "on a stop signal" if self._terminated else f"as asked by {cfg.ckpt.stop_file_path}"
+                reason = "on a stop signal" if self._terminated else f"as asked by {config.ckpt.stop_file_path}"
                 raise StopRequested(f"stopped after step {self.step} {reason}; rerun the same command to resume")
-            if valid_batches and cfg.data.valid_every and self.step % cfg.data.valid_every == 0 and not last:
+            if valid_batches and config.data.valid_every and self.step % config.data.valid_every == 0 and not last:
                 self._validate(valid_batches, schedule)
             if last:
                 if valid_batches:
                     self._validate(valid_batches, schedule)
                 self._save(phase, phase_step + 1, loader, completed=True)
-            elif cfg.ckpt.enable_save_ckpt and cfg.ckpt.checkpoint_every and self.step % cfg.ckpt.checkpoint_every == 0:
+            elif config.ckpt.enable_save_ckpt and self.step % config.ckpt.checkpoint_every == 0:
                 self._save(phase, phase_step + 1, loader, completed=False)
         self.logger.close_bar()
 
-    def _stop_requested(self, cfg: Any) -> bool:
+    def _stop_requested(self, phase: Phase) -> bool:
         """Stop after SIGTERM, or as InternLM's ckpt.stop_file_path asks: after the step written in that file
         (after this step, if it is empty).
 
         All ranks agree through an all-reduce, so a file appearing mid-step cannot split the job.
         """
-        path = cfg.ckpt.get("stop_file_path")
+        path = phase.config.ckpt.stop_file_path
         wanted = 1.0 if self._terminated else 0.0
         if path and os.path.isfile(path):
             with open(path) as f:
@@ -313,13 +298,13 @@ class Trainer:
             wanted = max(wanted, 1.0 if not text or (text.isdigit() and int(text) <= self.step) else 0.0)
         flag = torch.tensor(wanted, device=self.device)
         if self.pc.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            all_reduce_(flag, dist.group.WORLD, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def _clear_stop_file(self, cfg: Any) -> None:
-        path = cfg.ckpt.get("stop_file_path")
+    def _clear_stop_file(self, phase: Phase) -> None:
+        path = phase.config.ckpt.stop_file_path
         if self.pc.rank == 0 and path and os.path.isfile(path) and not self._terminated:
-            os.remove(cfg.ckpt.stop_file_path)
+            os.remove(path)
 
     def _to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
         out = dict(micro_batch)
@@ -329,47 +314,47 @@ class Trainer:
 
     def _train_step(self, batch: List[Dict[str, Any]], schedule, lr: float, beta2: float):
         """One optimizer update over this rank's micro-batches; returns the global (loss, grad_norm, skipped)."""
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in batch)
-        global_tokens = _all_reduce_sum(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
+        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in batch)
+        global_tokens = _sum_over(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
         batch = [self._to_device(mb) for mb in batch]
         self.optimizer.set_lr(lr)
         self.optimizer.set_beta2(beta2)
         self.optimizer.begin_step(len(batch))
         loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0 / float(global_tokens))
         grad_norm, skipped = self.optimizer.step()
-        loss_sum = _all_reduce_sum(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
         return float(loss_sum / global_tokens), float(grad_norm), bool(skipped)
 
     @torch.no_grad()
     def _validate(self, valid_batches: List[Dict[str, Any]], schedule) -> float:
         self.optimizer.sync_params()
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in valid_batches)
-        tokens = _all_reduce_sum(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
+        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in valid_batches)
+        tokens = _sum_over(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
         batch = [self._to_device(mb) for mb in valid_batches]
         if len(self.chunks) > 1 and len(batch) % self.pc.pp_size:
             # the interleaved schedule runs micro-batches in groups of pp_size: pad with loss-free copies
-            padding = dict(batch[-1], labels=torch.full_like(batch[-1]["labels"], -100))
+            padding = dict(batch[-1], labels=torch.full_like(batch[-1]["labels"], IGNORE_INDEX))
             batch += [padding] * (self.pc.pp_size - len(batch) % self.pc.pp_size)
         for chunk in self.chunks:
             chunk.eval()
         loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0, forward_only=True)
         for chunk in self.chunks:
             chunk.train()
-        loss_sum = _all_reduce_sum(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
         self.last_val_loss = float(loss_sum / tokens.clamp(min=1))
         self.logger.log(dict(step=self.step, val_loss=self.last_val_loss))
         self.logger.message(f"step {self.step}: validation loss {self.last_val_loss:.4f}")
         return self.last_val_loss
 
     def _save(self, phase: Phase, phase_step: int, loader, completed: bool) -> None:
-        if not self.cfg.ckpt.enable_save_ckpt:
+        if not phase.config.ckpt.enable_save_ckpt:
             return
         self.optimizer.sync_params()
         meta = dict(
             version=1, step=self.step, tokens=self.tokens, phase_index=phase.index, phase_name=phase.name,
             phase_step=phase_step, phase_steps=phase.steps, phase_completed=completed,
             phase_tokens=self.history[-1]["tokens"], phases=self.history, config_file=phase.config_file,
-            layout=self.layout,
+            layout=self.pc.layout.to_dict(),
         )
         train_state = dict(loader=loader.state_dict(), history=self.history)
         path = self.ckpt.save(self.step, self.chunks, self.optimizer, train_state, meta)

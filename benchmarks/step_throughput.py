@@ -19,14 +19,16 @@ from internlm.model import InternLM, InternLMConfig
 from internlm.train.activation_checkpoint import apply_activation_checkpointing
 
 
-def measure(config: InternLMConfig, backend: str, checkpoint: bool, batch: int, seq_len: int, steps: int,
-            device: torch.device) -> float:
+def measure(
+    config: InternLMConfig, backend: str, checkpoint: bool, batch: int, seq_len: int, steps: int, device: torch.device
+) -> float:
     config = InternLMConfig(**{**config.__dict__, "attn_backend": backend})
     with torch.device(device):
         model = InternLM(config)
     apply_activation_checkpointing(model, checkpoint)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type != "cuda",
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, foreach=device.type != "cuda", fused=device.type == "cuda"
+    )
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
 
@@ -64,8 +66,10 @@ def main() -> None:
     config = InternLMConfig.preset(args.preset, **overrides)
     flops = config.flops_per_token(args.seq_len)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{args.preset} ({config.num_params() / 1e6:.1f}M params), batch {args.batch} x {args.seq_len}, "
-          f"{args.dtype}, on {name}")
+    print(
+        f"{args.preset} ({config.num_params() / 1e6:.1f}M params), batch {args.batch} x {args.seq_len}, "
+        f"{args.dtype}, on {name}"
+    )
     variants = [("sdpa", False), ("sdpa", True), ("reference", False)]
     from internlm.model import flash_attn_available
 

@@ -22,9 +22,7 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world_size: int, store_dir: str, fn: Callable, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "value": result}, os.path.join(store_dir, f"result{rank}.pt"))

@@ -9,8 +9,14 @@ from train_utils import REPO, read_metrics, run_train
 
 def _train_py(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_bad_key_exits_2_with_one_line():
@@ -24,8 +30,16 @@ def test_bad_key_exits_2_with_one_line():
 def test_impossible_layout_exits_2_before_any_process_group():
     proc = _train_py("--config", "configs/demo.py", "--set", "parallel.tensor=3")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    proc = _train_py("--config", "configs/demo.py", "--set", "parallel.pipeline.size=2", "data.micro_num=1",
-                     "--dry-run", "--world-size", "2")
+    proc = _train_py(
+        "--config",
+        "configs/demo.py",
+        "--set",
+        "parallel.pipeline.size=2",
+        "data.micro_num=1",
+        "--dry-run",
+        "--world-size",
+        "2",
+    )
     assert proc.returncode == 2 and "data.micro_num" in proc.stderr
 
 
@@ -43,9 +57,16 @@ def test_dry_run_104b_on_2048_gpus():
 def test_two_phase_demo_small(tmp_path):
     """The README's main command, shortened: both phases run, mixture and sequence length change, a sample prints."""
     work_dir = str(tmp_path / "demo")
-    proc = run_train(["configs/demo/phase1.py", "configs/demo/phase2.py"],
-                     sets=[f"work_dir={work_dir}", "model.num_layers=2", "model.hidden_size=128",
-                           "data.total_steps=30", "data.valid_every=15"])
+    proc = run_train(
+        ["configs/demo/phase1.py", "configs/demo/phase2.py"],
+        sets=[
+            f"work_dir={work_dir}",
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "data.total_steps=30",
+            "data.valid_every=15",
+        ],
+    )
     assert "sample from the trained model" in proc.stdout
     records = [r for r in read_metrics(work_dir) if "loss" in r]
     assert [r["phase"] for r in records] == ["phase1"] * 30 + ["phase2"] * 30

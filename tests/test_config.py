@@ -132,16 +132,24 @@ def test_helpers_ignored_and_torch_dtype_accepted(tmp_path):
 def test_base_merge_delete_and_chain(tmp_path):
     write(tmp_path, "root.py", TINY + "adam = dict(lr=3e-4, weight_decay=0.1)\nSHARED = 1\n")
     os.mkdir(tmp_path / "sub")
-    write(tmp_path / "sub", "mid.py", """
+    write(
+        tmp_path / "sub",
+        "mid.py",
+        """
         _base_ = "../root.py"
         data = dict(micro_bsz=4)
         lr_scheduler = dict(warmup_ratio=0.1, eta_min=1e-6)
-    """)
-    child = write(tmp_path / "sub", "child.py", """
+    """,
+    )
+    child = write(
+        tmp_path / "sub",
+        "child.py",
+        """
         _base_ = ["mid.py"]
         data = dict(seq_len=64)
         adam = dict(_delete_=True, lr=2e-4)
-    """)
+    """,
+    )
     cfg = load_config(child)
     assert (cfg.data.seq_len, cfg.data.micro_bsz, cfg.data.micro_num, cfg.data.total_steps) == (64, 4, 2, 10)
     assert cfg.adam.lr == 2e-4 and cfg.adam.weight_decay == 0.01  # replaced, not merged: default back
@@ -153,11 +161,21 @@ def test_base_merge_delete_and_chain(tmp_path):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, "t.py", TINY + "parallel = dict(tensor=1)\n")
-    cfg = load_config(path, [
-        "model.dtype=torch.float32", "adam.lr=3e-4", "JOB_NAME=run1", "model.num_layers=3",
-        "parallel.tensor.size=2", "parallel.pipeline={'size': 2}", "monitor.log_every=5", "data.total_steps=None",
-        "data.total_tokens=2e6", "model.checkpoint=0.5",
-    ])
+    cfg = load_config(
+        path,
+        [
+            "model.dtype=torch.float32",
+            "adam.lr=3e-4",
+            "JOB_NAME=run1",
+            "model.num_layers=3",
+            "parallel.tensor.size=2",
+            "parallel.pipeline={'size': 2}",
+            "monitor.log_every=5",
+            "data.total_steps=None",
+            "data.total_tokens=2e6",
+            "model.checkpoint=0.5",
+        ],
+    )
     assert cfg.model.dtype == "torch.float32" and cfg.adam.lr == 3e-4 and cfg.JOB_NAME == "run1"
     assert cfg.work_dir == "work_dirs/run1" and cfg.model.num_layers == 3
     assert cfg.parallel.tensor == {"size": 2, "mode": "mtp"}
@@ -174,7 +192,11 @@ def test_dict_override_replaces(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["a.b=1", "c=x y", "d=[1, 2]", "e='q'", "f="]) == [
-        ("a.b", 1), ("c", "x y"), ("d", [1, 2]), ("e", "q"), ("f", "")
+        ("a.b", 1),
+        ("c", "x y"),
+        ("d", [1, 2]),
+        ("e", "q"),
+        ("f", ""),
     ]
     with pytest.raises(ConfigError, match=r"^--set model\.num_layers: expected key\.path=value"):
         parse_overrides(["model.num_layers"])
@@ -216,8 +238,9 @@ def test_config_error_has_one_signature():
 
 
 def test_model_config_from_preset(tmp_path):
-    cfg = load_config(write(tmp_path, "t.py", TINY), ["model.num_layers=3", "model.layer_norm_epsilon=1e-5",
-                                                       "model.dtype=bf16"])
+    cfg = load_config(
+        write(tmp_path, "t.py", TINY), ["model.num_layers=3", "model.layer_norm_epsilon=1e-5", "model.dtype=bf16"]
+    )
     mc = model_config_from(cfg)
     assert (mc.hidden_size, mc.num_attention_heads, mc.vocab_size, mc.multiple_of) == (64, 4, 256, 16)
     assert mc.num_layers == 3 and mc.norm_eps == 1e-5 and mc.dtype == torch.bfloat16
@@ -258,12 +281,22 @@ def test_preset_fills_renamed_keys(tmp_path):
 
 def test_section_classes_follow_the_schema():
     expected = {
-        "model": "ModelSection", "data": "DataSection", "parallel": "ParallelSection",
-        "parallel.tensor": "TensorSection", "parallel.pipeline": "PipelineSection", "parallel.zero1": "Zero1Section",
-        "adam": "AdamSection", "lr_scheduler": "LRSchedulerSection", "beta2_scheduler": "Beta2SchedulerSection",
-        "hybrid_zero_optimizer": "HybridZeroOptimizerSection", "grad_scaler": "GradScalerSection",
-        "grad_scaler.fp16": "Fp16Section", "loss": "LossSection", "ckpt": "CkptSection",
-        "monitor": "MonitorSection", "phase": "PhaseSection",
+        "model": "ModelSection",
+        "data": "DataSection",
+        "parallel": "ParallelSection",
+        "parallel.tensor": "TensorSection",
+        "parallel.pipeline": "PipelineSection",
+        "parallel.zero1": "Zero1Section",
+        "adam": "AdamSection",
+        "lr_scheduler": "LRSchedulerSection",
+        "beta2_scheduler": "Beta2SchedulerSection",
+        "hybrid_zero_optimizer": "HybridZeroOptimizerSection",
+        "grad_scaler": "GradScalerSection",
+        "grad_scaler.fp16": "Fp16Section",
+        "loss": "LossSection",
+        "ckpt": "CkptSection",
+        "monitor": "MonitorSection",
+        "phase": "PhaseSection",
     }
     for path, spec in iter_fields():
         if isinstance(spec, Section):

@@ -1,8 +1,8 @@
 """Mixture sampling and the train loader: determinism, dp independence, resume, proportions, phases."""
 
 import json
-from types import SimpleNamespace
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,8 +38,15 @@ def folders(tmp_path_factory):
 
 
 def cfg(folders, weights, seq_len=16, micro_bsz=2, micro_num=2, **extra):
-    data = dict(seq_len=seq_len, micro_bsz=micro_bsz, micro_num=micro_num, valid_folder=None, valid_ratio=0.0,
-                train_folder={folders[k]: w for k, w in weights.items()}, block_seqs=8)
+    data = dict(
+        seq_len=seq_len,
+        micro_bsz=micro_bsz,
+        micro_num=micro_num,
+        valid_folder=None,
+        valid_ratio=0.0,
+        train_folder={folders[k]: w for k, w in weights.items()},
+        block_seqs=8,
+    )
     data.update(extra)
     return data
 
@@ -67,7 +74,7 @@ def test_global_batches_independent_of_dp_size(folders):
     for dp, micro_num in ((2, 2), (4, 1)):
         got, dp_loaders = global_batches(cfg(folders, weights, micro_bsz=2, micro_num=micro_num), 4, dp_size=dp)
         assert all(torch.equal(x, y) for x, y in zip(ref, got))
-        assert all(l.state_dict() == loaders[0].state_dict() for l in dp_loaders)
+        assert all(loader.state_dict() == loaders[0].state_dict() for loader in dp_loaders)
     other_seed, _ = global_batches(cfg(folders, weights, micro_bsz=2, micro_num=4), 4, dp_size=1, seed=8)
     assert not all(torch.equal(x, y) for x, y in zip(ref, other_seed))
 

@@ -1,6 +1,7 @@
 """Validation data: hold-out disjoint from training, dp-size independent union, padding, valid_folder."""
 
 from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,6 @@ def build_valid_batches_from(data: dict, *args):
     return build_valid_batches(SimpleNamespace(**data), *args)
 
 
-
 def make_source(folder, size, base, seed):
     """A data folder whose token at stream position p is base + p, with documents of 5..40 tokens."""
     lengths = np.random.default_rng(seed).integers(5, 40, size=size)
@@ -35,13 +35,25 @@ def make_source(folder, size, base, seed):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("valid")
-    return {"a": make_source(root / "a", 2000, 100, 0), "b": make_source(root / "b", 1000, 10000, 1),
-            "v": make_source(root / "v", 304, 30000, 2)}
+    return {
+        "a": make_source(root / "a", 2000, 100, 0),
+        "b": make_source(root / "b", 1000, 10000, 1),
+        "v": make_source(root / "v", 304, 30000, 2),
+    }
 
 
 def data_cfg(sources, **extra):
-    cfg = dict(seq_len=16, micro_bsz=2, micro_num=2, train_folder={sources["a"]: 1, sources["b"]: 1},
-               valid_folder=None, valid_ratio=0.1, valid_max_samples=13, valid_micro_num=None, block_seqs=8)
+    cfg = dict(
+        seq_len=16,
+        micro_bsz=2,
+        micro_num=2,
+        train_folder={sources["a"]: 1, sources["b"]: 1},
+        valid_folder=None,
+        valid_ratio=0.1,
+        valid_max_samples=13,
+        valid_micro_num=None,
+        block_seqs=8,
+    )
     cfg.update(extra)
     return cfg
 

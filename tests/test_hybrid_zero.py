@@ -24,8 +24,13 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad_n
 
 def tiny_model(dtype: torch.dtype = torch.float32) -> InternLM:
     config = InternLMConfig(
-        hidden_size=32, num_layers=1, num_attention_heads=2, vocab_size=VOCAB, multiple_of=16,
-        attn_backend="sdpa", dtype=dtype,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        multiple_of=16,
+        attn_backend="sdpa",
+        dtype=dtype,
     )
     model = InternLM(config)
     # The exact gradient of k_proj.bias is zero (softmax ignores a shift shared by all keys), so autograd
@@ -36,8 +41,17 @@ def tiny_model(dtype: torch.dtype = torch.float32) -> InternLM:
 
 def single_context() -> SimpleNamespace:
     return SimpleNamespace(
-        dp_size=1, dp_rank=0, dp_group=None, zero1_size=1, zero1_rank=0, zero1_group=None,
-        tp_size=1, tp_rank=0, tp_group=None, pp_size=1, pp_group=None,
+        dp_size=1,
+        dp_rank=0,
+        dp_group=None,
+        zero1_size=1,
+        zero1_rank=0,
+        zero1_group=None,
+        tp_size=1,
+        tp_rank=0,
+        tp_group=None,
+        pp_size=1,
+        pp_group=None,
     )
 
 
@@ -81,7 +95,9 @@ def reference_run(steps: int, micro_num: int = 2) -> Tuple[Dict[str, torch.Tenso
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+        lr=HYPER["lr"],
+        betas=HYPER["betas"],
+        eps=HYPER["eps"],
     )
     norms = []
     for step in range(steps):
@@ -235,8 +251,16 @@ def test_state_dict_metadata_and_layout_errors():
         assert buffer["exp_avg"].dtype == torch.float32
     with pytest.raises(ValueError, match="zero1_size: saved 2 vs current 1"):
         opt.load_state_dict(dict(state, zero1_size=2))
-    other = InternLM(InternLMConfig(hidden_size=32, num_layers=1, num_attention_heads=2, vocab_size=2 * VOCAB,
-                                    multiple_of=16, attn_backend="sdpa"))
+    other = InternLM(
+        InternLMConfig(
+            hidden_size=32,
+            num_layers=1,
+            num_attention_heads=2,
+            vocab_size=2 * VOCAB,
+            multiple_of=16,
+            attn_backend="sdpa",
+        )
+    )
     with pytest.raises(ValueError, match=r"parameter lm_head.weight: saved shape \[64, 32\]"):
         make_opt(other).load_state_dict(state)
 
@@ -244,16 +268,27 @@ def test_state_dict_metadata_and_layout_errors():
 def test_optim_state_bytes_and_hyper_parameters():
     model = tiny_model()
     opt = HybridZeroOptimizer(
-        [model], single_context(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, clip_grad_norm=1.0,
-        reduce_bucket_size=1024, overlap_sync_grad=False, overlap_sync_param=False,
+        [model],
+        single_context(),
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.01,
+        clip_grad_norm=1.0,
+        reduce_bucket_size=1024,
+        overlap_sync_grad=False,
+        overlap_sync_param=False,
     )
     assert opt.lr == 3e-4 and not opt.grad_reducer.overlap and opt.param_groups[0]["betas"] == (0.9, 0.95)
     opt.set_lr(1e-3)
     opt.set_beta2(0.99)
     assert opt.lr == 1e-3 and all(g["betas"] == (0.9, 0.99) for g in opt.param_groups)
     train_zero(model, opt, range(1))
-    held = sum(t.numel() * t.element_size() for m in opt.masters
-               for t in (m, opt.optimizer.state[m]["exp_avg"], opt.optimizer.state[m]["exp_avg_sq"]))
+    held = sum(
+        t.numel() * t.element_size()
+        for m in opt.masters
+        for t in (m, opt.optimizer.state[m]["exp_avg"], opt.optimizer.state[m]["exp_avg_sq"])
+    )
     assert opt.optim_state_bytes() == held
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 12 * num_params <= held < 12 * (num_params + 16 * len(opt.buffers))
@@ -289,9 +324,12 @@ def test_declared_shards_set_buffer_kinds_and_metadata():
     """Duplicate and partial-gradient parameters get their own buffers; the shard records its split."""
     model = torch.nn.Linear(6, 8)
     model.gain = torch.nn.Parameter(torch.ones(6))
-    declare_shards(model, weight=TPShard.split((16, 6), dim=0, rank=1, size=2),
-                   bias=TPShard.replicated((8,), rank=1, size=2),
-                   gain=TPShard.replicated((6,), rank=1, size=2, partial_grad=True))
+    declare_shards(
+        model,
+        weight=TPShard.split((16, 6), dim=0, rank=1, size=2),
+        bias=TPShard.replicated((8,), rank=1, size=2),
+        gain=TPShard.replicated((6,), rank=1, size=2, partial_grad=True),
+    )
     opt = make_opt(model, SimpleNamespace(**dict(vars(single_context()), tp_size=2, tp_rank=1)))
     kinds = {(b.key.decay, b.key.tp_duplicate, b.key.tp_partial_grad): [s.name for s in b.slots] for b in opt.buffers}
     assert kinds == {(True, False, False): ["weight"], (False, True, False): ["bias"], (False, True, True): ["gain"]}

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_utils import run_distributed
+from internlm.optim import HybridZeroOptimizer
+from internlm.parallel.tp_shard import TPShard, declare_shards
 from test_hybrid_zero import (
     HYPER,
     backward_step,
@@ -28,8 +30,6 @@ from test_hybrid_zero import (
     tiny_model,
     train_zero,
 )
-from internlm.optim import HybridZeroOptimizer
-from internlm.parallel.tp_shard import TPShard, declare_shards
 
 STEPS = 4
 
@@ -52,9 +52,17 @@ def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> Simple
         for block in range(dp_size // zero1_size):
             new_group("zero1", [t + tp_size * (block * zero1_size + j) for j in range(zero1_size)])
     return SimpleNamespace(
-        dp_size=dp_size, dp_rank=dp_rank, dp_group=found["dp"],
-        zero1_size=zero1_size, zero1_rank=dp_rank % zero1_size, zero1_group=found["zero1"],
-        tp_size=tp_size, tp_rank=tp_rank, tp_group=found["tp"], pp_size=1, pp_group=None,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        dp_group=found["dp"],
+        zero1_size=zero1_size,
+        zero1_rank=dp_rank % zero1_size,
+        zero1_group=found["zero1"],
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        tp_group=found["tp"],
+        pp_size=1,
+        pp_group=None,
     )
 
 
@@ -181,9 +189,13 @@ def _tp_worker(rank: int, world: int) -> dict:
 def test_tensor_parallel_shards_match_single_process():
     model = Quadratic()
     decay = torch.optim.AdamW(
-        [{"params": [model.weight], "weight_decay": HYPER["weight_decay"]},
-         {"params": [model.bias, model.gain], "weight_decay": 0.0}],
-        lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+        [
+            {"params": [model.weight], "weight_decay": HYPER["weight_decay"]},
+            {"params": [model.bias, model.gain], "weight_decay": 0.0},
+        ],
+        lr=HYPER["lr"],
+        betas=HYPER["betas"],
+        eps=HYPER["eps"],
     )
     ref_norms = []
     for step in range(STEPS):

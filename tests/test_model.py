@@ -69,8 +69,13 @@ def test_flash_backend_requires_package():
     if flash_attn_available():
         pytest.skip("flash-attn installed")
     with pytest.raises(RuntimeError, match="flash-attn"):
-        packed_causal_attention(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
-                                torch.tensor([0, 4], dtype=torch.int32), backend="flash")
+        packed_causal_attention(
+            torch.randn(4, 2, 8),
+            torch.randn(4, 2, 8),
+            torch.randn(4, 2, 8),
+            torch.tensor([0, 4], dtype=torch.int32),
+            backend="flash",
+        )
 
 
 def test_init_is_deterministic_and_scaled():

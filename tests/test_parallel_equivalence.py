@@ -22,9 +22,11 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=True"]),
     "pp2_1f1b": (2, ["parallel.pipeline.size=2"]),
-    "pp2_interleaved": (2, ["parallel.pipeline.size=2", "parallel.pipeline.interleaved_overlap=True", "model.num_chunks=2"]),
-    "dp2_tp2_pp2_zero2": (8, ["parallel.tensor=2", "parallel.pipeline.size=2", "parallel.zero1=2",
-                              "data.micro_num=2"]),
+    "pp2_interleaved": (
+        2,
+        ["parallel.pipeline.size=2", "parallel.pipeline.interleaved_overlap=True", "model.num_chunks=2"],
+    ),
+    "dp2_tp2_pp2_zero2": (8, ["parallel.tensor=2", "parallel.pipeline.size=2", "parallel.zero1=2", "data.micro_num=2"]),
     "dp4_zero2_hybrid": (4, ["parallel.zero1=2", "data.micro_num=1"]),
     "tp4_gqa_kv_replicated": (4, ["parallel.tensor=4", "parallel.sequence_parallel=True"]),
 }
@@ -34,8 +36,9 @@ def _run(tmp_path_factory, demo, name, nproc, sets):
     root = tmp_path_factory.mktemp(name)
     work_dir = str(root / "run")
     config = write_base(str(root / "cfg"), demo, work_dir)
-    run_train([config], nproc=nproc, sets=[f"data.total_steps={STEPS}", "ckpt.checkpoint_every=100", *sets],
-              timeout=600)
+    run_train(
+        [config], nproc=nproc, sets=[f"data.total_steps={STEPS}", "ckpt.checkpoint_every=100", *sets], timeout=600
+    )
     records = read_metrics(work_dir)
     train = {r["step"]: r for r in records if "loss" in r}
     valid = [r["val_loss"] for r in records if "val_loss" in r]

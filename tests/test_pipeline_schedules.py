@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig, positions_from_cu_seqlens
-from internlm.parallel.pipeline import InterleavedSchedule, NoPipelineSchedule, OneFOneBSchedule, build_pipeline_chunks, build_schedule
+from internlm.parallel.pipeline import (
+    InterleavedSchedule,
+    NoPipelineSchedule,
+    OneFOneBSchedule,
+    build_pipeline_chunks,
+    build_schedule,
+)
 
 SEQ = 32
 RTOL = 1e-5
@@ -46,14 +52,22 @@ def _micro_batches(num):
         ids = torch.randint(0, 256, (1, SEQ), generator=gen)
         labels = torch.roll(ids, -1, dims=1)
         labels[0, cu[1:].long() - 1] = -100
-        out.append(dict(input_ids=ids, labels=labels, cu_seqlens=cu,
-                        position_ids=positions_from_cu_seqlens(cu, SEQ).view(1, -1),
-                        max_seqlen=int((cu[1:] - cu[:-1]).max())))
+        out.append(
+            dict(
+                input_ids=ids,
+                labels=labels,
+                cu_seqlens=cu,
+                position_ids=positions_from_cu_seqlens(cu, SEQ).view(1, -1),
+                max_seqlen=int((cu[1:] - cu[:-1]).max()),
+            )
+        )
     return out
 
 
 def _loss_fn(logits, labels):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def _loss_scale(micro_batches):
@@ -66,7 +80,9 @@ def _reference(num_layers, micro_num):
     mbs = _micro_batches(micro_num)
     scale, total = _loss_scale(mbs), 0.0
     for mb in mbs:
-        logits = model(mb["input_ids"], cu_seqlens=mb["cu_seqlens"], position_ids=mb["position_ids"], max_seqlen=mb["max_seqlen"])
+        logits = model(
+            mb["input_ids"], cu_seqlens=mb["cu_seqlens"], position_ids=mb["position_ids"], max_seqlen=mb["max_seqlen"]
+        )
         loss_sum = _loss_fn(logits, mb["labels"])
         (loss_sum * scale).backward()
         total += float(loss_sum.detach())
@@ -76,8 +92,13 @@ def _reference(num_layers, micro_num):
 def _pipeline_worker(rank, world_size, scenarios):
     group = dist.new_group(list(range(world_size)))
     pc = types.SimpleNamespace(
-        pp_size=world_size, pp_rank=rank, pp_group=group, tp_size=1, sequence_parallel=False,
-        pp_prev_rank=rank - 1 if rank > 0 else None, pp_next_rank=rank + 1 if rank < world_size - 1 else None,
+        pp_size=world_size,
+        pp_rank=rank,
+        pp_group=group,
+        tp_size=1,
+        sequence_parallel=False,
+        pp_prev_rank=rank - 1 if rank > 0 else None,
+        pp_next_rank=rank + 1 if rank < world_size - 1 else None,
     )
     results = {}
     for name, (num_layers, num_chunks, overlap, micro_num) in scenarios.items():
@@ -93,8 +114,14 @@ def _pipeline_worker(rank, world_size, scenarios):
         peak = schedule.peak_activations
         eval_loss = schedule.forward_backward(chunks, mbs, _loss_fn, _loss_scale(mbs), forward_only=True)
         grads_untouched = all(torch.equal(p.grad, grads[n]) for c in chunks for n, p in c.named_parameters())
-        results[name] = dict(loss=loss, eval_loss=eval_loss, grads=grads, peak=peak, kind=type(schedule).__name__,
-                             grads_untouched=grads_untouched)
+        results[name] = dict(
+            loss=loss,
+            eval_loss=eval_loss,
+            grads=grads,
+            peak=peak,
+            kind=type(schedule).__name__,
+            grads_untouched=grads_untouched,
+        )
     return results
 
 
@@ -134,7 +161,10 @@ def _check_against_reference(per_rank, name, scenarios):
     if num_chunks > 1:  # interleaved warm-up 2 (pp - r - 1) + (V - 1) pp forwards, plus the steady one
         expected = [min(2 * (pp - r - 1) + (num_chunks - 1) * pp + 1, micro_num * num_chunks) for r in range(pp)]
         assert [r["peak"] for r in results] == expected
-    print(f"{name}: peaks {[r['peak'] for r in results]}, loss rel err {abs(loss - ref_loss) / ref_loss:.1e}, worst grad rel err {worst:.1e}")
+    print(
+        f"{name}: peaks {[r['peak'] for r in results]}, loss rel err {abs(loss - ref_loss) / ref_loss:.1e}, "
+        f"worst grad rel err {worst:.1e}"
+    )
     return results
 
 
@@ -169,14 +199,16 @@ def test_no_pipeline_schedule_matches_reference():
 
 
 def test_build_schedule_picks_and_sizes():
-    single = types.SimpleNamespace(pp_size=1, pp_rank=0, pp_group=None, pp_prev_rank=None, pp_next_rank=None,
-                                   tp_size=1, sequence_parallel=False)
+    single = types.SimpleNamespace(
+        pp_size=1, pp_rank=0, pp_group=None, pp_prev_rank=None, pp_next_rank=None, tp_size=1, sequence_parallel=False
+    )
     assert isinstance(build_schedule(single, 1, 2, 16, 64, torch.float32), NoPipelineSchedule)
     with pytest.raises(ValueError, match="model.num_chunks"):
         build_schedule(single, 2, 2, 16, 64, torch.float32)
     # ring neighbours given explicitly (no group): shapes shrink by tp under sequence parallelism
-    pc = types.SimpleNamespace(pp_size=4, pp_rank=0, pp_group=None, pp_prev_rank=3, pp_next_rank=1,
-                               tp_size=2, sequence_parallel=True)
+    pc = types.SimpleNamespace(
+        pp_size=4, pp_rank=0, pp_group=None, pp_prev_rank=3, pp_next_rank=1, tp_size=2, sequence_parallel=True
+    )
     s = build_schedule(pc, 1, 2, 16, 64, torch.bfloat16)
     assert isinstance(s, OneFOneBSchedule) and s.p2p.tensor_shape == (1, 16, 64) and s.p2p.dtype == torch.bfloat16
     pc.sequence_parallel = False
@@ -185,8 +217,9 @@ def test_build_schedule_picks_and_sizes():
 
 
 def test_interleaved_order_and_warmup():
-    pc = types.SimpleNamespace(pp_size=2, pp_rank=1, pp_group=None, pp_prev_rank=0, pp_next_rank=0,
-                               tp_size=1, sequence_parallel=False)
+    pc = types.SimpleNamespace(
+        pp_size=2, pp_rank=1, pp_group=None, pp_prev_rank=0, pp_next_rank=0, tp_size=1, sequence_parallel=False
+    )
     s = InterleavedSchedule(pc, 2, (1, 8, 4), torch.float32)
     # pp micro-batches through chunk 0, then the same through chunk 1, then the next group
     assert [s.forward_position(k) for k in range(8)] == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]

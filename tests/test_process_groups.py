@@ -40,13 +40,20 @@ def test_layout_sizes_and_problems():
     assert (layout.tensor, layout.pipeline, layout.data, layout.zero1) == (2, 2, 2, 2)
     assert Layout.create(4, zero1=0).zero1 == 4
     assert Layout.create(8, zero1=2, sequence_parallel=True).sequence_parallel is True
-    assert Layout.from_dict(layout.to_dict()) == layout and layout.describe() == "tp2 x pp2 x dp2 (zero1 2, 1 chunk, 8 ranks)"
+    assert (
+        Layout.from_dict(layout.to_dict()) == layout
+        and layout.describe() == "tp2 x pp2 x dp2 (zero1 2, 1 chunk, 8 ranks)"
+    )
     assert layout.coords(5) == (1, 0, 1) and layout.rank_of(1, 0, 1) == 5
     assert Layout.create(6, tensor=4).problems() == [
-        Problem("parallel.tensor / parallel.pipeline.size", "world size 6 is not a multiple of tensor (4) * pipeline (1)")
+        Problem(
+            "parallel.tensor / parallel.pipeline.size", "world size 6 is not a multiple of tensor (4) * pipeline (1)"
+        )
     ]
     (problem,) = Layout.create(8, tensor=2, zero1=3).problems()
-    assert problem.key == "parallel.zero1" and problem.message.startswith("size 3 does not divide the data-parallel size 4")
+    assert problem.key == "parallel.zero1" and problem.message.startswith(
+        "size 3 does not divide the data-parallel size 4"
+    )
     with pytest.raises(ValueError, match=r"parallel.zero1: size 3 does not divide the data-parallel size 4"):
         init_parallel_context(Layout.create(8, tensor=2, zero1=3), 0)
     with pytest.raises(ValueError, match="not a layout record"):
@@ -75,8 +82,21 @@ def _grid_worker(rank, world_size, configs):
             t = torch.tensor([float(rank)])
             dist.all_reduce(t, group=getattr(pc, f"{kind}_group"))
             sums[kind] = int(t.item())
-        fields = {k: getattr(pc, k) for k in ("tp_rank", "dp_rank", "pp_rank", "zero1_rank", "tp_size", "dp_size",
-                                              "pp_size", "zero1_size", "pp_prev_rank", "pp_next_rank")}
+        fields = {
+            k: getattr(pc, k)
+            for k in (
+                "tp_rank",
+                "dp_rank",
+                "pp_rank",
+                "zero1_rank",
+                "tp_size",
+                "dp_size",
+                "pp_size",
+                "zero1_size",
+                "pp_prev_rank",
+                "pp_next_rank",
+            )
+        }
         out.append(dict(fields, sums=sums, first=pc.is_first_stage, last=pc.is_last_stage))
     return out
 
@@ -119,7 +139,10 @@ def test_tensor_split_problems_messages():
 
     odd = InternLMConfig.preset("internlm-tiny", hidden_size=48, num_attention_heads=6, vocab_size=250)
     problems = _fit(odd, 6, micro_bsz=2, seq_len=15, tensor=4, zero1=3, sequence_parallel=True)
-    assert problems[0] == "parallel.tensor / parallel.pipeline.size: world size 6 is not a multiple of tensor (4) * pipeline (1)"
+    assert (
+        problems[0]
+        == "parallel.tensor / parallel.pipeline.size: world size 6 is not a multiple of tensor (4) * pipeline (1)"
+    )
     assert "model.num_attention_heads: 6 is not divisible by parallel.tensor size 4" in problems
     assert "model.hidden_size: 48 is not divisible by parallel.tensor size 4" not in problems
     assert any(p.startswith("model.vocab_size: 250 is not divisible") for p in problems)
@@ -130,13 +153,21 @@ def test_tensor_split_problems_messages():
     assert _fit(mlp, 4, micro_bsz=1, seq_len=32, tensor=4) == [
         "model.mlp_ratio: intermediate size 174 is not divisible by parallel.tensor size 4"
     ]
-    gqa = InternLMConfig.preset("internlm-tiny", hidden_size=96, num_attention_heads=12, num_kv_attention_heads=3,
-                                 vocab_size=240, multiple_of=48)  # intermediate 288
+    gqa = InternLMConfig.preset(
+        "internlm-tiny",
+        hidden_size=96,
+        num_attention_heads=12,
+        num_kv_attention_heads=3,
+        vocab_size=240,
+        multiple_of=48,
+    )  # intermediate 288
     assert _fit(gqa, 6, micro_bsz=1, seq_len=32, tensor=6) == []  # 6 % 3 == 0: replicated kv
     assert _fit(gqa, 4, micro_bsz=1, seq_len=32, tensor=4) == [
         "model.num_kv_attention_heads: 3 kv heads can neither be split over nor replicated across "
         "parallel.tensor size 4; one must divide the other"
     ]
     zero = _fit(tiny, 8, micro_bsz=1, seq_len=32, tensor=2, pipeline=2, zero1=4)
-    assert zero == ["parallel.zero1: size 4 does not divide the data-parallel size 2 (world 8 / tensor 2 / "
-                    "pipeline 2); use a divisor of 2 or -1"]
+    assert zero == [
+        "parallel.zero1: size 4 does not divide the data-parallel size 2 (world 8 / tensor 2 / "
+        "pipeline 2); use a divisor of 2 or -1"
+    ]

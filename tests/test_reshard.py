@@ -99,8 +99,19 @@ def test_full_state_round_trip_follows_the_same_trajectory(tmp_path):
 def _fake_tp_context(tp_rank: int) -> SimpleNamespace:
     """Tensor rank ``tp_rank`` of 2 without process groups: enough to build and step shards (the tensor-group
     sum of partial gradients is skipped, which only changes the values the test round-trips)."""
-    return SimpleNamespace(dp_size=1, dp_rank=0, dp_group=None, zero1_size=1, zero1_rank=0, zero1_group=None,
-                           tp_size=2, tp_rank=tp_rank, tp_group=None, pp_size=1, pp_group=None)
+    return SimpleNamespace(
+        dp_size=1,
+        dp_rank=0,
+        dp_group=None,
+        zero1_size=1,
+        zero1_rank=0,
+        zero1_group=None,
+        tp_size=2,
+        tp_rank=tp_rank,
+        tp_group=None,
+        pp_size=1,
+        pp_group=None,
+    )
 
 
 def _trained_tp_shard(tp_rank: int) -> dict:
@@ -147,7 +158,7 @@ def test_tensor_shards_concatenate_and_cut_back_exactly():
                 expected = _local_values(shards[source], name, key)
                 assert torch.equal(_local_values(again, name, key), expected), (r, name, key)
         for buffer in again["buffers"]:  # padding stays zero
-            assert float(buffer["master"][buffer["numel"] - buffer["shard_range"][0]:].abs().sum()) == 0.0
+            assert float(buffer["master"][buffer["numel"] - buffer["shard_range"][0] :].abs().sum()) == 0.0
 
     with pytest.raises(ValueError, match=r"parameter weight: split into 2 tensor shards but found tensor ranks \[0\]"):
         merge_shard_states([("tp0", shards[0])])
@@ -220,8 +231,12 @@ def _two_phases(folder, demo, work_dir, phase2_parallel: str, phase2_micro_num: 
     write_base(folder, demo, work_dir)
     return [
         write_phase(folder, "p1", "parallel = dict(zero1=2)\ndata = dict(micro_num=2, total_steps=3)"),
-        write_phase(folder, "p2", f"parallel = dict({phase2_parallel})\n"
-                                  f"data = dict(micro_num={phase2_micro_num}, total_steps=3)\nadam = dict(lr=1e-3)"),
+        write_phase(
+            folder,
+            "p2",
+            f"parallel = dict({phase2_parallel})\n"
+            f"data = dict(micro_num={phase2_micro_num}, total_steps=3)\nadam = dict(lr=1e-3)",
+        ),
     ]
 
 
@@ -252,9 +267,23 @@ def test_layout_change_needs_saved_checkpoints(tmp_path, demo_data):
     import sys
 
     paths = _two_phases(str(tmp_path / "cfg"), demo_data, str(tmp_path / "run"), "tensor=2", 4)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", *paths, "--dry-run",
-                           "--world-size", "2", "--set", "ckpt.enable_save_ckpt=False"],
-                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            "--config",
+            *paths,
+            "--dry-run",
+            "--world-size",
+            "2",
+            "--set",
+            "ckpt.enable_save_ckpt=False",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert proc.returncode == 2 and "set ckpt.enable_save_ckpt=True" in proc.stderr
 
 

@@ -22,8 +22,8 @@ from internlm.parallel import (
     gather_from_sequence_region,
     init_parallel_context,
     make_loss_fn,
-    param_shards,
     parallelize_model,
+    param_shards,
     reduce_from_tensor_region,
     reduce_scatter_to_sequence_region,
     scatter_to_sequence_region,
@@ -103,9 +103,12 @@ def _model_case(rank, tp, sp, kv_heads):
         logits_abs=(logits - ref_logits.detach()).abs().max().item(),
         logits_rel=((logits - ref_logits.detach()).abs().max() / ref_logits.abs().max()).item(),
         loss_abs=abs(loss.item() - ref_loss.item()),
-        grad_abs=grad_abs, grad_rel=grad_rel, worst=worst,
+        grad_abs=grad_abs,
+        grad_rel=grad_rel,
+        worst=worst,
         n_params=len(list(par.parameters())),
-        hidden_seq=hidden.shape[1], local_vocab=local_logits.shape[-1],
+        hidden_seq=hidden.shape[1],
+        local_vocab=local_logits.shape[-1],
         marks={n: (s.to_record(), s.duplicate, s.partial_grad) for n, s in shards.items()},
     )
 
@@ -202,8 +205,14 @@ def _stage_case(rank):
         sent = first(ids, cu_seqlens=CU_SEQLENS)  # (1, S/2, H): this rank's sequence chunk
         logits = last(sent, cu_seqlens=CU_SEQLENS)
     g = pc.tp_group
-    shapes = [tuple(layer.weight.shape) for layer in (
-        ColumnParallelLinear(64, 32, True, g), RowParallelLinear(32, 64, True, g), VocabParallelEmbedding(256, 64, g))]
+    shapes = [
+        tuple(layer.weight.shape)
+        for layer in (
+            ColumnParallelLinear(64, 32, True, g),
+            RowParallelLinear(32, 64, True, g),
+            VocabParallelEmbedding(256, 64, g),
+        )
+    ]
     return dict(
         sent_shape=tuple(sent.shape),
         hidden_abs=(all_gather_along_dim(sent, 1, g) - hidden).abs().max().item(),

@@ -52,7 +52,10 @@ def test_training_is_deterministic(tmp_path, tok_path):
     # the model file also records its own path (model_prefix), so compare the learned vocabulary
     again = Tokenizer(train_sentencepiece(DOCS * 20, tmp_path / "again", vocab_size=320))
     first = Tokenizer(tok_path)
-    pieces = lambda t: [(t.id_to_piece(i), t.score(i)) for i in range(t.vocab_size)]
+
+    def pieces(t):
+        return [(t.id_to_piece(i), t.score(i)) for i in range(t.vocab_size)]
+
     assert pieces(again) == pieces(first)
 
 
@@ -98,17 +101,35 @@ def test_command_line_tools(tmp_path, inputs):
     """tools/train_tokenizer.py and tools/tokenizer.py end to end, and the error exit status."""
     folder, expected_docs = inputs
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
     r = run("tools/train_tokenizer.py", "--input", str(folder), "--vocab-size", "320", "--output", str(tmp_path / "t"))
     assert r.returncode == 0, r.stderr
-    r = run("tools/tokenizer.py", "--input", str(folder), "--tokenizer", str(tmp_path / "t.model"),
-            "--output", str(tmp_path / "out"), "--no-progress")
+    r = run(
+        "tools/tokenizer.py",
+        "--input",
+        str(folder),
+        "--tokenizer",
+        str(tmp_path / "t.model"),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     tok = Tokenizer(tmp_path / "t.model")
     stream = TokenStream(str(tmp_path / "out"))
     assert stream.read(0, stream.num_tokens).tolist() == sum((tok.encode(d) + [2] for d in expected_docs), [])
-    r = run("tools/tokenizer.py", "--input", str(tmp_path / "missing"), "--tokenizer", str(tmp_path / "t.model"),
-            "--output", str(tmp_path / "o2"))
+    r = run(
+        "tools/tokenizer.py",
+        "--input",
+        str(tmp_path / "missing"),
+        "--tokenizer",
+        str(tmp_path / "t.model"),
+        "--output",
+        str(tmp_path / "o2"),
+    )
     assert r.returncode == 2 and "missing" in r.stderr
 
 
@@ -117,10 +138,27 @@ def test_command_line_accepts_internlm_flag_names(tmp_path, tok_path, inputs):
     folder, expected_docs = inputs
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "tools/tokenizer.py", "--text_input_path", str(folder / "a.txt"),
-                        str(folder / "c.jsonl"), str(folder / "sub"), "--tokenizer", str(tok_path),
-                        "--bin_output_path", str(out), "--shard-tokens", "20", "--no-progress"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/tokenizer.py",
+            "--text_input_path",
+            str(folder / "a.txt"),
+            str(folder / "c.jsonl"),
+            str(folder / "sub"),
+            "--tokenizer",
+            str(tok_path),
+            "--bin_output_path",
+            str(out),
+            "--shard-tokens",
+            "20",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     shards = sorted(n for n in os.listdir(out) if n.endswith(".bin"))
     assert len(shards) > 1 and shards[0] == "shard_00000.bin"
@@ -129,6 +167,7 @@ def test_command_line_accepts_internlm_flag_names(tmp_path, tok_path, inputs):
     stream = TokenStream(str(out))
     assert stream.read(0, stream.num_tokens).tolist() == sum((tok.encode(d) + [2] for d in expected_docs), [])
     assert f"wrote {len(shards)} shards, 4 documents" in r.stdout
+
 
 def test_shard_dtype_and_rolling(tmp_path):
     assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.int32

@@ -127,8 +127,13 @@ def test_reordered_phases_exit_2(tmp_path, demo_data):
 
     from train_utils import REPO
 
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", paths[1], paths[0]],
-                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", paths[1], paths[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert proc.returncode == 2
     assert "keep the phases in the order they were run" in proc.stderr
     assert "Traceback" not in proc.stderr

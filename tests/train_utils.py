@@ -31,8 +31,15 @@ def write_base(folder: str, demo: Dict[str, str], work_dir: str) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "base.py")
     with open(path, "w") as f:
-        f.write(TINY_BASE.format(work_dir=work_dir, tokenizer=demo["tokenizer"], docs=demo["docs"],
-                                 code=demo["code"], stop=os.path.join(work_dir, "STOP")))
+        f.write(
+            TINY_BASE.format(
+                work_dir=work_dir,
+                tokenizer=demo["tokenizer"],
+                docs=demo["docs"],
+                code=demo["code"],
+                stop=os.path.join(work_dir, "STOP"),
+            )
+        )
     return path
 
 
@@ -69,8 +76,14 @@ def run_train(configs: List[str], nproc: int = 1, sets: Optional[List[str]] = No
     if nproc == 1:
         cmd = [sys.executable, os.path.join(REPO, "train.py")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(REPO, "train.py")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(REPO, "train.py"),
+        ]
     cmd += ["--config", *configs]
     if sets:
         cmd += ["--set", *sets]

@@ -19,11 +19,22 @@ from internlm.data.tokenize_corpus import tokenize_to_shards  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Tokenize .txt/.jsonl text into .bin shards.")
-    p.add_argument("--input", "--text_input_path", dest="input", nargs="+", required=True,
-                   help="files and/or folders (searched recursively); --text_input_path is InternLM's name")
+    p.add_argument(
+        "--input",
+        "--text_input_path",
+        dest="input",
+        nargs="+",
+        required=True,
+        help="files and/or folders (searched recursively); --text_input_path is InternLM's name",
+    )
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
-    p.add_argument("--output", "--bin_output_path", dest="output", required=True,
-                   help="output data folder (must hold no shards yet); --bin_output_path is InternLM's name")
+    p.add_argument(
+        "--output",
+        "--bin_output_path",
+        dest="output",
+        required=True,
+        help="output data folder (must hold no shards yet); --bin_output_path is InternLM's name",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (spawn); 1 = in-process")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard (documents are not split)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix")

@@ -32,7 +32,8 @@ data = dict(seq_len=SEQ_LEN, micro_bsz=1, micro_num=32, valid_every=1000, valid_
 
 adam = dict(lr=2e-4, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.1)
 lr_scheduler = dict(warmup_ratio=0.025, eta_min=2e-5)
-hybrid_zero_optimizer = dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=512 * 1024**2,
-                             clip_grad_norm=1.0)
+hybrid_zero_optimizer = dict(
+    overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=512 * 1024**2, clip_grad_norm=1.0
+)
 loss = dict(label_smoothing=0.0)
 ckpt = dict(checkpoint_every=500, keep_last=3, auto_resume=True)

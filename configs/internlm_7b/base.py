@@ -17,6 +17,7 @@ parallel = dict(tensor=1, pipeline=dict(size=1, interleaved_overlap=True), zero1
 data = dict(seq_len=2048, micro_bsz=2, micro_num=4, valid_every=1000, valid_ratio=0.001)
 adam = dict(lr=3e-4, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
 lr_scheduler = dict(warmup_ratio=0.025, eta_min=3e-5)
-hybrid_zero_optimizer = dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=512 * 1024**2,
-                             clip_grad_norm=1.0)
+hybrid_zero_optimizer = dict(
+    overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=512 * 1024**2, clip_grad_norm=1.0
+)
 ckpt = dict(checkpoint_every=1000, keep_last=3)

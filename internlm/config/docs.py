@@ -1,7 +1,7 @@
 """Generate the key reference of docs/config.md from the schema.
 
-    python -m internlm.config.docs           # rewrite the generated block of docs/config.md
-    python -m internlm.config.docs --check   # exit 1 when the block is out of date (CI)
+python -m internlm.config.docs           # rewrite the generated block of docs/config.md
+python -m internlm.config.docs --check   # exit 1 when the block is out of date (CI)
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ def _rows(section: Section, prefix: str) -> List[str]:
             rows.append(f"| `{path}` | {shorthand} | | | {spec.doc} |")
             rows += _rows(spec, path + ".")
         else:
-            rows.append(
-                f"| `{path}` | {type_name(spec.types)} | `{_default(spec)}` | {_range(spec)} | {spec.doc} |"
-            )
+            rows.append(f"| `{path}` | {type_name(spec.types)} | `{_default(spec)}` | {_range(spec)} | {spec.doc} |")
     return rows
 
 

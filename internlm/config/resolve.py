@@ -69,8 +69,7 @@ def resolve_section(section: Section, raw: Any, path: str) -> Dict[str, Any]:
         if isinstance(spec, Section):
             out[name] = resolve_section(spec, raw.get(name, {}), key)
         else:
-            out[name] = check_value(spec, copy.deepcopy(raw[name]) if name in raw else copy.deepcopy(spec.default),
-                                    key)
+            out[name] = check_value(spec, copy.deepcopy(raw[name]) if name in raw else copy.deepcopy(spec.default), key)
     return out
 
 

@@ -1,10 +1,10 @@
 """`RunConfig`: a resolved config as one frozen, typed value, built once at launch.
 
-    run = load_run_config("configs/7B_sft.py", overrides=["parallel.tensor=2"])
-    run.data.seq_len, run.parallel.tensor.size     # typed sections (internlm.config.sections)
-    run.model_config                               # the InternLMConfig, built once
-    run.layout(world_size)                         # the parallel Layout
-    dump_config(run.raw, path)                     # the resolved Config it was made from
+run = load_run_config("configs/7B_sft.py", overrides=["parallel.tensor=2"])
+run.data.seq_len, run.parallel.tensor.size     # typed sections (internlm.config.sections)
+run.model_config                               # the InternLMConfig, built once
+run.layout(world_size)                         # the parallel Layout
+dump_config(run.raw, path)                     # the resolved Config it was made from
 """
 
 from __future__ import annotations

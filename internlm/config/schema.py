@@ -95,37 +95,67 @@ MODEL = Section(
     doc="Model shape and numerics (InternLMConfig).",
     fields={
         "preset": Field(_OPT_STR, None, "name from internlm.model.PRESETS; fills the shape keys not given explicitly"),
-        "checkpoint": Field((bool, float), False, "activation checkpointing: True/False, or the fraction of layers",
-                            minimum=0, maximum=1),
+        "checkpoint": Field(
+            (bool, float),
+            False,
+            "activation checkpointing: True/False, or the fraction of layers",
+            minimum=0,
+            maximum=1,
+        ),
         "num_attention_heads": Field((int,), 32, "attention (query) heads", minimum=1),
-        "num_kv_attention_heads": Field(_OPT_INT, None, "key/value heads for grouped-query attention; "
-                                        "None resolves to num_attention_heads", minimum=1),
+        "num_kv_attention_heads": Field(
+            _OPT_INT,
+            None,
+            "key/value heads for grouped-query attention; None resolves to num_attention_heads",
+            minimum=1,
+        ),
         "hidden_size": Field((int,), 4096, "model width", minimum=1),
         "num_layers": Field((int,), 32, "decoder layers", minimum=1),
-        "mlp_ratio": Field((float,), 8 / 3, "MLP width / hidden_size before rounding up to multiple_of",
-                           minimum=0, default_text="8 / 3"),
+        "mlp_ratio": Field(
+            (float,),
+            8 / 3,
+            "MLP width / hidden_size before rounding up to multiple_of",
+            minimum=0,
+            default_text="8 / 3",
+        ),
         "multiple_of": Field((int,), 256, "MLP width is rounded up to a multiple of this", minimum=1),
         "vocab_size": Field((int,), 103168, "vocabulary size (embedding and output head rows)", minimum=1),
-        "dtype": Field((str, torch.dtype), "torch.bfloat16", "parameter and compute dtype: torch.float32, "
-                       "torch.bfloat16 or torch.float16", normalize=_canonical_dtype),
+        "dtype": Field(
+            (str, torch.dtype),
+            "torch.bfloat16",
+            "parameter and compute dtype: torch.float32, torch.bfloat16 or torch.float16",
+            normalize=_canonical_dtype,
+        ),
         "norm_type": Field((str,), "rmsnorm", "normalisation layer", choices=("rmsnorm",)),
         "layer_norm_epsilon": Field((float,), 1e-6, "RMSNorm epsilon", minimum=0),
         "rope_base": Field((float,), 10000.0, "rotary embedding base", minimum=0),
-        "max_position_embeddings": Field(_OPT_INT, None, "longest sequence the model is built for; "
-                                         "None resolves to the preset's value, else data.seq_len", minimum=1),
+        "max_position_embeddings": Field(
+            _OPT_INT,
+            None,
+            "longest sequence the model is built for; None resolves to the preset's value, else data.seq_len",
+            minimum=1,
+        ),
         "use_flash_attn": Field((bool,), True, "InternLM's switch; False with attn_backend='auto' selects sdpa"),
-        "attn_backend": Field((str,), "auto", "attention kernel: auto (flash if installed, else sdpa), flash, "
-                              "sdpa or reference", choices=("auto", "flash", "sdpa", "reference")),
+        "attn_backend": Field(
+            (str,),
+            "auto",
+            "attention kernel: auto (flash if installed, else sdpa), flash, sdpa or reference",
+            choices=("auto", "flash", "sdpa", "reference"),
+        ),
         "init_std": Field((float,), 0.02, "standard deviation of the normal weight initialisation", minimum=0),
         "qkvo_bias": Field((bool,), True, "bias on the q, k, v and o projections (InternLM-7B has them)"),
-        "num_chunks": Field((int,), 1, "model chunks (virtual pipeline stages) per pipeline rank; "
-                            ">1 selects the interleaved schedule", minimum=1),
+        "num_chunks": Field(
+            (int,),
+            1,
+            "model chunks (virtual pipeline stages) per pipeline rank; >1 selects the interleaved schedule",
+            minimum=1,
+        ),
         "embed_split_hidden": Field((bool,), True, "InternLM compatibility; only True", compat=FIXED),
         "embed_grad_scale": Field((float,), 1.0, "InternLM compatibility; only 1", compat=FIXED),
-        "parallel_output": Field((bool,), True, "InternLM compatibility; only True (logits stay "
-                                 "vocab-parallel into the loss)", compat=FIXED),
-        "apply_post_layer_norm": Field((bool,), False, "InternLM compatibility; only False (pre-norm)",
-                                       compat=FIXED),
+        "parallel_output": Field(
+            (bool,), True, "InternLM compatibility; only True (logits stay vocab-parallel into the loss)", compat=FIXED
+        ),
+        "apply_post_layer_norm": Field((bool,), False, "InternLM compatibility; only False (pre-norm)", compat=FIXED),
     },
 )
 
@@ -137,35 +167,57 @@ DATA = Section(
         "micro_bsz": Field((int,), 1, "packed sequences per micro-batch", minimum=1),
         "valid_micro_num": Field((int,), 4, "micro-batches per validation run", minimum=1),
         "valid_every": Field((int,), 0, "validate every this many steps; 0: only at the end", minimum=0),
-        "valid_ratio": Field((float,), 0.02, "fraction of train_folder held out for validation when "
-                             "valid_folder is None", minimum=0, maximum=1),
+        "valid_ratio": Field(
+            (float,),
+            0.02,
+            "fraction of train_folder held out for validation when valid_folder is None",
+            minimum=0,
+            maximum=1,
+        ),
         "valid_max_samples": Field((int,), 64, "cap on held-out validation sequences", minimum=1),
         "total_steps": Field(_OPT_INT, None, "optimizer steps of this phase", minimum=1),
-        "total_tokens": Field((int, float, NoneType), None, "token budget of this phase; steps = "
-                              "ceil(total_tokens / (global batch sequences * seq_len))", minimum=1,
-                              normalize=_whole_tokens),
-        "train_folder": Field((str, dict, NoneType), None, "tokenized data folder, or a mixture dict "
-                              "{folder: weight}", normalize=_mixture),
-        "block_seqs": Field((int,), 1024, "sequences per shuffle block of a source; a seq_len change between "
-                            "phases skips at most the rest of one block", minimum=1),
-        "valid_folder": Field(_OPT_STR, None, "tokenized validation folder; None holds out valid_ratio of "
-                              "the training data"),
+        "total_tokens": Field(
+            (int, float, NoneType),
+            None,
+            "token budget of this phase; steps = ceil(total_tokens / (global batch sequences * seq_len))",
+            minimum=1,
+            normalize=_whole_tokens,
+        ),
+        "train_folder": Field(
+            (str, dict, NoneType), None, "tokenized data folder, or a mixture dict {folder: weight}", normalize=_mixture
+        ),
+        "block_seqs": Field(
+            (int,),
+            1024,
+            "sequences per shuffle block of a source; a seq_len change between "
+            "phases skips at most the rest of one block",
+            minimum=1,
+        ),
+        "valid_folder": Field(
+            _OPT_STR, None, "tokenized validation folder; None holds out valid_ratio of the training data"
+        ),
         "tokenizer_path": Field(_OPT_STR, None, "SentencePiece model file (used for demo data and sampling)"),
-        "prepare_demo_data": Field((bool,), False, "build the demo corpus and tokenizer into demo_cache_dir "
-                                   "and train on it"),
+        "prepare_demo_data": Field(
+            (bool,), False, "build the demo corpus and tokenizer into demo_cache_dir and train on it"
+        ),
         "demo_cache_dir": Field((str,), "data_cache/demo", "where the demo corpus and tokenizer are built"),
-        "pack_sample_into_one": Field((bool,), False, "InternLM compatibility; ignored (documents are "
-                                      "always packed with boundaries kept)", compat=IGNORED),
+        "pack_sample_into_one": Field(
+            (bool,),
+            False,
+            "InternLM compatibility; ignored (documents are always packed with boundaries kept)",
+            compat=IGNORED,
+        ),
         "skip_batches": Field((str,), "", "InternLM compatibility; ignored", compat=IGNORED),
-        "rampup_batch_size": Field((str,), "", "InternLM compatibility; ignored (no batch ramp-up)",
-                                   compat=IGNORED),
+        "rampup_batch_size": Field((str,), "", "InternLM compatibility; ignored (no batch ramp-up)", compat=IGNORED),
         "min_length": Field((int,), 0, "InternLM compatibility; ignored", compat=IGNORED),
         "empty_cache_and_diag_interval": Field((int,), 10, "InternLM compatibility; ignored", compat=IGNORED),
         "diag_outlier_ratio": Field((float,), 1.1, "InternLM compatibility; ignored", compat=IGNORED),
-        "num_worker": Field((int,), 4, "InternLM compatibility; ignored (memory-mapped data needs no "
-                            "worker processes)", compat=IGNORED),
-        "type": Field((str,), "tokenized", "InternLM compatibility; ignored (data is always tokenized "
-                      "shards)", compat=IGNORED),
+        "num_worker": Field(
+            (int,), 4, "InternLM compatibility; ignored (memory-mapped data needs no worker processes)", compat=IGNORED
+        ),
+        "type": Field(
+            (str,), "tokenized", "InternLM compatibility; ignored (data is always tokenized shards)", compat=IGNORED
+        ),
     },
 )
 
@@ -173,31 +225,32 @@ PARALLEL = Section(
     doc="Parallel layout. Sizes are checked against the world size at launch, not here.",
     fields={
         "tensor": Section(
-            doc="tensor parallelism; an int means dict(size=int)", shorthand="size",
+            doc="tensor parallelism; an int means dict(size=int)",
+            shorthand="size",
             fields={
                 "size": Field((int,), 1, "tensor-parallel group size", minimum=1),
-                "mode": Field((str,), "mtp", "tensor-parallel mode; only 'mtp' (Megatron style)",
-                              choices=("mtp",)),
+                "mode": Field((str,), "mtp", "tensor-parallel mode; only 'mtp' (Megatron style)", choices=("mtp",)),
             },
         ),
         "pipeline": Section(
-            doc="pipeline parallelism; an int means dict(size=int)", shorthand="size",
+            doc="pipeline parallelism; an int means dict(size=int)",
+            shorthand="size",
             fields={
                 "size": Field((int,), 1, "pipeline stages", minimum=1),
-                "interleaved_overlap": Field((bool,), False, "overlap p2p communication in the interleaved "
-                                             "schedule"),
+                "interleaved_overlap": Field((bool,), False, "overlap p2p communication in the interleaved schedule"),
             },
         ),
         "zero1": Section(
-            doc="ZeRO-1 optimizer-state sharding; an int means dict(size=int)", shorthand="size",
+            doc="ZeRO-1 optimizer-state sharding; an int means dict(size=int)",
+            shorthand="size",
             fields={
-                "size": Field((int,), -1, "optimizer-state shard group size; <=0: the whole data-parallel "
-                              "group, 1: no sharding"),
+                "size": Field(
+                    (int,), -1, "optimizer-state shard group size; <=0: the whole data-parallel group, 1: no sharding"
+                ),
                 "fsdp": Field((bool,), False, "InternLM's FSDP mode; only False", compat=FIXED),
             },
         ),
-        "sequence_parallel": Field((bool,), False, "shard activations along the sequence in tensor-parallel "
-                                   "regions"),
+        "sequence_parallel": Field((bool,), False, "shard activations along the sequence in tensor-parallel regions"),
     },
 )
 
@@ -216,8 +269,13 @@ ADAM = Section(
 LR_SCHEDULER = Section(
     doc="Linear warmup then cosine decay to eta_min.",
     fields={
-        "total_steps": Field(_OPT_INT, None, "schedule length; None resolves to data.total_steps (or the "
-                             "steps the trainer derives from data.total_tokens)", minimum=1),
+        "total_steps": Field(
+            _OPT_INT,
+            None,
+            "schedule length; None resolves to data.total_steps (or the "
+            "steps the trainer derives from data.total_tokens)",
+            minimum=1,
+        ),
         "init_steps": Field((int,), 0, "steps already taken before this schedule starts", minimum=0),
         "warmup_ratio": Field((float,), 0.01, "fraction of total_steps spent warming up", minimum=0, maximum=1),
         "eta_min": Field((float,), 1e-5, "final learning rate; must not exceed adam.lr", minimum=0),
@@ -239,8 +297,13 @@ HYBRID_ZERO_OPTIMIZER = Section(
     fields={
         "overlap_sync_grad": Field((bool,), True, "reduce gradient buckets while backward still runs"),
         "overlap_sync_param": Field((bool,), True, "broadcast updated parameter shards asynchronously"),
-        "reduce_bucket_size": Field((int,), 512 * 1024 * 1024, "gradient reduction bucket size in elements",
-                                    minimum=1, default_text="512 * 1024 * 1024"),
+        "reduce_bucket_size": Field(
+            (int,),
+            512 * 1024 * 1024,
+            "gradient reduction bucket size in elements",
+            minimum=1,
+            default_text="512 * 1024 * 1024",
+        ),
         "clip_grad_norm": Field((float,), 1.0, "global gradient norm clip; 0 disables clipping", minimum=0),
     },
 )
@@ -272,21 +335,33 @@ CKPT = Section(
     doc="Checkpoints: saving, resuming and initial weights.",
     fields={
         "enable_save_ckpt": Field((bool,), True, "save checkpoints"),
-        "save_ckpt_folder": Field(_OPT_STR, None, "checkpoint folder; None resolves to {work_dir}/checkpoints; "
-                                  "a 'local:' prefix is dropped", normalize=_local_folder),
-        "load_ckpt_folder": Field(_OPT_STR, None, "checkpoint to take the initial model weights from "
-                                  "(not the optimizer); 'local:' prefix dropped", normalize=_local_folder),
+        "save_ckpt_folder": Field(
+            _OPT_STR,
+            None,
+            "checkpoint folder; None resolves to {work_dir}/checkpoints; a 'local:' prefix is dropped",
+            normalize=_local_folder,
+        ),
+        "load_ckpt_folder": Field(
+            _OPT_STR,
+            None,
+            "checkpoint to take the initial model weights from (not the optimizer); 'local:' prefix dropped",
+            normalize=_local_folder,
+        ),
         "auto_resume": Field((bool,), True, "resume from the latest checkpoint in save_ckpt_folder"),
         "checkpoint_every": Field((int,), 50, "save every this many steps (and at the end)", minimum=1),
         "keep_last": Field((int,), 3, "most recent checkpoints kept on disk; 0 keeps all", minimum=0),
         "async_upload": Field((bool,), False, "InternLM compatibility; ignored", compat=IGNORED),
         "async_upload_tmp_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
-        "oss_snapshot_freq": Field((int, float, NoneType), None, "InternLM compatibility; ignored",
-                                   compat=IGNORED),
-        "load_ckpt_info": Field((dict, NoneType), None, "InternLM compatibility; ignored (use "
-                                "load_ckpt_folder)", compat=IGNORED),
-        "stop_file_path": Field(_OPT_STR, None, "when this file appears, save and stop after the step it names "
-                                "(at once if it is empty); the file is then removed"),
+        "oss_snapshot_freq": Field((int, float, NoneType), None, "InternLM compatibility; ignored", compat=IGNORED),
+        "load_ckpt_info": Field(
+            (dict, NoneType), None, "InternLM compatibility; ignored (use load_ckpt_folder)", compat=IGNORED
+        ),
+        "stop_file_path": Field(
+            _OPT_STR,
+            None,
+            "when this file appears, save and stop after the step it names "
+            "(at once if it is empty); the file is then removed",
+        ),
         "snapshot_ckpt_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
     },
 )
@@ -295,10 +370,18 @@ MONITOR = Section(
     doc="Logging.",
     fields={
         "tensorboard": Field((bool,), True, "write TensorBoard scalars under {work_dir}/tensorboard"),
-        "log_every": Field((int,), 1, "refresh the console progress bar every this many steps "
-                            "(metrics.jsonl and TensorBoard get every step)", minimum=1),
-        "peak_tflops": Field((float, NoneType), None, "peak TFLOP/s of one device, the denominator of MFU; "
-                             "None: known GPUs' dense bf16 figure, measured on CPU", minimum=0),
+        "log_every": Field(
+            (int,),
+            1,
+            "refresh the console progress bar every this many steps (metrics.jsonl and TensorBoard get every step)",
+            minimum=1,
+        ),
+        "peak_tflops": Field(
+            (float, NoneType),
+            None,
+            "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure, measured on CPU",
+            minimum=0,
+        ),
         "alert": Field((dict,), {}, "InternLM compatibility (Feishu alerts); ignored", compat=IGNORED),
     },
 )

@@ -1,9 +1,9 @@
 """The InternLM model, usable on its own: no process group, CPU or GPU.
 
-    from internlm.model import InternLM, InternLMConfig
-    model = InternLM(InternLMConfig.preset("internlm-tiny"))
-    logits = model(input_ids)                      # (batch, seq, vocab)
-    logits = model(packed_ids, cu_seqlens=cu)      # packed documents, shape (1, total_tokens)
+from internlm.model import InternLM, InternLMConfig
+model = InternLM(InternLMConfig.preset("internlm-tiny"))
+logits = model(input_ids)                      # (batch, seq, vocab)
+logits = model(packed_ids, cu_seqlens=cu)      # packed documents, shape (1, total_tokens)
 """
 
 from .attention import flash_attn_available, packed_causal_attention, positions_from_cu_seqlens

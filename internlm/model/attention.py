@@ -22,6 +22,7 @@ try:  # optional extra
 except Exception:  # ImportError, or a broken CUDA build
     flash_attn_varlen_func = None
 
+
 def flash_attn_available() -> bool:
     return flash_attn_varlen_func is not None
 
@@ -38,8 +39,10 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype = t
         if not flash_attn_available():
             raise RuntimeError("attn_backend='flash' needs the flash-attn package: pip install flash-attn")
         if dtype not in _FLASH_DTYPES:
-            raise RuntimeError(f"attn_backend='flash' runs fp16/bf16 only, got {dtype}; use model.dtype="
-                               f"'torch.bfloat16' or attn_backend='sdpa'")
+            raise RuntimeError(
+                f"attn_backend='flash' runs fp16/bf16 only, got {dtype}; use model.dtype="
+                f"'torch.bfloat16' or attn_backend='sdpa'"
+            )
     return requested
 
 

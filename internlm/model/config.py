@@ -106,9 +106,7 @@ class InternLMConfig:
         elif heads > 0 and self.head_dim % 2:
             out.append(Problem("hidden_size", f"head dimension {self.head_dim} must be even for rotary embedding"))
         if kv_heads > 0 and heads % kv_heads:
-            out.append(
-                Problem("num_kv_attention_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
-            )
+            out.append(Problem("num_kv_attention_heads", f"{kv_heads} does not divide num_attention_heads={heads}"))
         if self.attn_backend not in ("auto", "flash", "sdpa", "reference"):
             out.append(Problem("attn_backend", f"{self.attn_backend!r} is not one of auto, flash, sdpa, reference"))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads"):
@@ -172,7 +170,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # small flavors for tests, demos and CPU development
     "internlm-tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=256, multiple_of=16),
     "internlm-small": dict(
-        hidden_size=256, num_layers=4, num_attention_heads=8, vocab_size=2048, multiple_of=64,
+        hidden_size=256,
+        num_layers=4,
+        num_attention_heads=8,
+        vocab_size=2048,
+        multiple_of=64,
         max_position_embeddings=512,
     ),
 }

@@ -110,10 +110,14 @@ class InternLM(nn.Module):
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype)
+        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(
+            config.vocab_size, config.hidden_size, dtype=config.dtype
+        )
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(config.num_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(config.hidden_size, config.norm_eps, config.dtype)
-        self.lm_head: Optional[nn.Linear] = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=config.dtype)
+        self.lm_head: Optional[nn.Linear] = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, dtype=config.dtype
+        )
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

@@ -64,8 +64,9 @@ def _coverage_problem(covered: List[Tuple[int, int]], numel: int) -> Optional[st
     return None
 
 
-def merge_shard_states(shards: Iterable[Tuple[str, Mapping[str, Any]]],
-                       names: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+def merge_shard_states(
+    shards: Iterable[Tuple[str, Mapping[str, Any]]], names: Optional[Iterable[str]] = None
+) -> Dict[str, Any]:
     """The full state from the shards of one data-parallel replica: every (tensor rank, pipeline stage,
     zero1 rank) exactly once, given as ``(label, shard)`` pairs (the label, e.g. a file name, names the
     shard in errors). ``names`` restricts the result to those parameters (default: all).
@@ -87,8 +88,10 @@ def merge_shard_states(shards: Iterable[Tuple[str, Mapping[str, Any]]],
             counters, first_label = mine, label
             hyper = {"lr": shard["lr"], "betas": tuple(shard["betas"])}
         elif mine != counters:
-            raise ValueError(f"{label}: counters {mine} differ from {counters} of {first_label}; the shards are "
-                             f"not from one checkpoint")
+            raise ValueError(
+                f"{label}: counters {mine} differ from {counters} of {first_label}; the shards are "
+                f"not from one checkpoint"
+            )
         tp_rank = int(shard["tp_rank"])
         for buffer in shard["buffers"]:
             _take_buffer(label, tp_rank, buffer, mine["has_moments"], wanted, pieces)
@@ -100,14 +103,27 @@ def merge_shard_states(shards: Iterable[Tuple[str, Mapping[str, Any]]],
         params[name] = _join_tensor_ranks(name, per_rank)
     if wanted is not None and wanted - set(params):
         missing = sorted(wanted - set(params))
-        raise ValueError(f"parameters not in any optimizer shard: {', '.join(missing[:8])}"
-                         + (f" ... ({len(missing)} in all)" if len(missing) > 8 else ""))
-    return {"format": FULL_FORMAT, "num_updates": int(counters["num_updates"]),
-            "skipped_steps": int(counters["skipped_steps"]), **hyper, "params": params}
+        raise ValueError(
+            f"parameters not in any optimizer shard: {', '.join(missing[:8])}"
+            + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        )
+    return {
+        "format": FULL_FORMAT,
+        "num_updates": int(counters["num_updates"]),
+        "skipped_steps": int(counters["skipped_steps"]),
+        **hyper,
+        "params": params,
+    }
 
 
-def _take_buffer(label: str, tp_rank: int, buffer: Mapping[str, Any], has_moments: bool,
-                 wanted: Optional[set], pieces: Dict[str, Dict[int, _LocalTensor]]) -> None:
+def _take_buffer(
+    label: str,
+    tp_rank: int,
+    buffer: Mapping[str, Any],
+    has_moments: bool,
+    wanted: Optional[set],
+    pieces: Dict[str, Dict[int, _LocalTensor]],
+) -> None:
     """Copy this shard's owned slice of each parameter of ``buffer`` into the parameter's local tensor."""
     shard_start, _ = buffer["shard_range"]
     for meta in buffer["params"]:
@@ -117,21 +133,27 @@ def _take_buffer(label: str, tp_rank: int, buffer: Mapping[str, Any], has_moment
         start, end = meta["range"]
         shard = TPShard.from_record(meta["shape"], meta["tp_shard"])
         if list(shard.global_shape) != list(meta["global_shape"]):
-            raise ValueError(f"{label}: parameter {name} (tensor rank {tp_rank}) has global shape "
-                             f"{list(meta['global_shape'])}, but shape {list(meta['shape'])} with tp_shard "
-                             f"{shard.to_record()} gives {list(shard.global_shape)}")
+            raise ValueError(
+                f"{label}: parameter {name} (tensor rank {tp_rank}) has global shape "
+                f"{list(meta['global_shape'])}, but shape {list(meta['shape'])} with tp_shard "
+                f"{shard.to_record()} gives {list(shard.global_shape)}"
+            )
         local = pieces.setdefault(name, {}).get(tp_rank)
         if local is None:
             local = _LocalTensor(
                 shard=shard,
-                values={k: torch.zeros(end - start, dtype=torch.float32) if k == "master" or has_moments else None
-                        for k in STATE_KEYS},
+                values={
+                    k: torch.zeros(end - start, dtype=torch.float32) if k == "master" or has_moments else None
+                    for k in STATE_KEYS
+                },
             )
             pieces[name][tp_rank] = local
         elif local.shard != shard:
-            raise ValueError(f"{label}: parameter {name} (tensor rank {tp_rank}) has shape {list(meta['shape'])} / "
-                             f"tp_shard {shard.to_record()}, but {local.sources[0]} has "
-                             f"{list(local.shard.local_shape)} / {local.shard.to_record()}")
+            raise ValueError(
+                f"{label}: parameter {name} (tensor rank {tp_rank}) has shape {list(meta['shape'])} / "
+                f"tp_shard {shard.to_record()}, but {local.sources[0]} has "
+                f"{list(local.shard.local_shape)} / {local.shard.to_record()}"
+            )
         owned_start, owned_end = meta["owned_range"]
         local.sources.append(label)
         if owned_end <= owned_start:
@@ -148,21 +170,26 @@ def _join_tensor_ranks(name: str, per_rank: Dict[int, _LocalTensor]) -> Dict[str
     for tp_rank, local in per_rank.items():
         problem = _coverage_problem(local.covered, len(local.values["master"]))
         if problem:
-            raise ValueError(f"parameter {name} (tensor rank {tp_rank}): {problem} (shards read: "
-                             f"{', '.join(sorted(set(local.sources)))}); is an optimizer file missing?")
+            raise ValueError(
+                f"parameter {name} (tensor rank {tp_rank}): {problem} (shards read: "
+                f"{', '.join(sorted(set(local.sources)))}); is an optimizer file missing?"
+            )
     lowest = per_rank[min(per_rank)]
     shard = lowest.shard
     if not shard.is_split:  # replicated over the tensor group: every rank holds the same values
         return {k: (v.view(shard.local_shape) if v is not None else None) for k, v in lowest.values.items()}
     if sorted(per_rank) != list(range(shard.size)):
-        raise ValueError(f"parameter {name}: split into {shard.size} tensor shards but found tensor ranks "
-                         f"{sorted(per_rank)}")
+        raise ValueError(
+            f"parameter {name}: split into {shard.size} tensor shards but found tensor ranks {sorted(per_rank)}"
+        )
     for tp_rank, local in per_rank.items():
         expected = TPShard.split(shard.global_shape, shard.dim, tp_rank, shard.size)
         if local.shard != expected:
-            raise ValueError(f"parameter {name}: tensor rank {tp_rank} holds tp_shard {local.shard.to_record()} "
-                             f"of global shape {list(local.shard.global_shape)}, expected "
-                             f"{expected.to_record()} of {list(expected.global_shape)}")
+            raise ValueError(
+                f"parameter {name}: tensor rank {tp_rank} holds tp_shard {local.shard.to_record()} "
+                f"of global shape {list(local.shard.global_shape)}, expected "
+                f"{expected.to_record()} of {list(expected.global_shape)}"
+            )
     out: Dict[str, Optional[torch.Tensor]] = {}
     for key in STATE_KEYS:
         if lowest.values[key] is None:
@@ -178,8 +205,10 @@ def cut_full_state(full: Mapping[str, Any], buffers: Sequence[FlatBuffer]) -> St
     counters, lr and betas. Padding stays zero. Raises ValueError naming the parameter when it is missing
     or its global shape differs."""
     if full.get("format") != FULL_FORMAT:
-        raise ValueError(f"not a full optimizer state: format {full.get('format')!r}, expected {FULL_FORMAT!r} "
-                         f"(see merge_optimizer_checkpoint)")
+        raise ValueError(
+            f"not a full optimizer state: format {full.get('format')!r}, expected {FULL_FORMAT!r} "
+            f"(see merge_optimizer_checkpoint)"
+        )
     params = full["params"]
     has_moments: Optional[bool] = None
     slices: List[Dict[str, torch.Tensor]] = []
@@ -189,12 +218,16 @@ def cut_full_state(full: Mapping[str, Any], buffers: Sequence[FlatBuffer]) -> St
         for slot in buffer.slots:
             entry = params.get(slot.name)
             if entry is None:
-                raise ValueError(f"parameter {slot.name} (chunk {buffer.key.chunk}) is not in the full optimizer "
-                                 f"state; it was saved for another model")
+                raise ValueError(
+                    f"parameter {slot.name} (chunk {buffer.key.chunk}) is not in the full optimizer "
+                    f"state; it was saved for another model"
+                )
             expected = list(slot.shard.global_shape)
             if list(entry["master"].shape) != expected:
-                raise ValueError(f"parameter {slot.name}: full optimizer state has shape "
-                                 f"{list(entry['master'].shape)}, this model needs {expected}")
+                raise ValueError(
+                    f"parameter {slot.name}: full optimizer state has shape "
+                    f"{list(entry['master'].shape)}, this model needs {expected}"
+                )
             present = entry["exp_avg"] is not None
             if has_moments is not None and present != has_moments:
                 raise ValueError(f"parameter {slot.name}: Adam moments present for some parameters only")

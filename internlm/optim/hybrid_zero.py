@@ -218,8 +218,15 @@ class HybridZeroOptimizer:
     def _ranks(self) -> Dict[str, int]:
         """The group sizes and ranks a shard records."""
         pc = self.pc
-        return dict(zero1_size=pc.zero1_size, zero1_rank=pc.zero1_rank, dp_size=pc.dp_size, dp_rank=pc.dp_rank,
-                    tp_size=pc.tp_size, tp_rank=pc.tp_rank, pp_size=pc.pp_size)
+        return dict(
+            zero1_size=pc.zero1_size,
+            zero1_rank=pc.zero1_rank,
+            dp_size=pc.dp_size,
+            dp_rank=pc.dp_rank,
+            tp_size=pc.tp_size,
+            tp_rank=pc.tp_rank,
+            pp_size=pc.pp_size,
+        )
 
     def _state_values(self) -> StateValues:
         """The current state (masters and moments are the live tensors, not copies)."""
@@ -281,8 +288,10 @@ def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int
                 raise ValueError(f"{name}: fp16 parameters need loss scaling, which is not implemented; use bf16")
             shard = shards[name]
             if shard.local_shape != tuple(param.shape):
-                raise ValueError(f"{name}: declared tensor shard {shard} has local shape {list(shard.local_shape)}, "
-                                 f"but the parameter has shape {list(param.shape)}")
+                raise ValueError(
+                    f"{name}: declared tensor shard {shard} has local shape {list(shard.local_shape)}, "
+                    f"but the parameter has shape {list(param.shape)}"
+                )
             seen.add(id(param))
             devices.add(param.device)
             key = BufferKey(

@@ -117,8 +117,9 @@ def layout_differences(expected: Mapping[str, Any], saved: Mapping[str, Any]) ->
     Causes (group sizes and ranks, buffer kinds, parameter names and shapes) come first; offset and size
     differences, which any shape change entails, are listed only when no cause was found.
     """
-    causes = [f"{k}: saved {saved.get(k)} vs current {expected[k]}" for k in _LAYOUT_KEYS
-              if saved.get(k) != expected[k]]
+    causes = [
+        f"{k}: saved {saved.get(k)} vs current {expected[k]}" for k in _LAYOUT_KEYS if saved.get(k) != expected[k]
+    ]
     offsets: List[str] = []
     mine, theirs = expected["buffers"], saved.get("buffers", [])
     if len(mine) != len(theirs):
@@ -145,8 +146,7 @@ def layout_differences(expected: Mapping[str, Any], saved: Mapping[str, Any]) ->
     return causes or offsets
 
 
-def read_shard_state(state: Mapping[str, Any], ranks: Mapping[str, int], buffers: Sequence[FlatBuffer]
-                     ) -> StateValues:
+def read_shard_state(state: Mapping[str, Any], ranks: Mapping[str, int], buffers: Sequence[FlatBuffer]) -> StateValues:
     """The values of a saved shard, after checking that it was saved under this rank's layout (``ranks`` and
     ``buffers`` as for `shard_state`). Raises ValueError naming the differences."""
     if state.get("format") != FORMAT:

@@ -13,9 +13,9 @@ See docs/parallel.md.
 from .comm import (
     all_reduce_,
     copy_to_tensor_region,
+    gather_from_sequence_region,
     group_rank,
     group_size,
-    gather_from_sequence_region,
     reduce_from_tensor_region,
     reduce_scatter_to_sequence_region,
     scatter_to_sequence_region,
@@ -26,9 +26,9 @@ from .parallelize import parallelize_model
 from .process_groups import ParallelContext, describe_groups, init_parallel_context
 from .tensor_parallel import (
     ColumnParallelLinear,
-    TensorParallelRMSNorm,
     ReplicatedKVLinear,
     RowParallelLinear,
+    TensorParallelRMSNorm,
     VocabParallelEmbedding,
 )
 from .tp_shard import TPShard, declare_shards, param_shards

@@ -105,8 +105,13 @@ def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         if pc.tp_size == 1:
-            return F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum",
-                                   label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(
+                flat_logits.float(),
+                flat_labels,
+                reduction="sum",
+                label_smoothing=label_smoothing,
+                ignore_index=IGNORE_INDEX,
+            )
         return vocab_parallel_cross_entropy(flat_logits, flat_labels, pc.tp_group, label_smoothing).sum()
 
     return loss_fn

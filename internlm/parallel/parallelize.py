@@ -60,20 +60,34 @@ def _where(module: nn.Module) -> dict:
 
 
 def _column(linear: nn.Linear, pc: ParallelContext, input_region: bool) -> ColumnParallelLinear:
-    layer = ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, pc.tp_group,
-                                 pc.sequence_parallel, input_region, **_where(linear))
+    layer = ColumnParallelLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        pc.tp_group,
+        pc.sequence_parallel,
+        input_region,
+        **_where(linear),
+    )
     return _adopt(layer, linear)
 
 
 def _row(linear: nn.Linear, pc: ParallelContext) -> RowParallelLinear:
-    layer = RowParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, pc.tp_group,
-                              pc.sequence_parallel, **_where(linear))
+    layer = RowParallelLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        pc.tp_group,
+        pc.sequence_parallel,
+        **_where(linear),
+    )
     return _adopt(layer, linear)
 
 
 def _norm(norm: RMSNorm, pc: ParallelContext, enter_region: bool) -> TensorParallelRMSNorm:
-    layer = TensorParallelRMSNorm(norm.weight.shape[0], norm.eps, pc.tp_group, pc.sequence_parallel, enter_region,
-                                  **_where(norm))
+    layer = TensorParallelRMSNorm(
+        norm.weight.shape[0], norm.eps, pc.tp_group, pc.sequence_parallel, enter_region, **_where(norm)
+    )
     return _adopt(layer, norm)
 
 
@@ -85,8 +99,18 @@ def _kv_projection(linear: nn.Linear, pc: ParallelContext, heads: int, kv_heads:
     # heads all fall into one kv group, so each rank needs exactly one kv head
     first_query_head = pc.tp_rank * (heads // tp)
     kv_start = first_query_head // (heads // kv_heads)
-    layer = ReplicatedKVLinear(linear.in_features, linear.out_features, linear.bias is not None, kv_start, 1, head_dim,
-                               pc.tp_group, pc.sequence_parallel, input_region=False, **_where(linear))
+    layer = ReplicatedKVLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        kv_start,
+        1,
+        head_dim,
+        pc.tp_group,
+        pc.sequence_parallel,
+        input_region=False,
+        **_where(linear),
+    )
     return _adopt(layer, linear)
 
 
@@ -109,8 +133,9 @@ def parallelize_model(model: InternLM, pc: ParallelContext) -> InternLM:
 
     if model.embed_tokens is not None:
         emb = model.embed_tokens
-        layer = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, pc.tp_group, pc.sequence_parallel,
-                                       **_where(emb))
+        layer = VocabParallelEmbedding(
+            emb.num_embeddings, emb.embedding_dim, pc.tp_group, pc.sequence_parallel, **_where(emb)
+        )
         model.embed_tokens = _adopt(layer, emb)
 
     for layer in model.layers.values():

@@ -81,7 +81,6 @@ class ParallelContext:
         return cls()
 
 
-
 def init_parallel_context(layout: Layout, rank: int, timeout: Optional[timedelta] = None) -> ParallelContext:
     """Build this process's `ParallelContext` for ``layout`` (checked: raises ValueError naming the config key).
 
@@ -95,8 +94,9 @@ def init_parallel_context(layout: Layout, rank: int, timeout: Optional[timedelta
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     tp_rank, dp_rank, pp_rank = layout.coords(rank)
-    pc = ParallelContext(layout, rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-                         zero1_rank=dp_rank % layout.zero1)
+    pc = ParallelContext(
+        layout, rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, zero1_rank=dp_rank % layout.zero1
+    )
     pc.pp_prev_rank = layout.rank_of(tp_rank, dp_rank, pp_rank - 1) if pp_rank > 0 else None
     pc.pp_next_rank = layout.rank_of(tp_rank, dp_rank, pp_rank + 1) if pp_rank < layout.pipeline - 1 else None
     if world_size == 1:

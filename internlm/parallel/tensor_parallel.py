@@ -32,7 +32,6 @@ from torch import nn
 
 from internlm.model import RMSNorm
 
-from .tp_shard import TPShard, declare_shards
 from .comm import (
     copy_to_tensor_region,
     gather_from_sequence_region,
@@ -41,6 +40,7 @@ from .comm import (
     reduce_from_tensor_region,
     reduce_scatter_to_sequence_region,
 )
+from .tp_shard import TPShard, declare_shards
 
 
 def enter_region(x: torch.Tensor, group: Optional[Any], sequence_parallel: bool) -> torch.Tensor:
@@ -63,9 +63,15 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, group: Optional[Any],
-        sequence_parallel: bool = False, input_region: bool = True,
-        device: Any = None, dtype: Optional[torch.dtype] = None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group: Optional[Any],
+        sequence_parallel: bool = False,
+        input_region: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.group, self.sequence_parallel, self.input_region = group, sequence_parallel, input_region
@@ -86,8 +92,10 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features} (local {self.weight.shape[0]}), "
-                f"sequence_parallel={self.sequence_parallel}, input_region={self.input_region}")
+        return (
+            f"in={self.in_features}, out={self.out_features} (local {self.weight.shape[0]}), "
+            f"sequence_parallel={self.sequence_parallel}, input_region={self.input_region}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -98,8 +106,14 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, group: Optional[Any],
-        sequence_parallel: bool = False, device: Any = None, dtype: Optional[torch.dtype] = None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group: Optional[Any],
+        sequence_parallel: bool = False,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -123,16 +137,23 @@ class RowParallelLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}, "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocab rows are split over the tensor group (ids outside this rank's range -> 0)."""
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, group: Optional[Any], sequence_parallel: bool = False,
-        device: Any = None, dtype: Optional[torch.dtype] = None,
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group: Optional[Any],
+        sequence_parallel: bool = False,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -171,9 +192,18 @@ class ReplicatedKVLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, kv_start: int, kv_count: int, head_dim: int,
-        group: Optional[Any], sequence_parallel: bool = False, input_region: bool = True,
-        device: Any = None, dtype: Optional[torch.dtype] = None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        kv_start: int,
+        kv_count: int,
+        head_dim: int,
+        group: Optional[Any],
+        sequence_parallel: bool = False,
+        input_region: bool = True,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.group, self.sequence_parallel, self.input_region = group, sequence_parallel, input_region
@@ -209,8 +239,14 @@ class TensorParallelRMSNorm(RMSNorm):
     """
 
     def __init__(
-        self, hidden_size: int, eps: float, group: Optional[Any], sequence_parallel: bool, enter_region: bool,
-        device: Any = None, dtype: Optional[torch.dtype] = None,
+        self,
+        hidden_size: int,
+        eps: float,
+        group: Optional[Any],
+        sequence_parallel: bool,
+        enter_region: bool,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         nn.Module.__init__(self)
         self.eps = eps

@@ -44,8 +44,9 @@ class TPShard:
         return cls(shape, dim, rank, size)
 
     @classmethod
-    def replicated(cls, global_shape: Sequence[int], rank: int = 0, size: int = 1, partial_grad: bool = False
-                   ) -> "TPShard":
+    def replicated(
+        cls, global_shape: Sequence[int], rank: int = 0, size: int = 1, partial_grad: bool = False
+    ) -> "TPShard":
         """The whole tensor on each of ``size`` ranks."""
         return cls(tuple(int(s) for s in global_shape), None, rank, size, partial_grad)
 

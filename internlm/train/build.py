@@ -14,7 +14,7 @@ import torch
 from internlm.config import RunConfig
 from internlm.model import InternLM
 from internlm.optim import HybridZeroOptimizer
-from internlm.parallel import LossFn, ParallelContext, make_loss_fn, param_shards, parallelize_model
+from internlm.parallel import LossFn, ParallelContext, make_loss_fn, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks, build_schedule
 
 from .activation_checkpoint import apply_activation_checkpointing

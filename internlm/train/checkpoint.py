@@ -120,10 +120,13 @@ class CheckpointManager:
             os.makedirs(tmp)
         _barrier()
         if self.pc.dp_rank == 0:
-            shards = [{name: shard.to_record() for name, shard in param_shards(chunk).items()}
-                      for chunk in model_chunks]
-            torch.save({"chunks": [chunk.state_dict() for chunk in model_chunks], "tp_shards": shards},
-                       os.path.join(tmp, self._model_file()))
+            shards = [
+                {name: shard.to_record() for name, shard in param_shards(chunk).items()} for chunk in model_chunks
+            ]
+            torch.save(
+                {"chunks": [chunk.state_dict() for chunk in model_chunks], "tp_shards": shards},
+                os.path.join(tmp, self._model_file()),
+            )
         torch.save(optimizer.state_dict(), os.path.join(tmp, self._optim_file()))
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.pc.rank}.pt"))
         if self.pc.rank == 0:
@@ -187,8 +190,10 @@ def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -
         for t in range(tensor):
             file = os.path.join(path, model_file(t, pp_rank))
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"checkpoint {path}: {model_file(t, pp_rank)} is missing (its {META_FILE} "
-                                        f"records tensor {tensor} x pipeline {pipeline})")
+                raise FileNotFoundError(
+                    f"checkpoint {path}: {model_file(t, pp_rank)} is missing (its {META_FILE} "
+                    f"records tensor {tensor} x pipeline {pipeline})"
+                )
             per_tp.append(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
         for chunk_index, state in enumerate(per_tp[0]["chunks"]):
             records = per_tp[0]["tp_shards"][chunk_index]

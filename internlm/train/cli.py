@@ -22,15 +22,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Pretrain an InternLM model. Several --config files run as phases, in order; rerunning the "
         "same command resumes where it stopped.",
     )
-    parser.add_argument("--config", nargs="+", required=True, metavar="FILE",
-                        help="config file(s) in InternLM format; several files are phases run in order")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config key in every phase (repeatable), e.g. --set data.micro_bsz=2")
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="config file(s) in InternLM format; several files are phases run in order",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config key in every phase (repeatable), e.g. --set data.micro_bsz=2",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan of every phase and exit")
-    parser.add_argument("--throughput", type=float, default=None, metavar="TGS",
-                        help="with --dry-run: tokens per GPU per second used for time estimates")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="with --dry-run: number of devices to plan for (default: WORLD_SIZE or 1)")
+    parser.add_argument(
+        "--throughput",
+        type=float,
+        default=None,
+        metavar="TGS",
+        help="with --dry-run: tokens per GPU per second used for time estimates",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: number of devices to plan for (default: WORLD_SIZE or 1)",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,21 +66,31 @@ def check_phases(phases: List[Phase]) -> None:
     first = phases[0].config
     for phase in phases:
         config, file = phase.config, phase.config_file
-        problems = phase.layout.fit_problems(config.model_config, config.data.micro_bsz, config.data.seq_len,
-                                             config.data.micro_num)
+        problems = phase.layout.fit_problems(
+            config.model_config, config.data.micro_bsz, config.data.seq_len, config.data.micro_num
+        )
         if problems:
             raise ConfigError.from_problem(problems[0], file)
         if _model_shape(config) != _model_shape(first):
             raise ConfigError("model", f"differs from {first.file}; all phases train the same model", file)
         if phase.index > 0 and phase.layout != phases[phase.index - 1].layout and not first.ckpt.enable_save_ckpt:
-            raise ConfigError("parallel", "the layout differs from the previous phase's, and a layout change goes "
-                              "through the previous phase's final checkpoint; set ckpt.enable_save_ckpt=True", file)
+            raise ConfigError(
+                "parallel",
+                "the layout differs from the previous phase's, and a layout change goes "
+                "through the previous phase's final checkpoint; set ckpt.enable_save_ckpt=True",
+                file,
+            )
         if config.work_dir != first.work_dir:
-            raise ConfigError("work_dir", f"{config.work_dir!r} differs from {first.work_dir!r} of {first.file}; all "
-                              f"phases of a run share one work_dir", file)
+            raise ConfigError(
+                "work_dir",
+                f"{config.work_dir!r} differs from {first.work_dir!r} of {first.file}; all "
+                f"phases of a run share one work_dir",
+                file,
+            )
         if not config.data.train_folder and not config.data.prepare_demo_data:
-            raise ConfigError("data.train_folder", "not set; point it at a folder of tokenized shards (see "
-                              "tools/tokenizer.py)", file)
+            raise ConfigError(
+                "data.train_folder", "not set; point it at a folder of tokenized shards (see tools/tokenizer.py)", file
+            )
 
 
 def load_phases(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, List[Phase]]:

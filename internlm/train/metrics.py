@@ -98,7 +98,9 @@ class MetricsLogger:
                     if math.isfinite(value):
                         self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "valid/loss", value, step)
 
-    def progress(self, phase: str, step: int, first_step: int, last_step: int, loss: float, tokens_per_s: float) -> None:
+    def progress(
+        self, phase: str, step: int, first_step: int, last_step: int, loss: float, tokens_per_s: float
+    ) -> None:
         """Progress bar line: phase, step, loss, tokens/s and ETA of the current phase."""
         if not self.enabled:
             return
@@ -106,8 +108,15 @@ class MetricsLogger:
             self.close_bar()
             from tqdm import tqdm
 
-            self._bar = tqdm(total=last_step, initial=first_step - 1, desc=phase, unit="step", dynamic_ncols=True,
-                             file=sys.stdout, mininterval=0.5)
+            self._bar = tqdm(
+                total=last_step,
+                initial=first_step - 1,
+                desc=phase,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stdout,
+                mininterval=0.5,
+            )
         self._bar.set_postfix_str(f"loss={loss:.4f} tok/s={tokens_per_s:,.0f}", refresh=False)
         self._bar.update(step - self._bar.n)
 

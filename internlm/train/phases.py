@@ -80,8 +80,9 @@ def plan_phases(configs: Sequence[RunConfig], world_size: int) -> List[Phase]:
     for index, config in enumerate(configs):
         name = config.phase.name
         if name in names:
-            raise ConfigError("phase.name", f"phase name {name!r} is used twice; give each phase a unique name",
-                              config.file)
+            raise ConfigError(
+                "phase.name", f"phase name {name!r} is used twice; give each phase a unique name", config.file
+            )
         names.add(name)
         layout = config.layout(world_size)
         problems = layout.problems()  # the global batch below needs a data size that tiles the world

@@ -48,9 +48,11 @@ def _measured_tgs(work_dir: str) -> Optional[float]:
 
 def _layout_line(phase: Phase) -> str:
     layout = phase.layout
-    return (f"{layout.world_size} devices = tensor {layout.tensor} x pipeline {layout.pipeline} (chunks "
-            f"{layout.num_chunks}) x data {layout.data}; zero1 {layout.zero1}; sequence parallel "
-            f"{layout.sequence_parallel}")
+    return (
+        f"{layout.world_size} devices = tensor {layout.tensor} x pipeline {layout.pipeline} (chunks "
+        f"{layout.num_chunks}) x data {layout.data}; zero1 {layout.zero1}; sequence parallel "
+        f"{layout.sequence_parallel}"
+    )
 
 
 def memory_per_device(phase: Phase) -> dict:
@@ -58,7 +60,9 @@ def memory_per_device(phase: Phase) -> dict:
     mc = config.model_config
     tp, pp = layout.tensor, layout.pipeline
     layers = math.ceil(mc.num_layers / pp)
-    per_layer = (mc.num_params(include_embedding=False) - mc.hidden_size - mc.vocab_size * mc.hidden_size) / mc.num_layers
+    per_layer = (
+        mc.num_params(include_embedding=False) - mc.hidden_size - mc.vocab_size * mc.hidden_size
+    ) / mc.num_layers
     stage_params = layers * per_layer + mc.vocab_size * mc.hidden_size  # + embedding (first) or head (last)
     p_dev = stage_params / tp
     dtype_bytes = 2 if "16" in str(mc.dtype) else 4
@@ -70,8 +74,12 @@ def memory_per_device(phase: Phase) -> dict:
         split = 34 if layout.sequence_parallel else 24
         act_layer = tokens * mc.hidden_size * (split / tp + (34 - split))
     in_flight = min(pp, config.data.micro_num)
-    out = dict(weights=p_dev * dtype_bytes, gradients=p_dev * 4, optimizer=p_dev * 12 / layout.zero1,
-               activations=layers * in_flight * act_layer)
+    out = dict(
+        weights=p_dev * dtype_bytes,
+        gradients=p_dev * 4,
+        optimizer=p_dev * 12 / layout.zero1,
+        activations=layers * in_flight * act_layer,
+    )
     out["total"] = sum(out.values())
     return out
 
@@ -81,8 +89,10 @@ def print_plan(phases: List[Phase], throughput: Optional[float] = None) -> None:
     first = phases[0].config
     world_size = phases[0].layout.world_size
     mc = first.model_config
-    print(f"model: {mc.num_params() / 1e9:.2f}B parameters (hidden {mc.hidden_size}, {mc.num_layers} layers, "
-          f"{mc.num_attention_heads} heads, vocab {mc.vocab_size}, {str(mc.dtype).replace('torch.', '')})")
+    print(
+        f"model: {mc.num_params() / 1e9:.2f}B parameters (hidden {mc.hidden_size}, {mc.num_layers} layers, "
+        f"{mc.num_attention_heads} heads, vocab {mc.vocab_size}, {str(mc.dtype).replace('torch.', '')})"
+    )
     previous_layout = _layout_line(phases[0])
     print(f"layout: {previous_layout}")
     measured = _measured_tgs(first.work_dir)
@@ -100,7 +110,9 @@ def print_plan(phases: List[Phase], throughput: Optional[float] = None) -> None:
         lr_total = phase.lr_total_steps
         lr_args = (lr_total, config.adam.lr, config.lr_scheduler.warmup_ratio, config.lr_scheduler.eta_min)
         warmup = int(round(config.lr_scheduler.warmup_ratio * lr_total))
-        mixture = config.data.train_folder if isinstance(config.data.train_folder, dict) else {config.data.train_folder: 1.0}
+        mixture = (
+            config.data.train_folder if isinstance(config.data.train_folder, dict) else {config.data.train_folder: 1.0}
+        )
         weight_sum = sum(mixture.values()) or 1.0
         mem = memory_per_device(phase)
         print(f"\nphase {phase.index + 1} {phase.name!r} ({phase.config_file})")
@@ -108,18 +120,24 @@ def print_plan(phases: List[Phase], throughput: Optional[float] = None) -> None:
         if layout != previous_layout:
             print(f"  layout: {layout} (resharded from the previous phase's final checkpoint)")
         previous_layout = layout
-        print(f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {config.data.seq_len:,} "
-              f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
-              f"{config.data.micro_bsz}, micro_num {config.data.micro_num})")
+        print(
+            f"  steps {phase.steps:,} x {phase.global_batch_sequences:,} sequences x seq_len {config.data.seq_len:,} "
+            f"= {tokens / 1e9:,.2f}B tokens ({phase.tokens_per_step / 1e6:,.2f}M tokens/step; micro_bsz "
+            f"{config.data.micro_bsz}, micro_num {config.data.micro_num})"
+        )
         names = [os.path.basename(os.path.normpath(k)) for k in mixture]
         if len(set(names)) < len(names):  # folder names clash: show full paths
             names = list(mixture)
         print("  data mixture: " + ", ".join(f"{n} {w / weight_sum:.1%}" for n, w in zip(names, mixture.values())))
-        print(f"  learning rate: warm-up {warmup:,} steps to {config.adam.lr:g}, cosine to "
-              f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {config.lr_scheduler.eta_min:g}); "
-              f"weight decay {config.adam.weight_decay:g}; clip {config.hybrid_zero_optimizer.clip_grad_norm:g}; "
-              f"optimizer state {'reset' if config.phase.reset_optimizer else 'carried over'}")
-        print(f"  memory per device: {_gib(mem['total'])} (weights {_gib(mem['weights'])}, gradients "
-              f"{_gib(mem['gradients'])}, optimizer {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])})")
+        print(
+            f"  learning rate: warm-up {warmup:,} steps to {config.adam.lr:g}, cosine to "
+            f"{warmup_cosine_lr(lr_total - 1, *lr_args):.3g} (eta_min {config.lr_scheduler.eta_min:g}); "
+            f"weight decay {config.adam.weight_decay:g}; clip {config.hybrid_zero_optimizer.clip_grad_norm:g}; "
+            f"optimizer state {'reset' if config.phase.reset_optimizer else 'carried over'}"
+        )
+        print(
+            f"  memory per device: {_gib(mem['total'])} (weights {_gib(mem['weights'])}, gradients "
+            f"{_gib(mem['gradients'])}, optimizer {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])})"
+        )
         print(f"  time: {seconds / 3600:,.1f} h at {tgs:,.0f} tokens/device/s ({source})")
     print(f"\ntotal: {total_tokens / 1e9:,.2f}B tokens in {total_seconds / 86400:,.1f} days on {world_size} devices")

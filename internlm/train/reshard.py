@@ -32,7 +32,8 @@ def load_model_resharded(path: str, model_chunks: Sequence[nn.Module]) -> None:
     """Load this rank's model chunks from checkpoint ``path``, whatever layout saved it.
 
     Every tensor of each chunk's state dict is read in full from the checkpoint, then cut to the local
-    parameter's `TPShard` (``shard.slice(full)``; buffers and replicated tensors are taken whole). Values are copied in place (parameters may be views into an optimizer's flat buffer).
+    parameter's `TPShard` (``shard.slice(full)``; buffers and replicated tensors are taken whole). Values are
+    copied in place (parameters may be views into an optimizer's flat buffer).
     Raises KeyError / ValueError naming the checkpoint, chunk and tensor when one is missing or misshapen.
     """
     local_states = [chunk.state_dict(keep_vars=True) for chunk in model_chunks]
@@ -42,14 +43,17 @@ def load_model_resharded(path: str, model_chunks: Sequence[nn.Module]) -> None:
         shards = param_shards(chunk)
         for name, tensor in state.items():
             if name not in full:
-                raise KeyError(f"checkpoint {path} has no tensor {name!r} (needed by model chunk {index}); it was "
-                               f"saved for another model")
+                raise KeyError(
+                    f"checkpoint {path} has no tensor {name!r} (needed by model chunk {index}); it was "
+                    f"saved for another model"
+                )
             shard = shards.get(name) or TPShard.replicated(tensor.shape)
             try:
                 source = shard.slice(full[name])
             except ValueError as exc:
-                raise ValueError(f"checkpoint {path}: {name} (model chunk {index}, tensor shard "
-                                 f"{shard.to_record()}): {exc}") from None
+                raise ValueError(
+                    f"checkpoint {path}: {name} (model chunk {index}, tensor shard {shard.to_record()}): {exc}"
+                ) from None
             tensor.data.copy_(source)
 
 
@@ -62,13 +66,16 @@ def _replica_shards(path: str, layout: Layout) -> Iterator[Tuple[str, Mapping[st
                 name = optim_file(tp_rank, pp_rank, dp_rank)
                 file = os.path.join(path, name)
                 if not os.path.isfile(file):
-                    raise FileNotFoundError(f"checkpoint {path}: {name} is missing (its meta.json records "
-                                            f"{layout.describe()})")
+                    raise FileNotFoundError(
+                        f"checkpoint {path}: {name} is missing (its meta.json records {layout.describe()})"
+                    )
                 shard = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
                 where = (shard.get("tp_rank"), shard.get("dp_rank"), shard.get("zero1_size"))
                 if where != (tp_rank, dp_rank, layout.zero1):
-                    raise ValueError(f"checkpoint {path}: {name} holds tensor rank {where[0]}, data rank {where[1]}, "
-                                     f"zero1 size {where[2]}; expected {tp_rank}, {dp_rank}, {layout.zero1}")
+                    raise ValueError(
+                        f"checkpoint {path}: {name} holds tensor rank {where[0]}, data rank {where[1]}, "
+                        f"zero1 size {where[2]}; expected {tp_rank}, {dp_rank}, {layout.zero1}"
+                    )
                 yield name, shard
 
 

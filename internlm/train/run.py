@@ -38,8 +38,15 @@ def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
         return
     tokenizer = Tokenizer(path)
     prompt = "The "
-    ids = generate(trainer.chunks[0], tokenizer.encode(prompt), max_new_tokens=48, temperature=0.7, top_k=20,
-                   eos_id=tokenizer.eos_id, seed=phases[-1].config.seed)
+    ids = generate(
+        trainer.chunks[0],
+        tokenizer.encode(prompt),
+        max_new_tokens=48,
+        temperature=0.7,
+        top_k=20,
+        eos_id=tokenizer.eos_id,
+        seed=phases[-1].config.seed,
+    )
     print("\nsample from the trained model:\n" + tokenizer.decode(ids).strip() + "\n", flush=True)
 
 

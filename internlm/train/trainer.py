@@ -120,20 +120,23 @@ class Trainer:
             self.history = train_state["history"]
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.logger.truncate_after(self.step)
-            self.logger.message(f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} "
-                                f"step {meta['phase_step']})")
+            self.logger.message(
+                f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} step {meta['phase_step']})"
+            )
         else:
             self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
         if latest is None and self.initial_weights:
             self._load_model(self.initial_weights)
             self.logger.message(f"initial model weights from {self.initial_weights}")
         if point.phase_index >= len(self.phases):
-            self.logger.message(f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
-                                f"Add a phase config to the command to extend pretraining.")
+            self.logger.message(
+                f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
+                f"Add a phase config to the command to extend pretraining."
+            )
             return self._summary()
 
         restore_from = latest  # checkpoint the optimizer state comes from; None: it carries over in memory
-        for phase in self.phases[point.phase_index:]:
+        for phase in self.phases[point.phase_index :]:
             resuming_inside = phase.index == point.phase_index and point.phase_step > 0
             start = point.phase_step if resuming_inside else 0
             if self._enter_layout(phase):
@@ -145,8 +148,16 @@ class Trainer:
             if loader_state is not None and (resuming_inside or not phase.config.phase.reset_data):
                 loader.load_state_dict(loader_state)
             if not resuming_inside:
-                self.history.append(dict(name=phase.name, file=phase.config_file, steps=phase.steps,
-                                         fingerprint=phase.fingerprint, first_step=self.step + 1, tokens=0))
+                self.history.append(
+                    dict(
+                        name=phase.name,
+                        file=phase.config_file,
+                        steps=phase.steps,
+                        fingerprint=phase.fingerprint,
+                        first_step=self.step + 1,
+                        tokens=0,
+                    )
+                )
             self._run_phase(phase, start, loader)
             loader_state = loader.state_dict()
             restore_from = None  # later phases continue from memory
@@ -242,8 +253,9 @@ class Trainer:
         flops_per_step = self.model_config.flops_per_token(config.data.seq_len) * phase.tokens_per_step
         for phase_step in range(start, phase.steps):
             batch = loader.next_global_batch()
-            step_lr = warmup_cosine_lr(phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min,
-                                       lr.init_steps)
+            step_lr = warmup_cosine_lr(
+                phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min, lr.init_steps
+            )
             step_beta2 = beta2_at(self.step + 1, beta2.init_beta2, beta2.c)
             started = time.perf_counter()
             loss, grad_norm, skipped = self._train_step(batch, schedule, step_lr, step_beta2)
@@ -253,20 +265,34 @@ class Trainer:
             record["tokens"] += phase.tokens_per_step
             self.last_loss = loss
             tflops = flops_per_step / self.pc.world_size / elapsed / 1e12
-            line = dict(step=self.step, phase=phase.name, phase_index=phase.index + 1, phase_step=phase_step + 1,
-                        loss=loss, lr=step_lr, beta2=step_beta2, grad_norm=grad_norm, skipped=skipped,
-                        skipped_steps=self.optimizer.skipped_steps, tokens=self.tokens,
-                        phase_tokens=record["tokens"], seq_len=config.data.seq_len,
-                        tgs=phase.tokens_per_step / self.pc.world_size / elapsed, tflops=tflops,
-                        mfu=tflops / self._peak_tflops, step_time=elapsed,
-                        source_tokens=loader.last_batch_source_tokens)
+            line = dict(
+                step=self.step,
+                phase=phase.name,
+                phase_index=phase.index + 1,
+                phase_step=phase_step + 1,
+                loss=loss,
+                lr=step_lr,
+                beta2=step_beta2,
+                grad_norm=grad_norm,
+                skipped=skipped,
+                skipped_steps=self.optimizer.skipped_steps,
+                tokens=self.tokens,
+                phase_tokens=record["tokens"],
+                seq_len=config.data.seq_len,
+                tgs=phase.tokens_per_step / self.pc.world_size / elapsed,
+                tflops=tflops,
+                mfu=tflops / self._peak_tflops,
+                step_time=elapsed,
+                source_tokens=loader.last_batch_source_tokens,
+            )
             if self._first_metrics_line:
                 line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
                 self._first_metrics_line = False
             self.logger.log(line)
             if (phase_step + 1) % config.monitor.log_every == 0 or phase_step + 1 == phase.steps:
-                self.logger.progress(phase.name, phase_step + 1, start + 1, phase.steps, loss,
-                                     phase.tokens_per_step / elapsed)
+                self.logger.progress(
+                    phase.name, phase_step + 1, start + 1, phase.steps, loss, phase.tokens_per_step / elapsed
+                )
             last = phase_step + 1 == phase.steps
             if not last and self._stop_requested(phase):
                 self._save(phase, phase_step + 1, loader, completed=False)
@@ -351,9 +377,17 @@ class Trainer:
             return
         self.optimizer.sync_params()
         meta = dict(
-            version=1, step=self.step, tokens=self.tokens, phase_index=phase.index, phase_name=phase.name,
-            phase_step=phase_step, phase_steps=phase.steps, phase_completed=completed,
-            phase_tokens=self.history[-1]["tokens"], phases=self.history, config_file=phase.config_file,
+            version=1,
+            step=self.step,
+            tokens=self.tokens,
+            phase_index=phase.index,
+            phase_name=phase.name,
+            phase_step=phase_step,
+            phase_steps=phase.steps,
+            phase_completed=completed,
+            phase_tokens=self.history[-1]["tokens"],
+            phases=self.history,
+            config_file=phase.config_file,
             layout=self.pc.layout.to_dict(),
         )
         train_state = dict(loader=loader.state_dict(), history=self.history)

@@ -36,7 +36,9 @@ from .steps import LossFn, as_stage_input, backward_step, chunk_device, forward_
 class InterleavedSchedule:
     """Interleaved 1F1B; ``forward_backward`` takes this rank's ``num_chunks`` chunks in chunk order."""
 
-    def __init__(self, pc, num_chunks: int, tensor_shape: Sequence[int], dtype: torch.dtype, overlap: bool = False) -> None:
+    def __init__(
+        self, pc, num_chunks: int, tensor_shape: Sequence[int], dtype: torch.dtype, overlap: bool = False
+    ) -> None:
         if pc.pp_size < 2 or num_chunks < 2:
             raise ValueError(
                 f"InterleavedSchedule needs pp_size >= 2 and num_chunks >= 2, got {pc.pp_size} and {num_chunks}; "
@@ -135,8 +137,7 @@ class InterleavedSchedule:
             for k in range(warmup):
                 y = run_forward(k, fwd_recv)
                 want_grad = k == warmup - 1 and not forward_only
-                fwd_recv = post(send_next=y, recv_prev=needs_input(k + 1),
-                                recv_next=want_grad and needs_output_grad(0))
+                fwd_recv = post(send_next=y, recv_prev=needs_input(k + 1), recv_next=want_grad and needs_output_grad(0))
                 if want_grad:
                     bwd_recv = fwd_recv
 
@@ -150,8 +151,9 @@ class InterleavedSchedule:
                     bwd_recv = post(send_prev=dx, recv_next=needs_output_grad(i + 1))
                 else:
                     dx = run_backward(i, bwd_recv)
-                    fwd_recv = bwd_recv = post(send_next=y, send_prev=dx, recv_prev=needs_input(k_fwd + 1),
-                                               recv_next=needs_output_grad(i + 1))
+                    fwd_recv = bwd_recv = post(
+                        send_next=y, send_prev=dx, recv_prev=needs_input(k_fwd + 1), recv_next=needs_output_grad(i + 1)
+                    )
 
             # Cool-down: the remaining backwards.
             if not forward_only:

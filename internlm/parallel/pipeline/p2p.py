@@ -49,8 +49,13 @@ class Exchange:
     alive here until the exchange completes.
     """
 
-    def __init__(self, requests: List, from_prev: Optional[torch.Tensor], from_next: Optional[torch.Tensor],
-                 sent: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        requests: List,
+        from_prev: Optional[torch.Tensor],
+        from_next: Optional[torch.Tensor],
+        sent: Sequence[torch.Tensor],
+    ) -> None:
         self._requests = requests
         self._sent = list(sent)
         self.from_prev = from_prev

@@ -26,7 +26,9 @@ def partition_layers(num_layers: int, pp_size: int, num_chunks: int = 1) -> List
         raise ValueError(f"pp_size ({pp_size}) and num_chunks ({num_chunks}) must be positive")
     virtual = pp_size * num_chunks
     if num_layers < virtual:
-        raise ValueError(f"{num_layers} layers cannot fill {pp_size} stages x {num_chunks} chunks = {virtual} virtual stages")
+        raise ValueError(
+            f"{num_layers} layers cannot fill {pp_size} stages x {num_chunks} chunks = {virtual} virtual stages"
+        )
     base, extra = divmod(num_layers, virtual)
     ranges, start = [], 0
     for v in range(virtual):

@@ -46,7 +46,9 @@ def forward_step(
     return loss_sum * loss_scale
 
 
-def backward_step(x: Optional[torch.Tensor], output: torch.Tensor, output_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def backward_step(
+    x: Optional[torch.Tensor], output: torch.Tensor, output_grad: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
     """Back-propagate one micro-batch through one chunk; returns the gradient of its input hidden states.
 
     ``output_grad`` is None on the last virtual stage, whose ``output`` is the scaled loss scalar.

@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["internlm", "internlm.*"]),
     python_requires=">=3.9",
     install_requires=requirements,
-    extras_require={"flash": ["flash-attn>=2.3"], "test": ["pytest", "ruff"]},
+    extras_require={"flash": ["flash-attn>=2.3"], "plot": ["matplotlib"], "test": ["pytest", "ruff", "matplotlib"]},
     py_modules=[],
     scripts=["train.py"],
 )

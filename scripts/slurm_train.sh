@@ -4,14 +4,41 @@
 #   sbatch --nodes 16 --gres gpu:8 --ntasks-per-node 1 --cpus-per-task 64 scripts/slurm_train.sh \
 #       configs/internlm_7b/phase1.py configs/internlm_7b/phase2.py
 #
+#   scripts/slurm_train.sh --dry-run configs/internlm_7b/phase1.py    # print the commands, run nothing
+#
 # Rerunning the same sbatch line resumes from the newest checkpoint (the work_dir must be on shared storage).
+# Outside an allocation (--dry-run on a login node) the node count defaults to 2 and the master to localhost.
 set -euo pipefail
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+    DRY_RUN=1
+    shift
+fi
+if [[ $# -eq 0 ]]; then
+    echo "usage: $0 [--dry-run] CONFIG.py [CONFIG.py ...] [--set KEY=VALUE ...]" >&2
+    exit 2
+fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+NNODES=${SLURM_JOB_NUM_NODES:-2}
+if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+else
+    MASTER_ADDR=${MASTER_ADDR:-localhost}
+fi
 MASTER_PORT=${MASTER_PORT:-29500}
+JOB_ID=${SLURM_JOB_ID:-dryrun}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-srun --kill-on-bad-exit=1 torchrun \
-    --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
-    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
-    train.py --config "$@"
+cmd=(srun --kill-on-bad-exit=1 torchrun
+    --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE"
+    --rdzv_id "$JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT"
+    train.py --config "$@")
+if [[ $DRY_RUN -eq 1 ]]; then
+    echo "# $NNODES node(s) x $GPUS_PER_NODE GPU(s), OMP_NUM_THREADS=$OMP_NUM_THREADS; the plan of the run:"
+    echo "python train.py --config $* --dry-run --world-size $((NNODES * GPUS_PER_NODE))"
+    echo "# the launch:"
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Quick start, command 1: install, then train the two-phase demo on CPU (about 3 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+exec python train.py --config configs/demo/phase1.py configs/demo/phase2.py "$@"

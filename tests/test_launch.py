@@ -1,0 +1,115 @@
+"""Launching as on a cluster: two torchrun "nodes" meeting at a localhost rendezvous, the Slurm script, plots."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+from train_utils import REPO, read_metrics
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import plot_metrics  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_localhost(tmp_path):
+    """Each "node" is its own torchrun with one process; they meet through the c10d rendezvous, as two hosts do."""
+    work_dir = str(tmp_path / "run")
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_id",
+        "two-nodes",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"localhost:{port}",
+        os.path.join(REPO, "train.py"),
+        "--config",
+        "configs/demo.py",
+        "--set",
+        "data.total_steps=3",
+        "model.num_layers=2",
+        "model.hidden_size=128",
+        f"work_dir={work_dir}",
+        "parallel.zero1=2",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    assert any("done: step 3" in out for out in outputs)
+    records = [r for r in read_metrics(work_dir) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    with open(os.path.join(work_dir, "checkpoints", "3", "meta.json")) as f:
+        layout = json.load(f)["layout"]
+    assert (layout["world_size"], layout["data"], layout["zero1"]) == (2, 2, 2)
+
+
+def test_slurm_script_parses_and_dry_runs():
+    script = os.path.join(REPO, "scripts", "slurm_train.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["bash", script, "--dry-run", "configs/internlm_7b/phase1.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "python train.py --config configs/internlm_7b/phase1.py --dry-run --world-size 16" in lines
+    launch = lines[-1]
+    assert launch.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 8")
+    assert (
+        "--rdzv_backend c10d --rdzv_endpoint localhost:29500 train.py --config configs/internlm_7b/phase1.py" in launch
+    )
+    usage = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def _write_metrics(folder, phases, truncated=False):
+    os.makedirs(folder, exist_ok=True)
+    step = 0
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for phase, steps in phases:
+            for _ in range(steps):
+                step += 1
+                f.write(json.dumps(dict(step=step, phase=phase, loss=8.0 / step, lr=1e-3, grad_norm=1.0, tgs=100.0)))
+                f.write("\n")
+            f.write(json.dumps(dict(step=step, val_loss=9.0 / step, val_loss_by_source={"data/docs": 1.0})) + "\n")
+        if truncated:
+            f.write('{"step": 99, "lo')
+
+
+def test_plot_metrics_two_runs_with_phases(tmp_path):
+    a, b = str(tmp_path / "tp2"), str(tmp_path / "pp2")
+    _write_metrics(a, [("phase1", 6), ("phase2", 4)], truncated=True)
+    _write_metrics(b, [("phase1", 5)])
+    records = plot_metrics.read_records(a)
+    assert plot_metrics.phase_starts(records) == [(1, "phase1"), (7, "phase2")]
+    assert set(plot_metrics.validation_series(records)) == {"validation", "validation docs"}
+    out = str(tmp_path / "plots" / "curves.png")
+    assert plot_metrics.main([a, b, "--output", out]) == 0
+    with open(out, "rb") as f:
+        header = f.read(24)
+    width, height = struct.unpack(">II", header[16:24])
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and width > 500 and height > 500
+    assert plot_metrics.main([str(tmp_path / "missing"), "--output", out]) == 2

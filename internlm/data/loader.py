@@ -1,7 +1,7 @@
 """Train loader and validation batches built from the ``data`` section of a resolved config.
 
-``data`` is the typed section (`internlm.config.DataSection`) or any object with its attributes, every one
-present (the config system fills the defaults; nothing is defaulted here): ``seq_len``, ``micro_bsz``,
+``data`` is the typed section (`DataSection`, built by the config package) or any object with its attributes,
+every one present (the config system fills the defaults; nothing is defaulted here): ``seq_len``, ``micro_bsz``,
 ``micro_num``, ``train_folder`` (a path, a list of paths with equal weights, or ``{path: weight}``),
 ``valid_folder`` (path or None), ``valid_ratio``, ``valid_max_samples``, ``valid_micro_num`` (None: no cap),
 ``block_seqs`` (shuffle block of the sampler).

@@ -1,0 +1,91 @@
+"""Communication and checkpoint costs of one optimizer step for a model, a `Layout` and a batch shape.
+
+Bytes are what one device *sends* per optimizer step with ring collectives (an all-reduce of n bytes over g
+ranks sends 2 (g-1)/g n, an all-gather or reduce-scatter of n bytes in total (g-1)/g n), for the most loaded
+pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b bytes, T = tensor size:
+
+    tensor    per layer and micro-batch 8 (T-1)/T N b (2 collectives forward, 2 backward, with or without
+              sequence parallelism), 12 (T-1)/T N b with full recomputation (the forward runs twice); plus the
+              embedding and the head input, 2 (T-1)/T N b each, on the stages that hold them
+    pipeline  per micro-batch and model chunk one activation forward and one gradient backward, N b each
+              (N b / T under sequence parallelism, which keeps hidden states S/T-sharded between stages)
+    data      P parameters per device, z = zero1, r = data / zero1 replicas: fp32 gradient reduce-scatter in the
+              zero1 group (z-1)/z 4 P, all-reduce of the owned shard across replicas 2 (r-1)/r 4 P/z, and the
+              all-gather of the updated parameters (z-1)/z b P
+
+Tensor groups are neighbours (inside a node: NVLink); data-parallel and pipeline neighbours stride by the
+tensor size and so, with tensor = GPUs per node, sit on other nodes (the network).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """2 for 16-bit dtypes, 4 otherwise (fp32)."""
+    return 2 if "16" in str(dtype) else 4
+
+
+def stage_params(model_config: Any, pipeline: int) -> float:
+    """Parameters of the most loaded pipeline stage: its share of the layers plus the embedding or the head."""
+    mc = model_config
+    embedding = mc.vocab_size * mc.hidden_size
+    per_layer = (mc.num_params(include_embedding=False) - mc.hidden_size - embedding) / mc.num_layers
+    layers = math.ceil(mc.num_layers / pipeline)
+    return layers * per_layer + (embedding if pipeline > 1 else 2 * embedding + mc.hidden_size)
+
+
+@dataclass(frozen=True)
+class StepCommunication:
+    """Bytes one device sends per optimizer step, by parallel dimension."""
+
+    tensor: float
+    pipeline: float
+    data_gradients: float
+    data_params: float
+
+    @property
+    def data(self) -> float:
+        return self.data_gradients + self.data_params
+
+    def by_link(self) -> Dict[str, float]:
+        """Bytes per link type when the tensor group fills a node (intra-node) and the rest crosses nodes."""
+        return {"intra-node (tensor)": self.tensor, "inter-node (pipeline + data)": self.pipeline + self.data}
+
+
+def step_communication(
+    model_config: Any, layout: Any, micro_bsz: int, seq_len: int, micro_num: int, recompute: bool
+) -> StepCommunication:
+    """Bytes sent per device per step; see the module docstring for the formulas."""
+    mc = model_config
+    b = dtype_bytes(mc.dtype)
+    t, pp, z = layout.tensor, layout.pipeline, layout.zero1
+    replicas = layout.data // z
+    n_bytes = micro_bsz * seq_len * mc.hidden_size * b
+    ring = (t - 1) / t
+    layers = math.ceil(mc.num_layers / pp)
+    per_layer = (12 if recompute else 8) * ring * n_bytes
+    tensor = micro_num * (layers * per_layer + 2 * ring * n_bytes)  # + embedding or head input
+    message = n_bytes / t if layout.sequence_parallel else n_bytes
+    pipeline = 2 * layout.num_chunks * micro_num * message if pp > 1 else 0.0
+    params = stage_params(mc, pp) / t
+    gradients = (z - 1) / z * 4 * params + 2 * (replicas - 1) / replicas * 4 * params / z
+    gather = (z - 1) / z * b * params
+    return StepCommunication(tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather)
+
+
+def checkpoint_bytes(model_config: Any) -> Dict[str, float]:
+    """Bytes of one checkpoint: model weights in the model dtype, optimizer fp32 master + two Adam moments.
+
+    Each piece is written once (zero1 replicas and data-parallel copies of the weights do not write).
+    """
+    params = model_config.num_params()
+    out = {"model": params * dtype_bytes(model_config.dtype), "optimizer": 12.0 * params}
+    out["total"] = out["model"] + out["optimizer"]
+    return out
+
+
+__all__ = ["StepCommunication", "step_communication", "checkpoint_bytes", "stage_params", "dtype_bytes"]

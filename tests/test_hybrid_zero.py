@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from internlm.model import InternLM, InternLMConfig
-from internlm.optim import HybridZeroOptimizer
+from internlm.optim import BufferKey, HybridZeroOptimizer
+from internlm.optim.flat_buffer import ALIGN, FlatBuffer, lane_order
 from internlm.parallel.tp_shard import TPShard, declare_shards
 
 VOCAB, SEQ, GLOBAL_BSZ = 64, 8, 8
@@ -81,9 +82,9 @@ def train_zero(model, opt: HybridZeroOptimizer, steps: range, dp_rank=0, dp_size
     for step in steps:
         opt.begin_step(micro_num)
         backward_step(model, step, dp_rank, dp_size, micro_num)
-        norm, skipped = opt.step()
+        norm, skipped = opt.step()  # device tensors
         assert not skipped
-        norms.append(norm)
+        norms.append(float(norm))
     opt.sync_params()
     return norms
 
@@ -340,3 +341,73 @@ def test_declared_shards_set_buffer_kinds_and_metadata():
     declare_shards(model, weight=TPShard.split((8, 6), dim=0, rank=1, size=2))
     with pytest.raises(ValueError, match=r"weight: declared tensor shard .* has local shape \[4, 6\]"):
         make_opt(model)
+
+
+def test_step_never_reads_device_values(monkeypatch):
+    """step() decides skip/clip on the device: no .item(), bool(), float(), int() or tolist() of a tensor."""
+    model = tiny_model()
+    opt = make_opt(model)
+    for loss_scale in (1.0, float("nan")):
+        opt.begin_step(2)
+        backward_step(model, 0, 0, 1, micro_num=2, loss_scale=loss_scale)
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+
+                def forbidden(*args, _name=name, **kwargs):
+                    raise AssertionError(f"host sync in step(): Tensor.{_name}")
+
+                patch.setattr(torch.Tensor, name, forbidden)
+            norm, skipped = opt.step()
+        assert torch.is_tensor(norm) and torch.is_tensor(skipped) and skipped.dtype == torch.bool
+        assert bool(skipped) == (loss_scale != 1.0)
+    assert (opt.num_updates, opt.skipped_steps) == (1, 1)
+    assert int(opt.optimizer.state[opt.masters[0]]["step"]) == 1  # the fused kernel did not count the skip
+
+
+def test_buckets_are_columns_of_the_slices_and_fill_in_backward_order():
+    """Each bucket is the same column range of every zero1 slice; its block of the gradient storage holds those
+    columns row by row; with lanes, buckets become ready in order during backward."""
+    sizes = [130, 8, 200] + [24] * 30  # gradient-ready order: big early ones (an output head), then layers
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    entries = [(f"p{i}", p, TPShard.replicated((n,))) for i, (p, n) in enumerate(zip(params, sizes))]
+    key = BufferKey(chunk=0, dtype=torch.float32, decay=False, tp_duplicate=False, tp_partial_grad=False)
+    buffer = FlatBuffer(key, entries, zero1_size=4, zero1_rank=1, bucket_numel=4 * 32)
+    z, s = 4, buffer.shard_numel
+    assert all((c1 - c0) % ALIGN == 0 for c0, c1 in buffer.columns) and buffer.columns[-1][1] == s
+    with torch.no_grad():
+        buffer.params.copy_(torch.arange(buffer.padded_numel, dtype=torch.float32))
+        for slot in buffer.slots:  # what the gradient hook does, with the parameter's own values as gradient
+            flat = slot.param.detach().reshape(-1)
+            for piece in buffer.grad_pieces(slot):
+                buffer.grads[piece.dest : piece.dest + piece.hi - piece.lo] += flat[piece.lo : piece.hi]
+    for b, (c0, c1) in enumerate(buffer.columns):
+        rows = buffer.params.view(z, s)[:, c0:c1]
+        rows = torch.where(rows < buffer.numel, rows, torch.zeros_like(rows))  # padding gets no gradient
+        assert torch.equal(buffer.grad_block(b).view(z, c1 - c0), rows)
+        assert torch.equal(buffer.param_shard_block(b), buffer.params[s + c0 : s + c1])
+    # ready order: bucket b is ready when the last parameter touching it is final
+    ready = [0] * len(buffer.columns)
+    for slot in buffer.slots:
+        index = int(slot.name[1:])
+        for piece in buffer.grad_pieces(slot):
+            ready[piece.bucket] = max(ready[piece.bucket], index)
+    # measured [12, 16, 19, 23, 26, 28, 31, 32, 20] of 33 parameters: progressive, not all at the end of backward
+    assert ready[:-1] == sorted(ready[:-1]) and ready[0] < len(sizes) // 2, ready
+    order = lane_order(sizes, 4, s)
+    assert sorted(order) == list(range(len(sizes)))
+
+
+def test_grad_norm_matches_fp64_reference_at_16m_elements():
+    from types import SimpleNamespace
+
+    from internlm.optim.grad_norm import global_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    grads = (torch.randn(16 * 1024 * 1024, generator=gen) * 3e-3 + 1e-3).float()
+    buffer = SimpleNamespace(grads=grads, key=SimpleNamespace(tp_duplicate=False), grad_shard=lambda: grads)
+    got = float(global_grad_norm([buffer], None, None, None, tp_rank=0))
+    want = float(grads.double().norm())
+    assert abs(got - want) <= 1e-6 * want, (got, want)
+    # the fp32 reduction this replaced is visibly off at this size
+    naive = float(torch.linalg.vector_norm(grads))
+    print(f"16M elements: fp64 partial sums {got:.9f}, fp64 reference {want:.9f}, fp32 vector_norm {naive:.9f}")

@@ -35,7 +35,8 @@ STEPS = 4
 
 
 def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> SimpleNamespace:
-    """Groups for rank = tp_rank + tp_size * dp_rank (pp = 1); zero1 groups are consecutive dp blocks."""
+    """Groups for rank = tp_rank + tp_size * dp_rank (pp = 1); zero1 groups are consecutive dp blocks, zero1
+    replica groups the dp ranks with the same zero1 rank."""
     dp_size = world // tp_size
     tp_rank, dp_rank = rank % tp_size, rank // tp_size
     found: Dict[str, Any] = {}
@@ -51,6 +52,8 @@ def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> Simple
         new_group("dp", [t + tp_size * d for d in range(dp_size)])
         for block in range(dp_size // zero1_size):
             new_group("zero1", [t + tp_size * (block * zero1_size + j) for j in range(zero1_size)])
+        for j in range(zero1_size):
+            new_group("zero1_replica", [t + tp_size * (b * zero1_size + j) for b in range(dp_size // zero1_size)])
     return SimpleNamespace(
         dp_size=dp_size,
         dp_rank=dp_rank,
@@ -58,6 +61,7 @@ def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> Simple
         zero1_size=zero1_size,
         zero1_rank=dp_rank % zero1_size,
         zero1_group=found["zero1"],
+        zero1_replica_group=found["zero1_replica"],
         tp_size=tp_size,
         tp_rank=tp_rank,
         tp_group=found["tp"],
@@ -179,7 +183,7 @@ def _tp_worker(rank: int, world: int) -> dict:
         loss = model(step, pc.dp_rank, pc.dp_size)
         assert not opt.param_sync_pending  # the forward pre-hook waited for the previous step's gather
         loss.backward()
-        norms.append(opt.step()[0])
+        norms.append(float(opt.step()[0]))
         assert opt.param_sync_pending  # overlap_sync_param: the gather runs until the next forward
     opt.sync_params()
     meta = {p["name"]: p for b in opt.state_dict()["buffers"] for p in b["params"]}
@@ -213,3 +217,39 @@ def test_tensor_parallel_shards_match_single_process():
             assert abs(a - b) <= 1e-5 * b
         assert result["weight_meta"]["global_shape"] == [OUT, IN]
         assert result["weight_meta"]["tp_shard"] == (0, tp_rank, 2)
+
+
+# ---------------------------------------------------------------------- parameter gathers per bucket
+def _gather_worker(rank: int, world: int) -> dict:
+    pc = make_context(rank, world, 1, world)
+    model = tiny_model()
+    opt = make_opt(model, pc)
+    train_zero(model, opt, range(1), pc.dp_rank, pc.dp_size)
+    opt.begin_step(1)
+    backward_step(model, 1, pc.dp_rank, pc.dp_size, 1)
+    opt.step()  # launches one all-gather per bucket
+    gathers = opt.gatherer.gathers
+    launched = sum(g.pending for g in gathers)
+    embedding = [g for g in gathers if _touches(g, model.embed_tokens.weight)]
+    model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))  # the first layer's pre-hook completes its buckets only
+    after_embedding = dict(
+        embedding_pending=sum(g.pending for g in embedding), others_pending=sum(g.pending for g in gathers)
+    )
+    backward_step(model, 2, pc.dp_rank, pc.dp_size, 1)  # full forward (+ a backward, dropped below)
+    pending_after_forward = opt.param_sync_pending
+    opt.zero_grad()
+    return dict(launched=launched, buckets=len(gathers), pending_after_forward=pending_after_forward, **after_embedding)
+
+
+def _touches(gather, param) -> bool:
+    for slot in gather.buffer.slots:
+        if slot.param is param:
+            return any(piece.bucket == gather.bucket for piece in gather.buffer.grad_pieces(slot))
+    return False
+
+
+def test_parameter_gathers_are_waited_for_per_bucket_by_the_modules_that_need_them():
+    for result in run_distributed(_gather_worker, 2):
+        assert result["launched"] == result["buckets"] > 2
+        assert result["embedding_pending"] == 0 and result["others_pending"] > 0, result
+        assert not result["pending_after_forward"]

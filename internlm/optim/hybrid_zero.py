@@ -2,13 +2,15 @@
 
 Per step, on every rank (see docs/zero.md for the volumes)::
 
-    begin_step(n) -> n x backward        gradients accumulate in fp32 buffers; ready buckets all-reduce (SUM,
-                                         data-parallel group) while backward continues
-    step()                               wait for buckets; sum partial-gradient slices over the tensor group;
+    begin_step(n) -> n x backward        gradients accumulate in fp32 buffers; ready buckets reduce-scatter
+                                         over the zero1 group, then all-reduce the owned piece over the zero1
+                                         replicas, while backward continues
+    step()                               finish the buckets; sum partial-gradient slices over the tensor group;
                                          global grad norm (one scalar all-reduce per zero1/tp/pp group);
-                                         skip on inf/nan, else clip + AdamW on this rank's fp32 slice;
-                                         copy the slice into the model dtype; all-gather slices over zero1
-    next forward                         a forward pre-hook of each chunk waits for that chunk's gather
+                                         clip + fused AdamW on this rank's fp32 slice, skipped on device when
+                                         the norm is inf/nan (no host sync); copy the slice into the model
+                                         dtype; launch the all-gather of every bucket over zero1
+    next forward                         a forward pre-hook on each module waits for its parameters' buckets
 
 ``zero1_size`` may be smaller than ``dp_size`` (hybrid): data-parallel ranks form ``dp_size / zero1_size``
 consecutive blocks, each block shards the optimizer state once, and blocks hold identical replicas.
@@ -21,8 +23,6 @@ turns its AdamW state into `StateValues` and installs the ones a load returns.
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 from internlm.parallel.comm import group_size
 from internlm.parallel.tp_shard import TPShard, param_shards
 
-from .collectives import all_gather_shards
+from .collectives import ParamGatherer
 from .flat_buffer import BufferKey, FlatBuffer
 from .full_state import cut_full_state
 from .grad_norm import global_grad_norm
@@ -43,8 +43,12 @@ class HybridZeroOptimizer:
     """AdamW over flat sharded fp32 master weights, with bucketed overlapped gradient reduction.
 
     ``pc`` is any object with ``dp_size, dp_rank, dp_group, zero1_size, zero1_rank, zero1_group, tp_size,
-    tp_rank, tp_group, pp_size, pp_group`` (groups are ``None`` for size 1). Weight decay applies to
-    parameters with two or more dimensions (matrices, embeddings), not to norm weights or biases.
+    tp_rank, tp_group, pp_size, pp_group`` and, when ``dp_size > zero1_size``, ``zero1_replica_group`` (groups
+    are ``None`` for size 1). Weight decay applies to parameters with two or more dimensions (matrices,
+    embeddings), not to norm weights or biases.
+
+    ``step()`` never waits for the device: the skip decision, the clip coefficient and the counters stay device
+    tensors. ``skipped_steps`` and ``num_updates`` read as ints (that read synchronises).
     """
 
     def __init__(
@@ -65,12 +69,18 @@ class HybridZeroOptimizer:
         self.model_chunks = list(model_chunks)
         self.clip_grad_norm = clip_grad_norm
         self.overlap_sync_param = overlap_sync_param
-        self.skipped_steps = 0
-        self.num_updates = 0  # AdamW steps applied (skipped steps excluded)
 
-        self.buffers = _build_buffers(self.model_chunks, pc.zero1_size, pc.zero1_rank)
-        self.grad_reducer = GradReducer(self.buffers, pc.dp_group, pc.tp_group, reduce_bucket_size, overlap_sync_grad)
-        # fp32 master copy of the owned slice; its .grad is a view of the owned slice of the fp32 grad buffer
+        self.buffers = _build_buffers(self.model_chunks, pc.zero1_size, pc.zero1_rank, reduce_bucket_size // 4)
+        self.grad_reducer = GradReducer(
+            self.buffers, pc.zero1_group, getattr(pc, "zero1_replica_group", None), pc.tp_group, overlap_sync_grad
+        )
+        self.gatherer = ParamGatherer(self.buffers, pc.zero1_group, self.model_chunks)
+        self.grad_reducer.before_accumulate = self.gatherer.wait_buffer
+        # counters on the device, so that step() never reads a value back (properties below convert on read)
+        device = self.buffers[0].params.device
+        self._num_updates = torch.zeros((), dtype=torch.int64, device=device)  # AdamW steps applied
+        self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # fp32 master copy of the owned slice; its .grad is the reduced fp32 gradient of the owned slice
         self.masters: List[torch.Tensor] = []
         for buffer in self.buffers:
             master = buffer.param_shard().detach().to(torch.float32, copy=True)
@@ -80,77 +90,87 @@ class HybridZeroOptimizer:
             {"params": [master], "weight_decay": weight_decay if buffer.key.decay else 0.0}
             for buffer, master in zip(self.buffers, self.masters)
         ]
-        impl = {"fused": True} if self.masters[0].device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **impl)
+        # fused (CUDA and CPU kernels): reads self.optimizer.found_inf and skips the update and the step count
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
-        self._gathers: Dict[int, List[Any]] = defaultdict(list)  # chunk index -> in-flight param gathers
-        self._pre_hooks = [
-            chunk.register_forward_pre_hook(self._make_wait_hook(i)) for i, chunk in enumerate(self.model_chunks)
-        ]
+    # ------------------------------------------------------------------ counters
+    @property
+    def num_updates(self) -> int:
+        """AdamW steps applied (skipped steps excluded). Reading it synchronises with the device."""
+        return int(self._num_updates)
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self._num_updates.fill_(int(value))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on an inf/nan gradient norm. Reading it synchronises with the device."""
+        return int(self._skipped_steps)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps.fill_(int(value))
 
     # ------------------------------------------------------------------ step protocol
     def begin_step(self, num_micro_batches: int) -> None:
         """Arm the gradient hooks: each parameter's gradient is final after ``num_micro_batches`` backward passes."""
         self.grad_reducer.begin_step(num_micro_batches)
 
-    def step(self) -> Tuple[float, bool]:
-        """Reduce, clip and apply this step's gradients; returns ``(grad_norm, skipped)``.
+    @torch.no_grad()
+    def step(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reduce, clip and apply this step's gradients; returns device tensors ``(grad_norm, skipped)`` (fp32 and
+        bool scalars: convert them only when they are logged).
 
-        The norm is taken before clipping. A non-finite norm skips the update on every rank (the norm is the
-        same everywhere), drops the gradients and increments ``skipped_steps``.
+        The norm is taken before clipping. A non-finite norm skips the update on every rank (the norm is the same
+        everywhere): ``found_inf`` goes to the fused AdamW kernel, which then leaves masters, moments and its step
+        count untouched; the gradients are dropped and ``skipped_steps`` counts it. Nothing here reads a device
+        value on the host.
         """
         self.grad_reducer.finish()
         norm = global_grad_norm(self.buffers, self.pc.zero1_group, self.pc.tp_group, self.pc.pp_group, self.pc.tp_rank)
-        norm_value = float(norm)
-        if not math.isfinite(norm_value):
-            self.skipped_steps += 1
-            self.grad_reducer.zero()
-            return norm_value, True
+        found_inf = (~torch.isfinite(norm)).to(torch.float32)
         if self.clip_grad_norm is not None and self.clip_grad_norm > 0:
-            # as torch.nn.utils.clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)), in fp32
+            # as torch.nn.utils.clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)), in fp32 (nan when
+            # the norm is: harmless, the update is skipped then)
             coef = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for master in self.masters:
-                master.grad.mul_(coef)
-        self.optimizer.step()
-        self.num_updates += 1
+            torch._foreach_mul_([master.grad for master in self.masters], coef)
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        skipped = found_inf.to(torch.int64)
+        self._skipped_steps += skipped
+        self._num_updates += 1 - skipped
+        # a skipped step republishes unchanged masters: the same values, no branch on the host
         self._publish_params(async_op=self.overlap_sync_param)
-        self.grad_reducer.zero()
-        return norm_value, False
+        return norm, found_inf > 0
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (also disarms the step's hooks)."""
+        self.sync_params()  # in-flight parameter gathers receive into the gradient accumulation tensors
         self.grad_reducer.zero()
 
     # ------------------------------------------------------------------ parameter all-gather
     @torch.no_grad()
     def _publish_params(self, async_op: bool) -> None:
-        """Copy each fp32 master slice into the model dtype and all-gather the slices over the zero1 group."""
+        """Copy each fp32 master slice into the model dtype and all-gather the slices over the zero1 group, bucket
+        by bucket (`ParamGatherer`). The gathers receive into the gradient accumulation tensors, so any gradient
+        accumulated and not yet reduced is dropped; after completion those tensors are zero."""
         self.sync_params()  # a gather still in flight (no forward since the last step) reads the slice we overwrite
         for buffer, master in zip(self.buffers, self.masters):
             buffer.param_shard().copy_(master)
-            work = all_gather_shards(buffer.params, self.pc.zero1_group, async_op=async_op)
-            if work is not None:
-                self._gathers[buffer.key.chunk].append(work)
-
-    def _wait_chunk(self, chunk: int) -> None:
-        for work in self._gathers.pop(chunk, []):
-            work.wait()
-
-    def _make_wait_hook(self, chunk: int):
-        def hook(module: nn.Module, args: Any) -> None:
-            self._wait_chunk(chunk)
-
-        return hook
+        self.gatherer.launch(async_op)
 
     @property
     def param_sync_pending(self) -> bool:
         """True while a parameter all-gather launched by ``step()`` has not been waited for."""
-        return any(self._gathers.values())
+        return self.gatherer.pending
 
     def sync_params(self) -> None:
         """Wait until every model parameter holds the gathered values of the last step (before save or eval)."""
-        for chunk in list(self._gathers):
-            self._wait_chunk(chunk)
+        self.gatherer.wait_all()
 
     def close(self) -> None:
         """Detach from the model: finish in-flight collectives, remove gradient and forward hooks.
@@ -161,9 +181,7 @@ class HybridZeroOptimizer:
         self.sync_params()
         self.grad_reducer.zero()
         self.grad_reducer.remove_hooks()
-        for handle in self._pre_hooks:
-            handle.remove()
-        self._pre_hooks = []
+        self.gatherer.remove_hooks()
 
     # ------------------------------------------------------------------ hyper-parameters
     @property
@@ -189,9 +207,13 @@ class HybridZeroOptimizer:
         owned element, i.e. about ``12 * num_params / zero1_size`` plus padding."""
         return sum(12 * master.numel() for master in self.masters)
 
-    def state_dict(self) -> Dict[str, Any]:
-        """This rank's shard (master weights, AdamW moments, counters) with its layout metadata."""
-        return shard_state(self._ranks(), self.buffers, self._state_values())
+    def state_dict(self, copy: bool = True, device: Any = None) -> Dict[str, Any]:
+        """This rank's shard (master weights, AdamW moments, counters) with its layout metadata.
+
+        Tensors are copies (onto ``device`` if given: a checkpoint's CPU snapshot); ``copy=False`` hands out
+        the live tensors, for a caller that writes them before the next ``step()``.
+        """
+        return shard_state(self._ranks(), self.buffers, self._state_values(), copy=copy, device=device)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a shard saved under the same layout; raises ValueError naming any layout difference
@@ -200,19 +222,21 @@ class HybridZeroOptimizer:
         Collective over the zero1 group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
-        self._install_state(read_shard_state(state, self._ranks(), self.buffers))
+        self._install_state(read_shard_state(state, self._ranks(), self.buffers), owned=False)
         self._publish_params(async_op=False)
 
-    def load_full_state(self, full: Mapping[str, Any]) -> None:
-        """Restore from a layout-independent full state (``internlm.train.reshard.merge_optimizer_checkpoint``):
-        for every buffer, the owned slice of each parameter's full fp32 master, ``exp_avg`` and ``exp_avg_sq``
-        after cutting the parameter's own tensor shard (`TPShard.slice`); then the counters, lr and betas.
+    def load_full_state(self, full: Any) -> None:
+        """Restore from a layout-independent full state: a lazy `ShardedFullState` over a checkpoint's
+        memory-mapped shards (``internlm.train.reshard.load_optimizer_resharded``) or a materialised dict
+        (``merge_optimizer_checkpoint``). For every buffer, the owned slice of each parameter's fp32 master,
+        ``exp_avg`` and ``exp_avg_sq`` within the parameter's own tensor shard is copied straight into this
+        optimizer's master slices and new moment tensors; then the counters, lr and betas.
 
         Any saved layout works (see ``full_state.py`` for the index arithmetic). Collective over the zero1
         group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
-        self._install_state(cut_full_state(full, self.buffers))
+        self._install_state(cut_full_state(full, self.buffers, masters=self.masters), owned=True)
         self._publish_params(async_op=False)
 
     def _ranks(self) -> Dict[str, int]:
@@ -243,20 +267,30 @@ class HybridZeroOptimizer:
         )
 
     @torch.no_grad()
-    def _install_state(self, values: StateValues) -> None:
+    def _install_state(self, values: StateValues, owned: bool = False) -> None:
         """Copy ``values`` in: the master slices, AdamW's moments (none: no update yet, no state) with step count
         ``num_updates``, the counters, lr and betas. Each param group keeps its own weight decay (it follows the
-        buffer kind, not the saved state)."""
+        buffer kind, not the saved state).
+
+        ``owned``: the moment tensors are new and on this optimizer's device (`cut_full_state`) and become
+        AdamW's state as they are; otherwise (e.g. memory-mapped checkpoint tensors) they are copied."""
         for master, saved in zip(self.masters, values.masters):
-            master.copy_(saved)
+            if saved is not master:
+                master.copy_(saved)
+
+        def take(moment: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+            if owned and moment.device == master.device:
+                return moment
+            return torch.empty_like(master).copy_(moment)
+
         torch_state: Dict[str, Any] = {"state": {}, "param_groups": []}
         for index, (master, group) in enumerate(zip(self.masters, self.optimizer.param_groups)):
             if values.moments is not None:
                 exp_avg, exp_avg_sq = values.moments[index]
                 torch_state["state"][index] = {
                     "step": torch.tensor(float(values.num_updates), dtype=torch.float32),
-                    "exp_avg": exp_avg.to(master.device),
-                    "exp_avg_sq": exp_avg_sq.to(master.device),
+                    "exp_avg": take(exp_avg, master),
+                    "exp_avg_sq": take(exp_avg_sq, master),
                 }
             restored = {k: v for k, v in group.items() if k != "params"}
             restored.update(params=[index], lr=values.lr, betas=tuple(values.betas))
@@ -273,10 +307,18 @@ def _check_context(pc: Any) -> None:
         raise ValueError(f"zero1_group has {group_size(pc.zero1_group)} ranks but zero1_size={pc.zero1_size}")
     if group_size(pc.dp_group) != pc.dp_size:
         raise ValueError(f"dp_group has {group_size(pc.dp_group)} ranks but dp_size={pc.dp_size}")
+    replicas = group_size(getattr(pc, "zero1_replica_group", None))
+    if replicas != pc.dp_size // pc.zero1_size:
+        raise ValueError(
+            f"zero1_replica_group has {replicas} ranks but dp_size / zero1_size = {pc.dp_size // pc.zero1_size}"
+        )
 
 
-def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int) -> List[FlatBuffer]:
-    """Group trainable parameters by ``BufferKey``, each group listed in reverse registration order."""
+def _build_buffers(
+    chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int, bucket_numel: int
+) -> List[FlatBuffer]:
+    """Group trainable parameters by ``BufferKey``, each group given in reverse registration order (the order
+    backward finishes them; `FlatBuffer` deals them into zero1 lanes)."""
     seen: set = set()
     groups: Dict[BufferKey, List[Tuple[str, nn.Parameter, TPShard]]] = {}
     devices = set()
@@ -306,7 +348,7 @@ def _build_buffers(chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int
         raise ValueError("the model chunks have no trainable parameters")
     if len(devices) > 1:
         raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
-    return [FlatBuffer(key, entries, zero1_size, zero1_rank) for key, entries in groups.items()]
+    return [FlatBuffer(key, entries, zero1_size, zero1_rank, bucket_numel) for key, entries in groups.items()]
 
 
 __all__ = ["HybridZeroOptimizer"]

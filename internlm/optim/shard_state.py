@@ -32,7 +32,7 @@ installs the `StateValues` a load returns (``HybridZeroOptimizer._install_state`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -84,21 +84,33 @@ def _buffer_meta(buffer: FlatBuffer) -> Dict[str, Any]:
     }
 
 
-def shard_state(ranks: Mapping[str, int], buffers: Sequence[FlatBuffer], values: StateValues) -> Dict[str, Any]:
+def shard_state(
+    ranks: Mapping[str, int],
+    buffers: Sequence[FlatBuffer],
+    values: StateValues,
+    copy: bool = True,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Dict[str, Any]:
     """This rank's optimizer shard as plain tensors and Python values (safe to ``torch.save``).
 
     ``ranks``: ``zero1_size, zero1_rank, dp_size, dp_rank, tp_size, tp_rank, pp_size``; ``values`` belong to
-    ``buffers`` (one master slice per buffer, in order). Tensors are copied.
+    ``buffers`` (one master slice per buffer, in order). Tensors are copied (onto ``device``, default: where
+    they are); ``copy=False`` returns the live tensors (or copies only where ``device`` differs), for a caller
+    that writes them out before the next update.
     """
+
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(device if device is not None else tensor.device, copy=copy)
+
     entries = []
     for index, (buffer, master) in enumerate(zip(buffers, values.masters)):
         entry = _buffer_meta(buffer)
-        entry["master"] = master.detach().clone()
+        entry["master"] = take(master)
         if values.moments is None:
             entry["exp_avg"] = entry["exp_avg_sq"] = None
         else:
             exp_avg, exp_avg_sq = values.moments[index]
-            entry["exp_avg"], entry["exp_avg_sq"] = exp_avg.detach().clone(), exp_avg_sq.detach().clone()
+            entry["exp_avg"], entry["exp_avg_sq"] = take(exp_avg), take(exp_avg_sq)
         entries.append(entry)
     return {
         "format": FORMAT,

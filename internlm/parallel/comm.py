@@ -12,8 +12,8 @@ layers in `tensor_parallel` are plain matmuls between regions:
 | reduce_scatter_to_sequence_region   | reduce-scatter along sequence   | all-gather along the sequence    |
 
 Hidden states are (B, S, H) and the sequence is dim 1 (packed micro-batches have B = 1). Every function is
-the identity when the group is None or has one rank. gloo has no reduce-scatter: there we all-reduce and
-keep our slice (same result, ``tp`` times the traffic); NCCL uses ``reduce_scatter_tensor``.
+the identity when the group is None or has one rank. gloo and NCCL take the same path: the tensor forms of
+all-gather and reduce-scatter (`all_gather_into`, `reduce_scatter_into`), which both backends implement.
 """
 
 from __future__ import annotations
@@ -65,6 +65,38 @@ def all_reduce(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
     return out
 
 
+def _single_form(name: str, legacy: str) -> Any:
+    """``dist.<name>`` (torch >= 2.13), else the older ``dist.<legacy>``; looked up at call time."""
+    return getattr(dist, name, None) or getattr(dist, legacy)
+
+
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Optional[Any], async_op: bool = False) -> Optional[Any]:
+    """Gather every rank's ``x`` into the contiguous ``out`` (``size * x.numel()`` elements, rank order).
+
+    ``x`` may be this rank's own slice of ``out`` (in place). A copy for a group of one. Returns the work
+    handle when ``async_op`` and a collective was issued.
+    """
+    if group_size(group) == 1:
+        if out.data_ptr() != x.data_ptr():
+            out.view(-1).copy_(x.reshape(-1))
+        return None
+    return _single_form("all_gather_single", "all_gather_into_tensor")(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(
+    out: torch.Tensor, x: torch.Tensor, group: Optional[Any], async_op: bool = False
+) -> Optional[Any]:
+    """Sum the contiguous ``x`` over the group and write this rank's ``x.numel() / size`` chunk into ``out``.
+
+    ``out`` may be this rank's own chunk of ``x`` (in place). A copy for a group of one.
+    """
+    if group_size(group) == 1:
+        if out.data_ptr() != x.data_ptr():
+            out.view(-1).copy_(x.reshape(-1))
+        return None
+    return _single_form("reduce_scatter_single", "reduce_scatter_tensor")(out, x, group=group, async_op=async_op)
+
+
 def split_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) -> torch.Tensor:
     """This rank's equal chunk of ``x`` along ``dim`` (no communication)."""
     size = group_size(group)
@@ -79,15 +111,10 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) -> tor
     size = group_size(group)
     if size == 1:
         return x
-    x = x.contiguous()
-    if dist.get_backend(group) == "gloo":
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=dim)
-    # NCCL gathers along dim 0 into one buffer; move the target dim there and back
+    # the collective gathers along dim 0 into one buffer; move the target dim there and back
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.shape[0],) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, moved, group=group)
+    all_gather_into(out, moved, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -97,11 +124,9 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: Optional[Any]) ->
     if size == 1:
         return x
     _check_divisible(x, dim, size, "reduce-scatter")
-    if dist.get_backend(group) == "gloo":  # gloo lacks reduce_scatter
-        return split_along_dim(all_reduce(x, group), dim, group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // size,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, moved, group=group)
+    reduce_scatter_into(out, moved, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -192,6 +217,8 @@ __all__ = [
     "group_rank",
     "all_reduce_",
     "all_reduce",
+    "all_gather_into",
+    "reduce_scatter_into",
     "split_along_dim",
     "all_gather_along_dim",
     "reduce_scatter_along_dim",

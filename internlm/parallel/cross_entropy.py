@@ -10,6 +10,11 @@ Each tensor rank holds logits[..., rank*V/T : (rank+1)*V/T]. With z the logits s
 Forward communication per token: one all-reduce MAX of m and one all-reduce SUM of the stacked
 (z_label, sum exp, sum z) triple. Backward is local: d loss / d z_v = p_v - (1 - eps) [v == label] - eps / V,
 using the softmax kept from the forward. Tokens whose label is ``ignore_index`` get loss 0 and gradient 0.
+
+`make_loss_fn` also takes the `HeadInput` that a model chunk with ``fuse_head_loss`` returns (the trainer's default,
+``model.fused_loss``): the head and the loss then run fused and chunked over tokens
+(`internlm.kernels.chunked_linear_cross_entropy`, the same math, vocab parallel over the tensor group), so neither
+the (tokens, V / T) logits nor their fp32 copies ever exist.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from internlm.data.packing import IGNORE_INDEX
+from internlm.kernels import chunked_linear_cross_entropy
+from internlm.model import HeadInput
 
 from .comm import all_reduce_, group_rank, group_size
 from .pipeline.steps import LossFn
 from .process_groups import ParallelContext
+from .tensor_parallel import ColumnParallelLinear, enter_region
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -95,14 +103,38 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, labels, group, float(label_smoothing), ignore_index)
 
 
-def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
-    """``loss_fn(logits, labels)`` -> fp32 SUM of token losses over labels != IGNORE_INDEX (`LossFn`).
+def fused_head_loss(output: HeadInput, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """fp32 SUM of the token losses of ``output.head(output.hidden)`` without materialising the logits.
 
-    With tp = 1 this is ``F.cross_entropy(reduction='sum')``; otherwise logits are vocab-split (parallel
-    output) and the vocab-parallel cross-entropy is used. Every tensor rank returns the same value.
+    A column-parallel head (vocab split over its tensor group) first lets the hidden states enter the tensor
+    region as its own forward would (copy, or all-gather along the sequence under sequence parallelism; the
+    backward all-reduces / reduce-scatters the partial d hidden), then the chunked loss all-reduces its per-token
+    statistics over the group. Every tensor rank returns the same value.
+    """
+    head, hidden, group = output.head, output.hidden, None
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the fused head + loss supports an lm_head without bias only")
+    if isinstance(head, ColumnParallelLinear):
+        if head.input_region:
+            hidden = enter_region(hidden, head.group, head.sequence_parallel)
+        group = head.group if group_size(head.group) > 1 else None
+    return chunked_linear_cross_entropy(
+        hidden, head.weight, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, group=group
+    )
+
+
+def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
+    """``loss_fn(output, labels)`` -> fp32 SUM of token losses over labels != IGNORE_INDEX (`LossFn`).
+
+    ``output``: the logits, or the `HeadInput` of a chunk with ``fuse_head_loss`` (`fused_head_loss`: no logits
+    are materialised). With tp = 1 logits go through ``F.cross_entropy(reduction='sum')``; otherwise they are
+    vocab-split (parallel output) and the vocab-parallel cross-entropy is used. Every tensor rank returns the same
+    value.
     """
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, HeadInput):
+            return fused_head_loss(logits, labels, label_smoothing)
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         if pc.tp_size == 1:
             return F.cross_entropy(
@@ -117,4 +149,4 @@ def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
-__all__ = ["LossFn", "vocab_parallel_cross_entropy", "make_loss_fn"]
+__all__ = ["LossFn", "fused_head_loss", "vocab_parallel_cross_entropy", "make_loss_fn"]

@@ -127,7 +127,9 @@ class Layout:
         """Global ranks of every group of each kind, in creation order.
 
         ``tp``: ranks sharing (dp, pp); ``dp``: ranks sharing (tp, pp); ``pp``: ranks sharing (tp, dp), ordered
-        by stage; ``zero1``: consecutive blocks of ``zero1`` data-parallel ranks inside each dp group.
+        by stage; ``zero1``: consecutive blocks of ``zero1`` data-parallel ranks inside each dp group;
+        ``zero1_replica``: the ranks of one dp group with the same zero1 rank, one from each zero1 block (they
+        own the same slice of the optimizer state; the optimizer all-reduces its reduced gradient slice over them).
         """
         tp, dp, pp, rank = self.tensor, self.data, self.pipeline, self.rank_of
         out: Dict[str, List[List[int]]] = {
@@ -136,6 +138,7 @@ class Layout:
             "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
         }
         out["zero1"] = [ranks[b : b + self.zero1] for ranks in out["dp"] for b in range(0, dp, self.zero1)]
+        out["zero1_replica"] = [ranks[j :: self.zero1] for ranks in out["dp"] for j in range(self.zero1)]
         return out
 
     # ------------------------------------------------------------------ text and records

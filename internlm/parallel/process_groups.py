@@ -25,8 +25,9 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so the dataclas
 class ParallelContext:
     """This process's place in a `Layout`: its rank in every dimension and the groups it belongs to.
 
-    Sizes are read from ``layout`` (``pc.tp_size == pc.layout.tensor``). Groups are ``None`` in a single
-    process; every collective in `internlm.parallel` is skipped when its group is ``None`` or has size 1.
+    Sizes are read from ``layout`` (``pc.tp_size == pc.layout.tensor``); the zero1 replica group has
+    ``dp_size // zero1_size`` members (`zero1_replicas`). Groups are ``None`` in a single process; every
+    collective in `internlm.parallel` is skipped when its group is ``None`` or has size 1.
     ``pp_prev_rank`` / ``pp_next_rank`` are global ranks (None at the ends).
     """
 
@@ -42,6 +43,7 @@ class ParallelContext:
     dp_group: Optional[ProcessGroup] = None
     zero1_rank: int = 0
     zero1_group: Optional[ProcessGroup] = None
+    zero1_replica_group: Optional[ProcessGroup] = None  # same zero1 rank in every zero1 block of the dp group
 
     @property
     def world_size(self) -> int:
@@ -62,6 +64,11 @@ class ParallelContext:
     @property
     def zero1_size(self) -> int:
         return self.layout.zero1
+
+    @property
+    def zero1_replicas(self) -> int:
+        """Number of zero1 blocks in the data-parallel group, the size of ``zero1_replica_group``."""
+        return self.layout.data // self.layout.zero1
 
     @property
     def sequence_parallel(self) -> bool:
@@ -125,7 +132,7 @@ def describe_groups(pc: ParallelContext) -> str:
         f"zero1 {pc.zero1_size}; sequence_parallel {pc.sequence_parallel}",
         "rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)",
     ]
-    width = max(len(k) for k in groups)
+    width = max(len(k) for k in groups if k != "zero1_replica")  # the long name does not widen the table
     for kind, lists in groups.items():
         shown = lists if len(lists) <= 8 else lists[:4] + [["..."]] + lists[-2:]
         body = " ".join("[" + ",".join(str(r) for r in ranks) + "]" for ranks in shown)

@@ -7,6 +7,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from internlm.model import PackedDocs
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, labels) -> fp32 SUM of token losses`` (labels equal to IGNORE_INDEX take none): what every
 schedule calls on the last stage (`internlm.parallel.make_loss_fn` builds one)."""
@@ -17,6 +19,17 @@ def chunk_device(model_chunks: List[nn.Module]) -> torch.device:
     for param in model_chunks[0].parameters():
         return param.device
     raise ValueError("pipeline model chunk has no parameters")
+
+
+def micro_batch_docs(micro_batch: Dict) -> PackedDocs:
+    """The micro-batch's `PackedDocs`: ``micro_batch["docs"]`` when the caller built it (the trainer does, once
+    per micro-batch, so every chunk and layer share its sdpa grouping), else a new one from ``cu_seqlens``,
+    ``cu_seqlens_list`` and ``max_seqlen`` (the loader's host-side values; absent ones are read back from the
+    device when needed)."""
+    docs = micro_batch.get("docs")
+    if docs is None:
+        docs = PackedDocs(micro_batch["cu_seqlens"], micro_batch.get("cu_seqlens_list"), micro_batch.get("max_seqlen"))
+    return docs
 
 
 def forward_step(
@@ -35,7 +48,7 @@ def forward_step(
     """
     out = chunk(
         x,
-        cu_seqlens=micro_batch["cu_seqlens"],
+        cu_seqlens=micro_batch_docs(micro_batch),
         position_ids=micro_batch["position_ids"],
         max_seqlen=micro_batch["max_seqlen"],
     )

@@ -1,17 +1,28 @@
-"""Atomic, resumable checkpoints: ``<save_ckpt_folder>/<step>/``.
+"""Atomic, verified, resumable checkpoints: ``<save_ckpt_folder>/<step>/`` (format in docs/checkpoint.md).
 
 A checkpoint folder holds
 
-    meta.json                    written last by rank 0: step, phase, tokens, layout, phase history
-    train_state.pt               rank 0: data sampler state (identical on every rank)
-    model_tp{t}_pp{p}.pt         model chunks of tensor rank t, pipeline stage p (saved by data rank 0)
-    optim_tp{t}_pp{p}_dp{d}.pt   optimizer shard of that rank (fp32 master + Adam states + layout metadata)
+    meta.json                    rank 0, last: step, phase, data position, model config, layout, and per file
+                                 its size, CRC-32 and writer rank
+    train_state.pt               rank 0: data sampler state and phase history (identical on every rank)
+    model_tp{t}_pp{p}.pt         model chunks of tensor rank t, pipeline stage p: written by the last data rank
+                                 of that (t, p) (a zero1 replica when there is one, which writes no optimizer file)
+    optim_tp{t}_pp{p}_dp{z}.pt   optimizer shard of zero1 rank z: written by data rank z (the first zero1 block);
+                                 the other blocks hold identical replicas and write nothing
     rng_rank{r}.pt               RNG states of global rank r
 
-Every rank writes into ``.tmp-<step>/``; after a barrier rank 0 writes ``meta.json`` and renames the folder
-to ``<step>/`` (an atomic rename on POSIX file systems). A crash during a save therefore leaves only a
-``.tmp-*`` folder, which is never taken for a checkpoint and is removed by the next save. The folder must be
-on a file system that every rank sees (as on any multi-node cluster with shared storage).
+so every file has exactly one writer, and all ranks write at the same time. Each rank writes into
+``.tmp-<step>/`` and checksums its files while writing; the records are gathered to rank 0, which writes
+``meta.json`` and renames the folder to ``<step>/`` (atomic on POSIX file systems). A crash during a save
+leaves only a ``.tmp-*`` folder, which is never taken for a checkpoint and is removed by the next save.
+
+With ``async_save`` the files are written by a background thread per rank from a CPU snapshot taken at the
+save point; the gather + ``meta.json`` + rename (collective) happen in `CheckpointManager.finish`, called by
+the next save, at the end of training and on a stop. Pruning to ``keep_last`` follows completion.
+
+On resume `latest_verified_checkpoint` checks the files of the newest complete checkpoint against their records
+(spread over the ranks); a damaged one is reported by file name, moved aside to ``<step>.damaged`` and the
+previous complete checkpoint is used. The folder must be on a file system that every rank sees.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Collection, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,16 +40,74 @@ import torch.distributed as dist
 
 from internlm.parallel import Layout, TPShard, param_shards
 
+from .checkpoint_io import FileWriter, cpu_snapshot, file_problem
+
 META_FILE = "meta.json"
+TRAIN_STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 2
+DAMAGED_SUFFIX = ".damaged"
+
+
+# ---------------------------------------------------------------------- collectives (default group)
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _world()[1] > 1:
         dist.barrier()
 
 
+def _all_gather(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order (the default group; its timeout applies)."""
+    world = _world()[1]
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------- names and writers
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    """Model chunks of tensor rank ``tp_rank`` and pipeline stage ``pp_rank``."""
+    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def optim_file(tp_rank: int, pp_rank: int, zero1_rank: int) -> str:
+    """Optimizer shard of zero1 rank ``zero1_rank`` at tensor rank ``tp_rank``, pipeline stage ``pp_rank``
+    (the same values on every zero1 block: data ranks ``zero1_rank + k * zero1``)."""
+    return f"optim_tp{tp_rank}_pp{pp_rank}_dp{zero1_rank}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def model_writer_dp(layout: Layout) -> int:
+    """The data rank that writes the model files: the last one, a zero1 replica (which writes no optimizer
+    shard) whenever ``data > zero1``."""
+    return layout.data - 1
+
+
+def file_writers(layout: Layout) -> Dict[str, int]:
+    """Every file (but meta.json) of a checkpoint saved under ``layout``, with the global rank that writes it."""
+    out = {TRAIN_STATE_FILE: 0}
+    for p in range(layout.pipeline):
+        for t in range(layout.tensor):
+            out[model_file(t, p)] = layout.rank_of(t, model_writer_dp(layout), p)
+            for z in range(layout.zero1):
+                out[optim_file(t, p, z)] = layout.rank_of(t, z, p)
+    for r in range(layout.world_size):
+        out[rng_file(r)] = r
+    return out
+
+
+# ---------------------------------------------------------------------- finding checkpoints
 def complete_checkpoints(root: str) -> List[int]:
-    """Steps of the complete checkpoints under `root`, oldest first."""
+    """Steps of the complete checkpoints under `root` (a ``<step>/`` folder with meta.json), oldest first."""
     if not os.path.isdir(root):
         return []
     steps = []
@@ -48,6 +118,7 @@ def complete_checkpoints(root: str) -> List[int]:
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under ``root`` (not verified: see `latest_verified_checkpoint`)."""
     steps = complete_checkpoints(root)
     return os.path.join(root, str(steps[-1])) if steps else None
 
@@ -55,6 +126,71 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def read_meta(path: str) -> Dict[str, Any]:
     with open(os.path.join(path, META_FILE)) as f:
         return json.load(f)
+
+
+def checkpoint_problems(path: str, names: Optional[Collection[str]] = None) -> List[str]:
+    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
+    one line per damaged or missing file, naming it. ``names`` restricts the check to those files.
+    Checkpoints from before checksums (no ``files`` in meta.json) are not checked."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as exc:
+        return [f"{META_FILE} cannot be read ({exc})"]
+    files = meta.get("files")
+    if files is None:
+        return []
+    problems = []
+    for name in sorted(files if names is None else names):
+        problem = file_problem(path, name, files[name])
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _my_share(path: str, rank: int, world: int) -> List[str]:
+    """The problems of the files rank ``rank`` checks: those whose writer rank is ``rank`` modulo ``world``
+    (the reading is spread like the writing was); meta.json itself is read by every rank."""
+    try:
+        files = read_meta(path).get("files") or {}
+    except (OSError, ValueError) as exc:
+        return [f"{META_FILE} cannot be read ({exc})"]
+    mine = [name for name, record in files.items() if int(record.get("writer", 0)) % world == rank]
+    return checkpoint_problems(path, mine)
+
+
+def latest_verified_checkpoint(root: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """The newest complete checkpoint under ``root`` whose files all match their checksums, or None when there
+    is no complete checkpoint at all.
+
+    Collective when a process group is initialised (every rank checks its share of the files and the problems
+    are gathered, so all ranks agree). A damaged checkpoint is reported through ``warn`` with the name of each
+    bad file and what is wrong, moved aside to ``<step>.damaged`` (kept for inspection, never resumed from or
+    pruned) and the previous one is tried. Raises RuntimeError when checkpoints exist but none is usable: a run
+    never silently starts again from step 0.
+    """
+    rank, world = _world()
+    steps = complete_checkpoints(root)
+    damaged = []
+    for step in reversed(steps):
+        path = os.path.join(root, str(step))
+        problems = sorted({p for share in _all_gather(_my_share(path, rank, world)) for p in share})
+        if not problems:
+            return path
+        damaged.append(f"{path}: {'; '.join(problems)}")
+        if warn is not None:
+            warn(f"checkpoint {path} is damaged: {'; '.join(problems)}; it is moved aside to {path}{DAMAGED_SUFFIX}")
+        if rank == 0:
+            aside = path + DAMAGED_SUFFIX
+            if os.path.isdir(aside):
+                shutil.rmtree(aside)
+            os.replace(path, aside)
+        _barrier()
+    if damaged:
+        raise RuntimeError(
+            f"no usable checkpoint in {root}: every complete checkpoint is damaged ({' | '.join(damaged)}); "
+            f"restore the files, or move the folders away to start from scratch"
+        )
+    return None
 
 
 def checkpoint_layout(path: str) -> Layout:
@@ -68,16 +204,7 @@ def checkpoint_layout(path: str) -> Layout:
         raise ValueError(f"checkpoint {path}: {META_FILE} 'layout': {exc}") from None
 
 
-def model_file(tp_rank: int, pp_rank: int) -> str:
-    """Model chunks of tensor rank ``tp_rank`` and pipeline stage ``pp_rank``."""
-    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
-
-
-def optim_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
-    """Optimizer shard of the rank at grid coordinates (tp_rank, pp_rank, dp_rank)."""
-    return f"optim_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt"
-
-
+# ---------------------------------------------------------------------- RNG
 def _rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -93,6 +220,64 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------- committing
+def files_table(gathered: Sequence[Tuple[int, Mapping[str, Mapping[str, Any]]]], layout: Layout) -> Dict[str, Any]:
+    """meta.json's ``files``: ``{name: {bytes, crc32, writer}}`` from every rank's ``(rank, records)``.
+
+    Raises RuntimeError when two ranks wrote one file, or a file of ``layout`` (`file_writers`) is missing.
+    """
+    files: Dict[str, Any] = {}
+    for rank, records in gathered:
+        for name, record in records.items():
+            if name in files:
+                raise RuntimeError(f"checkpoint file {name} was written by ranks {files[name]['writer']} and {rank}")
+            files[name] = dict(record, writer=rank)
+    missing = sorted(set(file_writers(layout)) - set(files))
+    if missing:
+        raise RuntimeError(f"checkpoint files not written by any rank: {', '.join(missing)}")
+    return dict(sorted(files.items()))
+
+
+def commit_checkpoint(tmp: str, final: str, meta: Mapping[str, Any], files: Mapping[str, Any]) -> None:
+    """Rank 0's part of finishing a save: meta.json (with the ``files`` table) into ``tmp``, then the rename of
+    ``tmp`` to ``final`` (replacing a checkpoint of the same step)."""
+    record = dict(meta, files=dict(files))
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.isdir(final):  # re-saving a step (e.g. after an edited phase): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for values json does not know (numpy / torch scalars and arrays in a data position)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+_RECORDS_PREFIX = ".records-rank"
+_FAILED_PREFIX = ".failed-"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    tmp: str
+    final: str
+    meta: Dict[str, Any]
+    writer: FileWriter
+
+
 class CheckpointManager:
     """Saves and loads the training state of every rank, keeping the newest `keep_last` checkpoints."""
 
@@ -100,83 +285,181 @@ class CheckpointManager:
         self.root = root
         self.pc = pc
         self.keep_last = keep_last
+        self._pending: Optional[_PendingSave] = None
 
     # ------------------------------------------------------------------ names
     def _model_file(self) -> str:
         return model_file(self.pc.tp_rank, self.pc.pp_rank)
 
     def _optim_file(self) -> str:
-        return optim_file(self.pc.tp_rank, self.pc.pp_rank, self.pc.dp_rank)
+        return optim_file(self.pc.tp_rank, self.pc.pp_rank, self.pc.zero1_rank)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model_chunks, optimizer, train_state: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    @property
+    def pending(self) -> Optional[str]:
+        """The final path of a save whose files are being written or not yet committed (None: nothing pending)."""
+        return self._pending.final if self._pending is not None else None
+
+    def snapshot(self, model_chunks, optimizer, train_state: Dict[str, Any], copy: bool) -> List[Tuple[str, Any]]:
+        """``(file name, object)`` of every file this rank writes (`file_writers`). ``copy``: tensors are CPU
+        copies (async saves), else the live tensors, written before training goes on."""
+        pc = self.pc
+        files: List[Tuple[str, Any]] = []
+        if pc.dp_rank == model_writer_dp(pc.layout):
+            model = {
+                "chunks": [chunk.state_dict() for chunk in model_chunks],
+                "tp_shards": [
+                    {name: shard.to_record() for name, shard in param_shards(chunk).items()} for chunk in model_chunks
+                ],
+            }
+            files.append((self._model_file(), cpu_snapshot(model) if copy else model))
+        if pc.dp_rank < pc.zero1_size:  # the first zero1 block; the others hold the same values
+            state = optimizer.state_dict(copy=copy, device="cpu" if copy else None)
+            files.append((self._optim_file(), state))
+        files.append((rng_file(pc.rank), _rng_state()))
+        if pc.rank == 0:
+            files.append((TRAIN_STATE_FILE, cpu_snapshot(train_state)))
+        return files
+
+    def save(
+        self,
+        step: int,
+        model_chunks,
+        optimizer,
+        train_state: Dict[str, Any],
+        meta: Dict[str, Any],
+        async_save: bool = False,
+    ) -> str:
+        """Save checkpoint ``step`` (collective); returns its final path.
+
+        A save still pending is finished first. With ``async_save`` the call returns once this rank's CPU
+        snapshot is taken, while a thread writes the files; the checkpoint exists (meta.json, rename) only after
+        `finish`. ``meta`` must hold ``layout`` (``Layout.to_dict()``).
+        """
+        self.finish()
+        # meta as it is now (the trainer keeps changing its phase history); meta.json is written by finish()
+        record = json.loads(json.dumps(meta, default=_plain))
         final = os.path.join(self.root, str(step))
         tmp = os.path.join(self.root, f".tmp-{step}")
         if self.pc.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             for name in os.listdir(self.root):
-                if name.startswith(".tmp-"):
+                if name.startswith((".tmp-", _FAILED_PREFIX)):
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
-        if self.pc.dp_rank == 0:
-            shards = [
-                {name: shard.to_record() for name, shard in param_shards(chunk).items()} for chunk in model_chunks
-            ]
-            torch.save(
-                {"chunks": [chunk.state_dict() for chunk in model_chunks], "tp_shards": shards},
-                os.path.join(tmp, self._model_file()),
-            )
-        torch.save(optimizer.state_dict(), os.path.join(tmp, self._optim_file()))
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{self.pc.rank}.pt"))
-        if self.pc.rank == 0:
-            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        _barrier()
-        if self.pc.rank == 0:
-            with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump(meta, f, indent=1)
-            if os.path.isdir(final):  # re-saving a step (e.g. after an edited phase): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        _barrier()
+        files = self.snapshot(model_chunks, optimizer, train_state, copy=async_save)
+        writer = FileWriter(tmp, files, background=async_save)
+        del files
+        self._pending = _PendingSave(step, tmp, final, record, writer)
+        if not async_save:
+            self.finish()
         return final
 
+    def finish(self) -> Optional[str]:
+        """Complete the pending save (collective; a no-op returning None when there is none): wait for this
+        rank's writer, hand its file records to rank 0, which writes meta.json, renames the folder and prunes.
+        Returns the checkpoint's path. Raises RuntimeError on every rank when any rank failed to write (the
+        partial folder is removed; no checkpoint is recorded).
+
+        The records travel through the shared checkpoint folder (``.records-rank{r}.json``, removed before the
+        rename) between two barriers, not through ``all_gather_object``: a barrier issued right after a
+        collective on Python-owned tensors keeps that collective's work alive on gloo's worker thread, and when
+        the process exits just after the last save, that thread then frees Python objects during interpreter
+        shutdown and aborts the process ("terminate called without an active exception")."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        rank, world = self.pc.rank, _world()[1]
+        error = None
+        try:
+            records = pending.writer.wait()
+        except Exception as exc:  # every rank must reach the barriers, or the others hang
+            records, error = {}, f"rank {rank}: {exc}"
+        _write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
+        _barrier()
+        failed = os.path.join(self.root, f"{_FAILED_PREFIX}{pending.step}")
+        if rank == 0:
+            errors, gathered = self._collect_records(pending, world)
+            if errors:
+                _write_json(failed, errors)
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            else:
+                if os.path.exists(failed):
+                    os.remove(failed)
+                commit_checkpoint(pending.tmp, pending.final, pending.meta, gathered)
+                self._prune()
+        _barrier()
+        if os.path.exists(failed):
+            with open(failed) as f:
+                errors = json.load(f)
+            raise RuntimeError(f"checkpoint {pending.final} was not saved: {'; '.join(errors)}")
+        return pending.final
+
+    @staticmethod
+    def _collect_records(pending: _PendingSave, world: int) -> Tuple[List[str], Dict[str, Any]]:
+        """Rank 0: every rank's records file (removed once read) -> (errors, meta.json's ``files`` table)."""
+        errors: List[str] = []
+        gathered = []
+        for rank in range(world):
+            path = os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json")
+            try:
+                with open(path) as f:
+                    entry = json.load(f)
+                os.remove(path)
+            except (OSError, ValueError) as exc:
+                errors.append(f"rank {rank} reported no file records ({exc})")
+                continue
+            if entry["error"]:
+                errors.append(entry["error"])
+            gathered.append((rank, entry["records"]))
+        if errors:
+            return errors, {}
+        try:
+            return [], files_table(gathered, Layout.from_dict(pending.meta["layout"]))
+        except RuntimeError as exc:
+            return [str(exc)], {}
+
     def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
         steps = complete_checkpoints(self.root)
         for step in steps[: max(0, len(steps) - self.keep_last)]:
             shutil.rmtree(os.path.join(self.root, str(step)), ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ load (same layout: own files only)
     def load_model(self, path: str, model_chunks) -> None:
-        """Restore this rank's model chunks from checkpoint `path`."""
+        """Restore this rank's model chunks from its own model file of checkpoint `path` (memory-mapped: values
+        go from the file's pages into the parameters)."""
         model_path = os.path.join(path, self._model_file())
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"checkpoint {path} has no {self._model_file()}: it was saved under another parallel layout "
                 f"(see its {META_FILE}); load it with internlm.train.reshard.load_model_resharded"
             )
-        states = torch.load(model_path, map_location="cpu", weights_only=False)["chunks"]
+        states = torch.load(model_path, map_location="cpu", weights_only=False, mmap=True)["chunks"]
         if len(states) != len(model_chunks):
             raise ValueError(f"checkpoint {path} holds {len(states)} model chunks, this run has {len(model_chunks)}")
         for chunk, state in zip(model_chunks, states):
             chunk.load_state_dict(state)
 
     def load_optimizer(self, path: str, optimizer) -> None:
-        state = torch.load(os.path.join(path, self._optim_file()), map_location="cpu", weights_only=False)
+        """Restore this rank's optimizer shard (the file of its zero1 rank, memory-mapped)."""
+        state = torch.load(os.path.join(path, self._optim_file()), map_location="cpu", weights_only=False, mmap=True)
         optimizer.load_state_dict(state)
 
     def load_train_state(self, path: str, restore_rng: bool = True) -> Dict[str, Any]:
         """Restore this rank's RNG states (unless ``restore_rng`` is False: they belong to the saving layout's
         ranks); return the rank-0 train state (sampler, phase history), which is layout independent."""
-        rng_path = os.path.join(path, f"rng_rank{self.pc.rank}.pt")
+        rng_path = os.path.join(path, rng_file(self.pc.rank))
         if restore_rng and os.path.isfile(rng_path):
             _set_rng_state(torch.load(rng_path, weights_only=False))
-        return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+        return torch.load(os.path.join(path, TRAIN_STATE_FILE), weights_only=False)
 
 
 def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -> Dict[str, torch.Tensor]:
-    """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it.
+    """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it: an export tool
+    (it holds the whole model; resharding a run goes tensor by tensor, `internlm.train.reshard`).
 
     Pipeline stages hold disjoint parameter names (layers keep their global index); tensor-parallel
     shards are joined along their split dimension (`TPShard.join`); replicated tensors are taken from tensor

@@ -1,0 +1,137 @@
+"""File-level pieces of the checkpoint format: writing with a streaming checksum, verifying, CPU snapshots,
+and the background writer of ``ckpt.async_save`` (see docs/checkpoint.md).
+
+Every checkpoint file is written once, by one rank, through `write_file`, which hashes the bytes as
+``torch.save`` produces them (CRC-32, ``zlib.crc32``: a few GB/s, no second pass over the file) and returns
+the file's record ``{"bytes": n, "crc32": "8 hex digits"}``. `file_problem` reads a file back in 8 MiB blocks
+and compares it with its record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+_BLOCK = 8 * 1024 * 1024
+
+
+class _HashingWriter:
+    """A write-only file object that checksums and counts what passes through it."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self.crc = 0
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.crc = zlib.crc32(view, self.crc)
+        self.bytes += view.nbytes
+        return self._file.write(view)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def _record(crc: int, size: int) -> Dict[str, Any]:
+    return {"bytes": size, "crc32": f"{crc & 0xFFFFFFFF:08x}"}
+
+
+def write_file(obj: Any, path: str) -> Dict[str, Any]:
+    """``torch.save(obj)`` to ``path`` (flushed to disk with fsync); returns its record (bytes, crc32)."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return _record(writer.crc, writer.bytes)
+
+
+def file_record(path: str) -> Dict[str, Any]:
+    """The record (bytes, crc32) of a file as it is on disk, read in blocks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return _record(crc, size)
+
+
+def file_problem(folder: str, name: str, record: Dict[str, Any]) -> Optional[str]:
+    """None if ``folder/name`` matches ``record`` (size, then checksum), else what is wrong, naming the file."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        return f"{name} has {size} bytes, {record['bytes']} were written"
+    found = file_record(path)["crc32"]
+    if found != record["crc32"]:
+        return f"{name} fails its checksum (crc32 {found}, {record['crc32']} was written)"
+    return None
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts, lists, tuples) whose tensors are detached CPU copies, so that training
+    may change the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_snapshot(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj
+
+
+class FileWriter:
+    """Writes ``(name, object)`` pairs into a folder with `write_file`, now (``background=False``) or in a
+    thread; `wait` returns the records ``{name: record}`` or raises what the writing raised.
+
+    The objects are dropped as soon as they are written (a CPU snapshot is freed file by file).
+    """
+
+    def __init__(self, folder: str, files: List[Tuple[str, Any]], background: bool) -> None:
+        self.folder = folder
+        self._files = list(files)
+        self.records: Dict[str, Dict[str, Any]] = {}
+        self.error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        try:
+            while self._files:
+                name, obj = self._files.pop(0)
+                self.records[name] = write_file(obj, os.path.join(self.folder, name))
+                del obj
+        except BaseException as exc:  # reported by wait(), on the training thread
+            self.error = exc
+            self._files = []
+
+    @property
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self, on_wait: Optional[Callable[[], None]] = None) -> Dict[str, Dict[str, Any]]:
+        if self._thread is not None:
+            if self._thread.is_alive() and on_wait is not None:
+                on_wait()
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            raise RuntimeError(f"writing checkpoint files into {self.folder} failed: {self.error!r}") from self.error
+        return self.records
+
+
+__all__ = ["FileWriter", "cpu_snapshot", "file_problem", "file_record", "write_file"]

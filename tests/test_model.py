@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from internlm.model import InternLM, InternLMConfig, packed_causal_attention
 
@@ -131,3 +132,79 @@ def test_bf16_forward_and_backward():
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()
     assert model.layers["1"].mlp.down_proj.weight.grad.dtype == torch.bfloat16
+
+
+def _hf_llama(cfg: InternLMConfig, model: InternLM):
+    """transformers' LlamaForCausalLM of the same shape and weights (InternLM = LLaMA with q/k/v/o biases)."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_kv_attention_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_base,
+        attention_bias=cfg.qkvo_bias,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attn_implementation="sdpa",
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+def test_matches_hugging_face_llama():
+    """The fused-kernel model (eager fallback on the CPU) against transformers' LlamaForCausalLM: logits of a batch,
+    packed documents against the documents run separately, and the gradients of the summed token loss."""
+    torch.manual_seed(3)
+    cfg = InternLMConfig.preset("internlm-tiny", num_kv_attention_heads=2, attn_backend="sdpa", rope_base=500.0)
+    model = InternLM(cfg)
+    hf = _hf_llama(cfg, model)
+    ids = torch.randint(0, 256, (2, 12))
+    torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+    lengths = (5, 19, 8)
+    docs = [torch.randint(0, 256, (n,)) for n in lengths]
+    cu = torch.tensor([0, 5, 24, 32], dtype=torch.int32)
+    packed = model(torch.cat(docs)[None], cu_seqlens=cu)[0]
+    separate = torch.cat([hf(d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+    labels = torch.randint(0, 256, (32,))
+    F.cross_entropy(packed, labels, reduction="sum").backward()
+    F.cross_entropy(separate, labels, reduction="sum").backward()
+    for name, param in model.named_parameters():
+        hf_param = hf.get_parameter(name if name == "lm_head.weight" else "model." + name)
+        torch.testing.assert_close(param.grad, hf_param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_kernels_are_the_model_path(monkeypatch):
+    """Norms, rotary and SwiGLU run through internlm.kernels (here their eager fallback); cos/sin are computed
+    once per forward for all layers."""
+    from internlm.kernels import dispatch
+    from internlm.model import modeling
+
+    model = InternLM(InternLMConfig.preset("internlm-tiny", num_layers=3))
+    calls = []
+    original = modeling.rotary_cos_sin
+    monkeypatch.setattr(modeling, "rotary_cos_sin", lambda *a, **k: calls.append(1) or original(*a, **k))
+    dispatch.CALLS.clear()
+    model(torch.randint(0, 256, (2, 8))).sum().backward()
+    assert len(calls) == 1
+    counted = {op: n for (op, _), n in dispatch.CALLS.items()}
+    assert counted == {"rms_norm": 2 * 3 + 1, "apply_rotary": 2 * 2 * 3, "swiglu": 3}, dict(dispatch.CALLS)
+
+
+def test_generate_with_fused_head():
+    """A chunk that returns HeadInput (the trainer's) still samples."""
+    from internlm.model import HeadInput, generate
+
+    model = InternLM(InternLMConfig.preset("internlm-tiny"))
+    model.fuse_head_loss = True
+    assert isinstance(model(torch.randint(0, 256, (1, 4))), HeadInput)
+    assert len(generate(model, [1, 2, 3], max_new_tokens=4, seed=0)) == 7

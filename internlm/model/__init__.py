@@ -6,10 +6,10 @@ logits = model(input_ids)                      # (batch, seq, vocab)
 logits = model(packed_ids, cu_seqlens=cu)      # packed documents, shape (1, total_tokens)
 """
 
-from .attention import flash_attn_available, packed_causal_attention, positions_from_cu_seqlens
+from .attention import PackedDocs, flash_attn_available, packed_causal_attention, positions_from_cu_seqlens
 from .config import PRESETS, InternLMConfig, parse_dtype
 from .generate import generate
-from .modeling import Attention, DecoderLayer, InternLM, RMSNorm, SwiGLU
+from .modeling import Attention, AttentionCore, DecoderLayer, HeadInput, InternLM, RMSNorm, SwiGLU
 
 __all__ = [
     "InternLM",
@@ -18,9 +18,12 @@ __all__ = [
     "parse_dtype",
     "generate",
     "packed_causal_attention",
+    "PackedDocs",
     "positions_from_cu_seqlens",
     "flash_attn_available",
     "Attention",
+    "AttentionCore",
+    "HeadInput",
     "DecoderLayer",
     "RMSNorm",
     "SwiGLU",

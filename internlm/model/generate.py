@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .modeling import InternLM
+from .modeling import HeadInput, InternLM
 
 
 @torch.no_grad()
@@ -28,7 +28,8 @@ def generate(
     window = model.config.max_position_embeddings
     for _ in range(max_new_tokens):
         x = torch.tensor([ids[-window:]], device=device)
-        logits = model(x)[0, -1].float().cpu()
+        out = model(x)
+        logits = (out.logits() if isinstance(out, HeadInput) else out)[0, -1].float().cpu()
         if temperature <= 0:
             next_id = int(logits.argmax())
         else:

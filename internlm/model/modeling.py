@@ -11,20 +11,33 @@ layers a stage does not own. For that reason:
 * ``embed_tokens``, ``norm`` and ``lm_head`` may be ``None``: a stage without the embedding takes hidden
   states instead of token ids, a stage without the head returns hidden states;
 * attention infers its head counts from the projection outputs, so sharded projections just work.
+
+The non-matmul work runs through the fused kernels of `internlm.kernels` (RMSNorm, rotary embedding with cos/sin
+computed once per forward and shared by every layer, SwiGLU): Triton on GPUs, their eager (pure torch) reference
+elsewhere, with the same values as the formulas written here (`apply_rotary`, ``F.silu(gate) * up``). With
+``fuse_head_loss`` the chunk holding ``lm_head`` returns a `HeadInput` instead of logits, for a loss that applies
+the head chunk by chunk (`internlm.kernels.chunked_linear_cross_entropy`): the full logits never exist.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
-import zlib
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import packed_causal_attention, positions_from_cu_seqlens
+from internlm.kernels import apply_rotary as rotate
+from internlm.kernels import rms_norm, rotary_cos_sin, swiglu
+
+from .attention import PackedDocs, packed_causal_attention, positions_from_cu_seqlens
 from .config import InternLMConfig
+
+Rope = Tuple[torch.Tensor, torch.Tensor]
+"""``(cos, sin)`` of `internlm.kernels.rotary_cos_sin`, each (tokens, head_dim / 2) fp32: one per forward."""
 
 
 class RMSNorm(nn.Module):
@@ -34,13 +47,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 for stability, return the input dtype
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return out.to(x.dtype) * self.weight
+        # normalise in fp32 for stability, return the input dtype:
+        # F.rms_norm(x.float(), (H,), eps).to(x.dtype) * weight, fused (saves x and one fp32 rstd per token)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding, rotate-half convention (as Hugging Face InternLM / LLaMA).
+    """Rotary position embedding, rotate-half convention (as Hugging Face InternLM / LLaMA): the readable
+    reference of what the model computes with `internlm.kernels.rotary_cos_sin` + `internlm.kernels.apply_rotary`.
 
     x: (tokens, heads, head_dim); position_ids: (tokens,).
     """
@@ -51,6 +65,18 @@ def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> to
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+class AttentionCore(nn.Module):
+    """Causal attention of packed documents on (tokens, heads, head_dim) q, k, v (`packed_causal_attention`).
+
+    No parameters: a module of its own so that activation checkpointing can recompute it alone
+    (``model.checkpoint="attn"``) and ``torch.compile`` can leave it out of a compiled layer (its shapes follow
+    the document boundaries of each micro-batch).
+    """
+
+    def forward(self, q, k, v, docs, backend: str, max_seqlen: Optional[int] = None) -> torch.Tensor:
+        return packed_causal_attention(q, k, v, docs, backend, max_seqlen)
 
 
 class Attention(nn.Module):
@@ -64,14 +90,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=bias, dtype=dt)
         self.v_proj = nn.Linear(h, kv, bias=bias, dtype=dt)
         self.o_proj = nn.Linear(h, h, bias=bias, dtype=dt)
+        self.core = AttentionCore()
 
-    def forward(self, x, cu_seqlens, position_ids, max_seqlen=None):
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None):
+        """x: (B, S, H); docs: the batch's `PackedDocs` (or a cu_seqlens tensor); rope: this forward's (cos, sin),
+        or the position ids (a layer called on its own computes cos/sin itself)."""
+        if isinstance(rope, torch.Tensor):
+            rope = rotary_cos_sin(rope, self.head_dim, self.rope_base)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch_shape = q.shape[:-1]  # (B, S): under sequence parallelism the projections gathered the sequence
         q, k, v = (t.reshape(-1, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
-        q = apply_rotary(q, position_ids, self.rope_base)
-        k = apply_rotary(k, position_ids, self.rope_base)
-        out = packed_causal_attention(q, k, v, cu_seqlens, self.backend, max_seqlen)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        out = self.core(q, k, v, docs, self.backend, max_seqlen)
         return self.o_proj(out.reshape(*batch_shape, -1))
 
 
@@ -84,7 +114,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=False, dtype=dt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # down(silu(gate(x)) * up(x)); the fused kernel saves gate and up only and recomputes silu
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -95,9 +126,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config.dtype)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cu_seqlens, position_ids, max_seqlen=None):
-        x = x + self.self_attn(self.input_layernorm(x), cu_seqlens, position_ids, max_seqlen)
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None):
+        x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class HeadInput:
+    """What a model chunk holding ``lm_head`` returns when its ``fuse_head_loss`` is set: the final (normed)
+    hidden states and the head module, for a loss that applies the head itself, chunk by chunk
+    (`internlm.parallel.make_loss_fn`). ``logits()`` applies the head (all logits at once)."""
+
+    hidden: torch.Tensor
+    head: nn.Module
+
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
 
 
 class InternLM(nn.Module):
@@ -105,7 +149,12 @@ class InternLM(nn.Module):
 
     Packed input: ``input_ids`` of shape (1, total_tokens) with ``cu_seqlens`` giving document
     boundaries; tokens never attend across documents and positions restart for every document.
+
+    ``fuse_head_loss`` (default False; the trainer sets it on the chunk holding the head unless
+    ``model.fused_loss=False``): return a `HeadInput` instead of the logits.
     """
+
+    fuse_head_loss: bool = False
 
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
@@ -124,14 +173,18 @@ class InternLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cu_seqlens: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[Union[torch.Tensor, PackedDocs]] = None,
         position_ids: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
-    ) -> torch.Tensor:
+        cu_seqlens_list: Optional[Sequence[int]] = None,
+    ) -> Union[torch.Tensor, HeadInput]:
         """input_ids: (B, S) token ids, or (B, S, hidden) hidden states on a pipeline stage without embedding.
 
-        cu_seqlens: int32 document boundaries over the flattened B*S tokens (packed input has B == 1);
-        position_ids: per-token positions, (B, S) or (B*S,); derived from cu_seqlens when omitted.
+        cu_seqlens: int32 document boundaries over the flattened B*S tokens (packed input has B == 1), or a
+        `PackedDocs` holding them with their host-side values; position_ids: per-token positions, (B, S) or
+        (B*S,); derived from cu_seqlens when omitted. ``cu_seqlens_list`` (the boundaries as a Python list) and
+        ``max_seqlen`` spare the host syncs that reading them back from the device costs; with a bare tensor and
+        neither, the sdpa backend reads the boundaries back once per forward (not once per layer).
         """
         batch, seq = input_ids.shape[0], input_ids.shape[1]
         device = input_ids.device
@@ -140,46 +193,105 @@ class InternLM(nn.Module):
                 # hidden states may be sequence-sharded (sequence parallelism): the length is not S here
                 raise ValueError("a model chunk without embedding needs cu_seqlens for its hidden-state input")
             cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
+            cu_seqlens_list = list(range(0, (batch + 1) * seq, seq))
             max_seqlen = seq
-        total = int(cu_seqlens[-1])
+        docs = cu_seqlens if isinstance(cu_seqlens, PackedDocs) else PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen)
         if position_ids is None:
-            position_ids = positions_from_cu_seqlens(cu_seqlens, total)
-        position_ids = position_ids.reshape(-1)
+            position_ids = positions_from_cu_seqlens(docs.cu_seqlens, docs.total)
+        # rotary angles once per forward, shared by every layer (and by the recomputation of checkpointed layers)
+        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
 
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         for layer in self.layers.values():
-            h = layer(h, cu_seqlens, position_ids, max_seqlen)
+            h = layer(h, docs, rope, max_seqlen)
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
+            if self.fuse_head_loss:
+                return HeadInput(h, self.lm_head)
             h = self.lm_head(h)
         return h
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, shards: Optional[Mapping[str, Any]] = None) -> None:
+    def init_weights(self, seed: int = 0, shards: Optional[Mapping[str, Any]] = None) -> int:
         """InternLM initialisation: normal(0, init_std) for weights, init_std / sqrt(2 * num_layers) for
-        the output projections (o_proj, down_proj), ones for norms, zeros for biases.
+        the output projections (o_proj, down_proj), ones for norms, zeros for biases. Returns the number of
+        random values drawn (the work done: proportional to the parameters this process holds).
 
-        Each parameter draws from a generator seeded by (seed, parameter name) over its *full* shape, so
-        the values do not depend on which parameters a process holds. ``shards`` maps a parameter name to its
-        placement when the model is a tensor-parallel shard (`internlm.parallel.param_shards`; any object with
-        ``global_shape`` and ``slice(full)``): the parameter takes its slice of the same full tensor, and every
-        layout starts from exactly the single-device weights.
+        Values do not depend on which parameters, or which pieces of them, a process holds: a weight's *full*
+        tensor is cut into fixed tiles (`init_tile_shape`, a function of the full shape only) and each tile is
+        drawn from its own generator seeded by (seed, parameter name, tile index). ``shards`` maps a parameter
+        name to its placement when the model is a tensor-parallel shard (`internlm.parallel.param_shards`; any
+        object with ``global_shape`` and, when split, ``dim``/``rank``/``size``/``is_split``): the parameter
+        draws only the tiles its piece covers and keeps the covered part, so every layout starts from exactly
+        the single-device weights at a cost proportional to its shard (tensor pieces of a power-of-two split
+        up to 16 cover whole tiles for the shipped shapes; other splits draw the few tiles they cut).
         """
         shards = shards or {}
         std = self.config.init_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
+        drawn = 0
         for name, param in self.named_parameters():
             shard = shards.get(name)
-            full_shape = list(shard.global_shape) if shard is not None else list(param.shape)
             if name.endswith("norm.weight"):
-                full = torch.ones(full_shape)
+                param.fill_(1.0)
             elif name.endswith(".bias"):
-                full = torch.zeros(full_shape)
+                param.zero_()
             else:
-                gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+                full_shape = tuple(shard.global_shape) if shard is not None else tuple(param.shape)
+                region = [(0, n) for n in full_shape]
+                if shard is not None and getattr(shard, "is_split", False):
+                    local = full_shape[shard.dim] // shard.size
+                    region[shard.dim] = (shard.rank * local, (shard.rank + 1) * local)
+                if tuple(hi - lo for lo, hi in region) != tuple(param.shape):
+                    raise ValueError(f"{name}: shape {list(param.shape)} is not its piece {region} of {full_shape}")
                 scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                full = torch.empty(full_shape).normal_(0.0, scale, generator=gen)
-            if shard is not None:
-                full = shard.slice(full)
-            param.copy_(full.to(param.dtype))
+                drawn += tiled_normal_(param, full_shape, region, (seed, name), scale)
+        return drawn
+
+
+# A weight's full tensor is cut, along each dimension of size S, into g tiles of S / g: g is the largest power of
+# two <= _INIT_MAX_TILES dividing S with tiles of at least _INIT_MIN_TILE. Tensor-parallel pieces (S / tp for a
+# power-of-two tp <= 16) then cover whole tiles, e.g. 640 x 640 tiles for hidden 10240.
+_INIT_MAX_TILES = 16
+_INIT_MIN_TILE = 16
+
+
+def init_tile_shape(full_shape: Sequence[int]) -> Tuple[int, ...]:
+    """The tile shape of the block-wise initialisation of a tensor of ``full_shape`` (layout independent)."""
+    tile = []
+    for size in full_shape:
+        g = 1
+        while 2 * g <= _INIT_MAX_TILES and size % (2 * g) == 0 and size // (2 * g) >= _INIT_MIN_TILE:
+            g *= 2
+        tile.append(size // g)
+    return tuple(tile)
+
+
+def _tile_seed(key: Tuple[int, str], index: Tuple[int, ...]) -> int:
+    text = f"{key[0]}/{key[1]}/{','.join(map(str, index))}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def tiled_normal_(
+    out: torch.Tensor,
+    full_shape: Sequence[int],
+    region: Sequence[Tuple[int, int]],
+    key: Tuple[int, str],
+    std: float,
+) -> int:
+    """Fill ``out`` with the piece ``region`` (``[(start, stop)]`` per dimension) of a normal(0, std) tensor of
+    ``full_shape`` whose tiles (`init_tile_shape`) are drawn from generators seeded by (``key``, tile index).
+    Draws only the tiles the region touches; returns the number of values drawn."""
+    tile = init_tile_shape(full_shape)
+    spans = [range(lo // t, (hi - 1) // t + 1) if hi > lo else range(0) for (lo, hi), t in zip(region, tile)]
+    drawn = 0
+    for index in itertools.product(*spans):
+        starts = [i * t for i, t in zip(index, tile)]
+        gen = torch.Generator().manual_seed(_tile_seed(key, index))
+        block = torch.empty(tile).normal_(0.0, std, generator=gen)
+        drawn += block.numel()
+        src = tuple(slice(max(lo, a) - a, min(hi, a + t) - a) for (lo, hi), a, t in zip(region, starts, tile))
+        dst = tuple(slice(max(lo, a) - lo, min(hi, a + t) - lo) for (lo, hi), a, t in zip(region, starts, tile))
+        out[dst].copy_(block[src])
+    return drawn

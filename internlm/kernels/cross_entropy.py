@@ -1,0 +1,191 @@
+"""LM head + cross-entropy fused and chunked over tokens: the full (tokens, V) logits are never materialised.
+
+``chunked_linear_cross_entropy(hidden, weight, labels)`` equals
+
+    F.cross_entropy(hidden @ weight.T, labels, reduction="sum", label_smoothing=eps, ignore_index=ignore_index)
+
+(fp32 loss). For every chunk of ``chunk_tokens`` tokens the forward computes logits x = h @ W^T in the input dtype,
+the per-token statistics (all-reduced over ``group`` when ``weight`` is a vocab shard, as in
+`internlm.parallel.cross_entropy`: one MAX of the local maxima, one SUM of the stacked rescaled sums)
+
+    M = max_v x_v,   S = sum_v exp(x_v - M),   lse = M + log S,   X = sum_v x_v
+    loss = (1 - eps) (lse - x_label) + eps (lse - X / V)       (0 for labels == ignore_index)
+
+and, right away, the backward of the chunk (the logits buffer is overwritten with its gradient):
+
+    d loss / d x_v = exp(x_v - lse) - (1 - eps) [v == label] - eps / V      (0 rows for ignored tokens)
+    d hidden[chunk] = dx @ W,    d W += dx^T @ h
+
+Only d hidden (tokens, H) and d W (V_local, H) are kept for the autograd backward, which scales them by the
+incoming gradient. Peak extra memory: those two plus one (chunk_tokens, V_local) logits buffer in the input
+dtype (Triton path; the eager fallback adds one fp32 copy of it) instead of several (tokens, V) fp32 tensors.
+
+Vocab parallel: ``weight`` holds rows [rank V/T, (rank + 1) V/T) of the full head, ``hidden`` is the same on every
+rank of ``group`` and ``labels`` are global ids. The loss is the full loss on every rank; d hidden is this rank's
+partial sum (sum_v over its own rows), so ``hidden`` must enter through the tensor region whose backward
+all-reduces (``enter_region`` / ``copy_to_tensor_region``, as the column-parallel lm_head does); d W is local.
+
+``d W`` accumulates chunk by chunk in ``weight``'s dtype (one rounding per chunk in bf16, as Liger-Kernel does).
+Labels must be in [0, V) or ``ignore_index`` (not checked: checking would synchronise with the device).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .dispatch import TRITON_DTYPES, acc_dtype, load_triton, use_triton
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 256 * 2**20  # default: the largest power-of-two chunk whose fp32 logits fit in this
+
+
+def default_chunk_tokens(vocab_local: int) -> int:
+    tokens = max(1, CHUNK_BYTES // (4 * max(1, vocab_local)))
+    return max(16, 1 << (tokens.bit_length() - 1))
+
+
+def ce_stats_eager(logits: torch.Tensor, local_label: torch.Tensor, smooth: bool) -> torch.Tensor:
+    """(4, rows): local max m, sum exp(x - m), label logit (0 where local_label < 0), sum x (0 unless smooth)."""
+    z = logits.to(acc_dtype(logits.dtype), copy=True)
+    m = z.amax(-1)
+    x_label = z.gather(-1, local_label.clamp(min=0)[:, None]).squeeze(-1).masked_fill(local_label < 0, 0.0)
+    sum_x = z.sum(-1) if smooth else torch.zeros_like(m)
+    sum_exp = z.sub_(m[:, None]).exp_().sum(-1)
+    return torch.stack([m, sum_exp, x_label, sum_x])
+
+
+def ce_grad_eager_(logits, local_label, lse, scale, label_smoothing: float, vocab_total: int) -> torch.Tensor:
+    """Overwrite ``logits`` with scale[row] * (softmax - (1 - eps) onehot(label) - eps / V)."""
+    acc = acc_dtype(logits.dtype)
+    g = logits if logits.dtype == acc else logits.to(acc)
+    g.sub_(lse[:, None]).exp_()
+    if label_smoothing > 0:
+        g.sub_(label_smoothing / vocab_total)
+    owned = (local_label >= 0).to(acc)[:, None]
+    g.scatter_add_(-1, local_label.clamp(min=0)[:, None], -(1.0 - label_smoothing) * owned)
+    g.mul_(scale[:, None])
+    if g is not logits:
+        logits.copy_(g)
+    return logits
+
+
+def _combine(stats, group, world: int, vocab_total: int, label_smoothing: float, valid: torch.Tensor):
+    """Per-token loss and log-sum-exp of a chunk from its local statistics (all-reduced over ``group``)."""
+    m, sum_exp, x_label, sum_x = stats.unbind(0)
+    if world > 1:
+        global_max = m.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.stack([sum_exp * torch.exp(m - global_max), x_label, sum_x])
+        dist.all_reduce(sums, group=group)  # one collective for all per-token sums
+        m, (sum_exp, x_label, sum_x) = global_max, sums.unbind(0)
+    lse = m + sum_exp.log()
+    loss = lse - x_label
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_x / vocab_total)
+    return loss.masked_fill(~valid, 0.0), lse
+
+
+def _linear_cross_entropy(hidden, weight, labels, group, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw):
+    """Loss (0-dim, fp32) and, when asked, d hidden and d weight for an incoming gradient of 1."""
+    size = hidden.shape[-1]
+    hidden2d, labels1d = hidden.reshape(-1, size), labels.reshape(-1).long()
+    world = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    vocab_local = weight.shape[0]
+    vocab_total, vocab_start = vocab_local * world, rank * vocab_local
+    chunk = chunk_tokens or default_chunk_tokens(vocab_local)
+    kernels = (
+        load_triton()
+        if use_triton("linear_cross_entropy", hidden, weight, supported=hidden.dtype in TRITON_DTYPES)
+        else None
+    )
+    stats_fn = kernels.ce_stats if kernels is not None else ce_stats_eager
+    grad_fn = kernels.ce_grad_ if kernels is not None else ce_grad_eager_
+
+    loss = torch.zeros((), dtype=acc_dtype(hidden.dtype), device=hidden.device)
+    dh = torch.empty(hidden2d.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
+    for start in range(0, hidden2d.shape[0], chunk):
+        h, lab = hidden2d[start : start + chunk], labels1d[start : start + chunk]
+        logits = h @ weight.t()  # (chunk, V_local), input dtype: the only vocab-sized buffer
+        valid = lab != ignore_index
+        local = lab - vocab_start
+        local = torch.where(valid & (local >= 0) & (local < vocab_local), local, -1)
+        stats = stats_fn(logits, local, label_smoothing > 0)
+        token_loss, lse = _combine(stats, group, world, vocab_total, label_smoothing, valid)
+        loss += token_loss.sum()
+        if need_dh or need_dw:
+            grad_fn(logits, local, lse, valid.to(lse.dtype), label_smoothing, vocab_total)
+            if need_dh:
+                torch.mm(logits, weight, out=dh[start : start + chunk])
+            if need_dw:
+                dw.addmm_(logits.t(), h)
+        del logits
+    return loss, (dh.view(hidden.shape) if need_dh else None), dw
+
+
+class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, group, ignore_index, label_smoothing, chunk_tokens):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        args = (group, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw)
+        loss, dh, dw = _linear_cross_entropy(hidden, weight, labels, *args)
+        # saved like any activation (saved_tensors_hooks see them); autograd frees them after the backward
+        ctx.save_for_backward(dh, dw)
+        ctx.scaled = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.scaled:
+            raise RuntimeError("chunked_linear_cross_entropy: a second backward (retain_graph) is not supported")
+        dh, dw = ctx.saved_tensors
+        ctx.scaled = True  # the gradients are scaled in place and handed over
+        for grad in (dh, dw):
+            if grad is not None:
+                grad.mul_(grad_loss)
+        return dh, dw, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    chunk_tokens: Optional[int] = None,
+    group: Optional[Any] = None,
+) -> torch.Tensor:
+    """fp32 SUM over tokens of the cross-entropy of ``hidden @ weight.T`` (see the module docstring).
+
+    hidden: (..., H); weight: (V_local, H), same dtype; labels: hidden's leading shape, global ids.
+    chunk_tokens: tokens per chunk (default `default_chunk_tokens`: fp32 chunk logits of at most 256 MiB).
+    group: tensor-parallel group over which ``weight`` is split along the vocab, or None.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on token dims")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} {weight.dtype} does not fit hidden {tuple(hidden.shape)} {hidden.dtype}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    args = (group, ignore_index, float(label_smoothing), chunk_tokens)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, labels, *args)
+    return _linear_cross_entropy(hidden, weight, labels, *args, False, False)[0]
+
+
+__all__ = [
+    "ChunkedLinearCrossEntropyFunction",
+    "IGNORE_INDEX",
+    "ce_grad_eager_",
+    "ce_stats_eager",
+    "chunked_linear_cross_entropy",
+    "default_chunk_tokens",
+]

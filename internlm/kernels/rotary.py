@@ -1,0 +1,80 @@
+"""Rotary position embedding, rotate-half convention (Hugging Face InternLM / LLaMA), as the model's
+``apply_rotary(x, position_ids, base)``, split so that the angles are computed once and shared by every layer:
+
+    cos, sin = rotary_cos_sin(position_ids, head_dim, base)     # once per forward: (tokens, head_dim / 2)
+    q = apply_rotary(q, cos, sin)                                # per layer, q: (tokens, heads, head_dim)
+
+Angles: inv_freq_i = base^(-2i / D), theta_{t,i} = position_t * inv_freq_i for i < D / 2. With x = [x1, x2]
+(the two halves of the head dim), c = cos theta, s = sin theta, in fp32:
+
+    forward:   y1 = x1 c - x2 s,    y2 = x2 c + x1 s             (rotation by +theta)
+    backward: dx1 = dy1 c + dy2 s,  dx2 = dy2 c - dy1 s          (rotation by -theta)
+
+Nothing is saved but cos and sin (shared with every other layer); they get no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import TRITON_DTYPES, acc_dtype, load_triton, use_triton
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype = torch.float32) -> tuple:
+    """(cos, sin), each (tokens, head_dim // 2) of ``dtype``, for flattened ``position_ids`` (tokens,).
+
+    Computed in fp32 exactly as the model does; keep the default fp32 ``dtype`` for values identical to the model
+    (a lower precision halves this small buffer but rounds the angles' cos/sin).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    device = position_ids.device
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.reshape(-1).to(torch.float32)[:, None] * inv_freq[None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def rotary_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Reference: x (tokens, heads, D), cos/sin (tokens, D/2) -> x rotated by +theta (-theta if ``inverse``)."""
+    acc = acc_dtype(x.dtype)
+    c, s = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
+    if inverse:
+        s = -s
+    x1, x2 = x.to(acc).chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    supported = x.dtype in TRITON_DTYPES and cos.dtype in TRITON_DTYPES and sin.dtype in TRITON_DTYPES
+    if use_triton("apply_rotary", x, cos, sin, supported=supported):
+        return load_triton().rotary(x.contiguous(), cos.contiguous(), sin.contiguous(), inverse)
+    return rotary_eager(x, cos, sin, inverse)
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] % 2 or cos.shape != (x.shape[0], x.shape[-1] // 2) or sin.shape != cos.shape:
+            raise ValueError(
+                f"apply_rotary: x must be (tokens, heads, head_dim) with cos/sin (tokens, head_dim / 2); got x "
+                f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+            )
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (tokens, heads, head_dim) by the angles of `rotary_cos_sin`; returns x's dtype.
+
+    Under ``torch.compile``: the differentiable eager formula (`rotary_eager`), which inductor fuses itself."""
+    if torch.compiler.is_compiling():
+        return rotary_eager(x, cos, sin)
+    return RotaryFunction.apply(x, cos, sin)
+
+
+__all__ = ["RotaryFunction", "apply_rotary", "rotary_cos_sin", "rotary_eager"]

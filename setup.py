@@ -13,7 +13,11 @@ setup(
     packages=find_packages(include=["internlm", "internlm.*"]),
     python_requires=">=3.9",
     install_requires=requirements,
-    extras_require={"flash": ["flash-attn>=2.3"], "plot": ["matplotlib"], "test": ["pytest", "ruff", "matplotlib"]},
+    extras_require={
+        "flash": ["flash-attn>=2.3"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "ruff", "matplotlib", "transformers", "triton"],
+    },
     py_modules=[],
     scripts=["train.py"],
 )

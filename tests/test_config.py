@@ -296,6 +296,7 @@ def test_section_classes_follow_the_schema():
         "loss": "LossSection",
         "ckpt": "CkptSection",
         "monitor": "MonitorSection",
+        "profile": "ProfileSection",
         "phase": "PhaseSection",
     }
     for path, spec in iter_fields():
@@ -305,7 +306,7 @@ def test_section_classes_follow_the_schema():
             assert [f.name for f in fields(cls)] == list(spec.fields)
     hints = typing.get_type_hints(ModelSection)
     assert hints["num_kv_attention_heads"] == Optional[int] and hints["hidden_size"] is int
-    assert hints["checkpoint"] == Union[bool, float]
+    assert hints["checkpoint"] == Union[bool, float, str]
     assert typing.get_type_hints(ParallelSection)["tensor"] is TensorSection
     root = [f.name for f in fields(RunConfig)]
     assert root == list(ROOT.fields) + ["raw", "file", "model_config"]

@@ -56,6 +56,19 @@ def _canonical_dtype(value: Any) -> str:
     return str(parse_dtype(value))  # "bf16", "bfloat16", torch.bfloat16 -> "torch.bfloat16"
 
 
+SELECTIVE_CHECKPOINT = ("attn", "mlp")
+
+
+def _checkpoint_mode(value: Any) -> Any:
+    # True/False, a fraction of layers (range-checked by minimum/maximum), or a selective mode
+    if isinstance(value, str):
+        mode = value.strip().lower()
+        if mode not in SELECTIVE_CHECKPOINT:
+            raise ValueError(f"{value!r} is not a checkpoint mode; use True, False, a fraction, 'attn' or 'mlp'")
+        return mode
+    return value
+
+
 def _whole_tokens(value: Any) -> Optional[int]:
     # token budgets are often written 2e9; accept whole floats, keep an int
     if value is None or isinstance(value, int):
@@ -96,11 +109,25 @@ MODEL = Section(
     fields={
         "preset": Field(_OPT_STR, None, "name from internlm.model.PRESETS; fills the shape keys not given explicitly"),
         "checkpoint": Field(
-            (bool, float),
+            (bool, float, str),
             False,
-            "activation checkpointing: True/False, or the fraction of layers",
+            "activation checkpointing: True/False, the fraction of layers recomputed (the first ones of every "
+            "model chunk), or a selective mode for every layer: 'attn' (recompute attention's core only) or "
+            "'mlp' (recompute the MLP only)",
             minimum=0,
             maximum=1,
+            normalize=_checkpoint_mode,
+        ),
+        "compile": Field(
+            (bool,),
+            False,
+            "compile every decoder layer with torch.compile (inductor; the attention core stays eager)",
+        ),
+        "fused_loss": Field(
+            (bool,),
+            True,
+            "output head + cross-entropy fused and chunked over tokens on the last pipeline stage (the full logits "
+            "are never materialised); False: lm_head logits, then the (vocab-parallel) cross-entropy",
         ),
         "num_attention_heads": Field((int,), 32, "attention (query) heads", minimum=1),
         "num_kv_attention_heads": Field(
@@ -251,6 +278,13 @@ PARALLEL = Section(
             },
         ),
         "sequence_parallel": Field((bool,), False, "shard activations along the sequence in tensor-parallel regions"),
+        "timeout_minutes": Field(
+            (int, float),
+            30,
+            "timeout of every collective of the process groups (torch.distributed init_process_group and new_group) "
+            "and of checkpoint saves; raise it when a start-up or save outlasts it",
+            minimum=1,
+        ),
     },
 )
 
@@ -350,6 +384,12 @@ CKPT = Section(
         "auto_resume": Field((bool,), True, "resume from the latest checkpoint in save_ckpt_folder"),
         "checkpoint_every": Field((int,), 50, "save every this many steps (and at the end)", minimum=1),
         "keep_last": Field((int,), 3, "most recent checkpoints kept on disk; 0 keeps all", minimum=0),
+        "async_save": Field(
+            (bool,),
+            False,
+            "write checkpoint files from a CPU copy in a background thread while training goes on; a checkpoint "
+            "counts once complete, at the next save, the end of training or a stop (docs/checkpoint.md)",
+        ),
         "async_upload": Field((bool,), False, "InternLM compatibility; ignored", compat=IGNORED),
         "async_upload_tmp_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
         "oss_snapshot_freq": Field((int, float, NoneType), None, "InternLM compatibility; ignored", compat=IGNORED),
@@ -373,7 +413,10 @@ MONITOR = Section(
         "log_every": Field(
             (int,),
             1,
-            "refresh the console progress bar every this many steps (metrics.jsonl and TensorBoard get every step)",
+            "read the step metrics back from the device every this many steps (the one host sync of the step "
+            "loop), then write every step's metrics.jsonl line and TensorBoard scalars (with the peak memory since "
+            "the previous read) and refresh the progress bar, or print a plain step line when stdout is not a "
+            "terminal; the stop request (ckpt.stop_file_path, SIGTERM) is agreed on at these steps too",
             minimum=1,
         ),
         "peak_tflops": Field(
@@ -383,6 +426,21 @@ MONITOR = Section(
             minimum=0,
         ),
         "alert": Field((dict,), {}, "InternLM compatibility (Feishu alerts); ignored", compat=IGNORED),
+    },
+)
+
+PROFILE = Section(
+    doc="torch.profiler traces of a few steps (Chrome trace JSON, for Perfetto or TensorBoard), written under "
+    "{work_dir}/profile; see README.md.",
+    fields={
+        "start_step": Field(_OPT_INT, None, "first global step to profile; None: profiling is off", minimum=1),
+        "end_step": Field(_OPT_INT, None, "last global step to profile; None: start_step", minimum=1),
+        "memory": Field(
+            (bool,),
+            False,
+            "also record memory: allocations in the trace and, on CUDA, a memory snapshot "
+            "(torch.cuda.memory._dump_snapshot, viewable at pytorch.org/memory_viz)",
+        ),
     },
 )
 
@@ -415,6 +473,7 @@ ROOT = Section(
         "loss": LOSS,
         "ckpt": CKPT,
         "monitor": MONITOR,
+        "profile": PROFILE,
         "phase": PHASE,
     },
 )

@@ -125,6 +125,7 @@ Fp16Section = SECTION_CLASSES["grad_scaler.fp16"]
 LossSection = SECTION_CLASSES["loss"]
 CkptSection = SECTION_CLASSES["ckpt"]
 MonitorSection = SECTION_CLASSES["monitor"]
+ProfileSection = SECTION_CLASSES["profile"]
 PhaseSection = SECTION_CLASSES["phase"]
 
 __all__ = [
@@ -144,6 +145,7 @@ __all__ = [
     "LossSection",
     "CkptSection",
     "MonitorSection",
+    "ProfileSection",
     "PhaseSection",
     "SECTION_CLASSES",
     "section_class",

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
-from .packing import PackedSequence, collate, pack_window, padding_sequence
+from .packing import PackedSequence, collate, pack_window, padding_sequence, window_label_tokens
 from .sampler import MixtureSampler
 from .stream import TokenStream, source_key
 
@@ -103,14 +103,29 @@ class TrainLoader:
         self.sampler = MixtureSampler({s.key: s.train_end for s in sources}, weights, seq_len, seed, block_seqs)
         self.steps = 0
         self.last_batch_source_tokens: Dict[str, int] = {k: 0 for k in self.sources}
+        # label tokens (labels != IGNORE_INDEX) of the last global batch and of this rank's share of it, as
+        # Python ints from document boundaries: the loss normalisation needs no tensor reduction or all-reduce
+        self.last_batch_label_tokens = 0
+        self.last_rank_label_tokens = 0
 
     def _sequence(self, key: str, start: int) -> PackedSequence:
         stream = self.sources[key].stream
         stop = start + self.seq_len
         return pack_window(stream.read(start, stop + 1), stream.doc_ends(start, stop) - start, self.seq_len)
 
+    def _label_tokens(self, key: str, start: int) -> int:
+        """Label tokens of the sequence at ``start`` of source ``key``, from its document ends only."""
+        stream = self.sources[key].stream
+        stop = start + self.seq_len
+        ends = stream.doc_ends(start, stop) - start
+        return window_label_tokens(ends, self.seq_len, min(stop + 1, stream.num_tokens) - start)
+
     def next_global_batch(self) -> List[Dict[str, Any]]:
-        """This rank's ``micro_num`` micro-batches of the next global batch."""
+        """This rank's ``micro_num`` micro-batches of the next global batch.
+
+        Also sets ``last_batch_label_tokens`` (label tokens of the whole global batch: every rank samples it,
+        so every rank knows it without communication) and ``last_rank_label_tokens`` (this rank's share).
+        """
         picks = self.sampler.next_sequences(self.global_batch_size)
         self.last_batch_source_tokens = {k: 0 for k in self.sources}
         for key, _ in picks:
@@ -118,10 +133,14 @@ class TrainLoader:
         per_rank = self.micro_bsz * self.micro_num
         mine = picks[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         self.steps += 1
-        return [
+        batch = [
             collate([self._sequence(k, s) for k, s in mine[m * self.micro_bsz : (m + 1) * self.micro_bsz]])
             for m in range(self.micro_num)
         ]
+        self.last_rank_label_tokens = sum(mb["label_tokens"] for mb in batch)
+        # the same computation over the same picks on every rank: the same value everywhere
+        self.last_batch_label_tokens = sum(self._label_tokens(k, s) for k, s in picks)
+        return batch
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
         while True:

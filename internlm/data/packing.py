@@ -54,6 +54,18 @@ def pack_window(tokens: np.ndarray, doc_ends: np.ndarray, seq_len: int) -> Packe
     return PackedSequence(input_ids, labels, cu_seqlens, position_ids)
 
 
+def window_label_tokens(doc_ends: np.ndarray, seq_len: int, num_tokens: int) -> int:
+    """The number of labels other than ``IGNORE_INDEX`` of the sequence `pack_window` builds from ``num_tokens``
+    (``seq_len + 1``, or ``seq_len`` at the end of the data) tokens with these relative ``doc_ends``, from the
+    document boundaries alone (no tokens read): one label is dropped per document end, plus the last one when
+    the window has no next token."""
+    ends = np.asarray(doc_ends)
+    ignored = int(ends.size)
+    if num_tokens <= seq_len and not (ends.size and int(ends[-1]) == seq_len):
+        ignored += 1
+    return seq_len - ignored
+
+
 def padding_sequence(seq_len: int) -> PackedSequence:
     """A filler sequence that takes no loss: EOS-free zeros, one piece, every label ``-100``."""
     return PackedSequence(
@@ -68,7 +80,10 @@ def collate(sequences: Sequence[PackedSequence]) -> Dict[str, Union[torch.Tensor
     """Lay ``micro_bsz`` sequences end to end into the micro-batch dict of docs/architecture.md.
 
     ``cu_seqlens`` holds every piece boundary shifted by ``j * seq_len`` for sequence ``j``, so every
-    multiple of ``seq_len`` is a boundary; ``max_seqlen`` is the longest piece.
+    multiple of ``seq_len`` is a boundary; ``max_seqlen`` is the longest piece. The host-side values
+    ``cu_seqlens_list`` (``cu_seqlens`` as a Python list) and ``label_tokens`` (labels other than
+    ``IGNORE_INDEX``, an int) are computed here, on the CPU, so that the training step never reads a
+    tensor back from the device for them.
     """
     if not sequences:
         raise ValueError("collate needs at least one sequence")
@@ -79,10 +94,14 @@ def collate(sequences: Sequence[PackedSequence]) -> Dict[str, Union[torch.Tensor
             raise ValueError(f"sequence {j} has length {s.input_ids.size}, expected {seq_len}")
         cu.append(s.cu_seqlens[1:] + np.int32(j * seq_len))
     cu_seqlens = np.concatenate(cu)
+    labels = np.concatenate([s.labels for s in sequences])
     return {
         "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in sequences])).view(1, -1),
-        "labels": torch.from_numpy(np.concatenate([s.labels for s in sequences])).view(1, -1),
+        "labels": torch.from_numpy(labels).view(1, -1),
         "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
         "position_ids": torch.from_numpy(np.concatenate([s.position_ids for s in sequences])).view(1, -1),
         "max_seqlen": int(np.diff(cu_seqlens).max()),
+        # host-side values, so that no step has to read them back from the device
+        "cu_seqlens_list": cu_seqlens.tolist(),
+        "label_tokens": int(np.count_nonzero(labels != IGNORE_INDEX)),
     }

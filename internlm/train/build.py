@@ -17,17 +17,32 @@ from internlm.optim import HybridZeroOptimizer
 from internlm.parallel import LossFn, ParallelContext, make_loss_fn, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks, build_schedule
 
-from .activation_checkpoint import apply_activation_checkpointing
+from .activation_checkpoint import apply_activation_checkpointing, compile_layers
 
 
-def build_model_chunks(config: RunConfig, pc: ParallelContext, device: torch.device) -> List[InternLM]:
-    """This rank's model chunks (pipeline stage, tensor shard), initialised with the layout-independent weights."""
+def build_model_chunks(
+    config: RunConfig, pc: ParallelContext, device: torch.device, init: bool = True
+) -> List[InternLM]:
+    """This rank's model chunks (pipeline stage, tensor shard), initialised with the layout-independent weights.
+
+    Built on the meta device, then materialised (``to_empty``) and initialised shard by shard: each rank draws
+    only the initial values of the pieces it holds (`InternLM.init_weights`). ``init=False`` skips the random
+    initialisation (the values are left uninitialised) for chunks that a checkpoint is about to overwrite.
+    Then, per chunk: ``model.fused_loss`` makes the chunk holding the head return a `HeadInput` (the loss of
+    `build_loss_fn` applies the head chunk by chunk), ``model.checkpoint`` wraps layers (or their attention cores
+    or MLPs) in activation checkpointing, and ``model.compile`` compiles every decoder layer.
+    """
     chunks = build_pipeline_chunks(config.model_config, pc.pp_rank, pc.pp_size, config.model.num_chunks, device="meta")
     for chunk in chunks:
         parallelize_model(chunk, pc)
         chunk.to_empty(device=device)
-        chunk.init_weights(config.seed, param_shards(chunk))
+        if init:
+            chunk.init_weights(config.seed, param_shards(chunk))
+        if chunk.lm_head is not None:
+            chunk.fuse_head_loss = config.model.fused_loss  # return HeadInput: the loss applies the head, chunked
         apply_activation_checkpointing(chunk, config.model.checkpoint)
+        if config.model.compile:
+            compile_layers(chunk)
     return chunks
 
 

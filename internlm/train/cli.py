@@ -87,6 +87,10 @@ def check_phases(phases: List[Phase]) -> None:
                 f"phases of a run share one work_dir",
                 file,
             )
+        start, end = config.profile.start_step, config.profile.end_step
+        if end is not None and (start is None or end < start):
+            problem = "set without profile.start_step" if start is None else f"is before profile.start_step {start}"
+            raise ConfigError("profile.end_step", f"{end} {problem}", file)
         if not config.data.train_folder and not config.data.prepare_demo_data:
             raise ConfigError(
                 "data.train_folder", "not set; point it at a folder of tokenized shards (see tools/tokenizer.py)", file
@@ -115,6 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print_plan(phases, args.throughput)
         return 0
-    from .run import run_training
+    from .run import EXIT_ABORTED, run_training
 
-    return run_training(phases)
+    try:
+        return run_training(phases)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler is installed: nothing to save yet
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted by Ctrl-C during start-up; nothing saved", file=sys.stderr)
+        return EXIT_ABORTED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,8 +24,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> Launch:
-    """Initialise torch.distributed under torchrun: NCCL on GPUs, gloo on CPU. One process: nothing to do."""
+def timeout_of(minutes: float) -> timedelta:
+    """The process-group timeout of ``parallel.timeout_minutes``."""
+    return timedelta(minutes=float(minutes))
+
+
+def init_distributed(timeout: Optional[timedelta] = None) -> Launch:
+    """Initialise torch.distributed under torchrun: NCCL on GPUs, gloo on CPU. One process: nothing to do.
+
+    ``timeout`` (``parallel.timeout_minutes``, see `timeout_of`) bounds every collective of the default group;
+    None keeps torch's default."""
     world_size = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -33,7 +43,8 @@ def init_distributed() -> Launch:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        options = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
     return Launch(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

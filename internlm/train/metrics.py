@@ -1,5 +1,6 @@
-"""Training metrics: one JSON line per event in ``metrics.jsonl``, the same scalars in TensorBoard,
-and a console progress bar. Only the logging rank (global rank 0) writes anything.
+"""Training metrics: one JSON line per event in ``metrics.jsonl``, the same scalars in TensorBoard, the
+console (a progress bar on a terminal, plain step lines otherwise) and ``train.log``. Only the logging rank
+(global rank 0) writes anything. Also the adaptive units the console and ``--dry-run`` print.
 """
 
 from __future__ import annotations
@@ -7,58 +8,131 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, TextIO
 
 import torch
 
-# Dense bf16 peak TFLOP/s of common accelerators, for MFU.
-_GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+# ---------------------------------------------------------------------------------------------- units
+def format_count(n: float, decimals: int = 2) -> str:
+    """A count in k / M / B (B is the largest unit): ``950``, ``614.40k``, ``4.19M``, ``104.74B``, ``1,600.01B``."""
+    if abs(n) < 999.5:
+        return f"{n:,.0f}"
+    for div, unit in ((1e3, "k"), (1e6, "M")):
+        if round(abs(n) / div, decimals) < 1000:  # 999,999 is 1.00M, not 1,000.00k
+            return f"{n / div:,.{decimals}f}{unit}"
+    return f"{n / 1e9:,.{decimals}f}B"
 
 
-def device_peak_tflops(device: torch.device, override: Optional[float] = None) -> float:
-    """Peak TFLOP/s of one device, the denominator of MFU.
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: ``512 B``, ``3.5 KiB``, ``97.3 MiB``, ``1.2 GiB``, ``2.0 TiB``."""
+    if abs(n) < 1024:
+        return f"{n:,.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if abs(n) < 1023.95:
+            return f"{n:,.1f} {unit}"
+    return f"{n / 1024:,.1f} TiB"
 
-    GPUs: the vendor's dense bf16 figure for known cards. CPUs have no single published figure, so
-    the peak is measured: the best fp32 matmul throughput of a short probe (under a second). On a
-    busy machine the probe reads low, so CPU MFU is a rough figure.
-    """
-    if override:
-        return float(override)
+
+def format_duration(seconds: float) -> str:
+    """``0.4 s``, ``42 s``, ``3m12s``, ``5h07m``, ``12d04h``."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 9.95:
+        return f"{max(seconds, 0.0):.1f} s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident set size (``getrusage``'s ru_maxrss; psutil's current RSS where there is no
+    ``resource`` module), or None when neither is available."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.Process().memory_info().rss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def read_peak_memory(device: torch.device) -> Dict[str, float]:
+    """Peak memory since the previous call, in GiB, for a logging step's metrics line.
+
+    CUDA: ``mem_allocated_gib`` (tensors) and ``mem_reserved_gib`` (the caching allocator's segments), from the
+    allocator's host-side counters (no device sync), whose peaks are then reset. CPU: ``mem_rss_gib``, the peak
+    resident set size of the process so far (it cannot be reset)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-        return 312.0
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = 0.0
-    deadline = time.perf_counter() + 0.5
-    for _ in range(20):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-        if time.perf_counter() > deadline:
-            break
-    return best / 1e12
+        out = dict(
+            mem_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 4),
+            mem_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 4),
+        )
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    rss = peak_rss_bytes()
+    return {} if rss is None else dict(mem_rss_gib=round(rss / 2**30, 4))
+
+
+def memory_text(record: Dict[str, Any]) -> Optional[str]:
+    """The memory fields of a metrics line for the console (None when it has none)."""
+    if "mem_allocated_gib" in record:
+        allocated, reserved = record["mem_allocated_gib"] * 2**30, record["mem_reserved_gib"] * 2**30
+        return f"mem {format_bytes(allocated)} ({format_bytes(reserved)} reserved)"
+    if "mem_rss_gib" in record:
+        return f"rss {format_bytes(record['mem_rss_gib'] * 2**30)}"
+    return None
+
+
+def progress_bar(done: int, total: int, width: int = 12) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 class MetricsLogger:
-    """Appends metrics to work_dir/metrics.jsonl and TensorBoard; draws a progress bar on the console."""
+    """Appends metrics to work_dir/metrics.jsonl and TensorBoard; step lines, messages, warnings, the stop reason
+    and the final line to work_dir/train.log (time-stamped); the console gets a progress bar redrawn in place on a
+    terminal, else (nohup, Slurm, a pipe: ``console`` False) plain step lines."""
 
-    def __init__(self, work_dir: str, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, work_dir: str, enabled: bool, tensorboard: bool = True, console: Optional[bool] = None) -> None:
         self.enabled = enabled
         self.path = os.path.join(work_dir, "metrics.jsonl")
+        self.log_path = os.path.join(work_dir, "train.log")
         self._tb = None
-        self._bar = None
+        self._bar: Optional[str] = None  # the progress bar line on the terminal, while one is drawn
+        self._log_file = None
+        self._console = console
         if not enabled:
             return
         os.makedirs(work_dir, exist_ok=True)
-        self._log_file = open(os.path.join(work_dir, "train.log"), "a")
+        self._log_file = open(self.log_path, "a")
         self._tb_dir = os.path.join(work_dir, "tensorboard") if tensorboard else None
         self._open_tensorboard(purge_step=None)
+
+    @property
+    def out(self) -> TextIO:
+        return sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        """Whether the console is a terminal (a progress bar redrawn in place) rather than a file or a pipe."""
+        if self._console is not None:
+            return self._console
+        isatty = getattr(self.out, "isatty", None)
+        return bool(isatty and isatty())
 
     def _open_tensorboard(self, purge_step: Optional[int]) -> None:
         if self._tb_dir is None:
@@ -98,46 +172,51 @@ class MetricsLogger:
                     if math.isfinite(value):
                         self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "valid/loss", value, step)
 
-    def progress(
-        self, phase: str, step: int, first_step: int, last_step: int, loss: float, tokens_per_s: float
-    ) -> None:
-        """Progress bar line: phase, step, loss, tokens/s and ETA of the current phase."""
+    def step(self, head: str, fields: str, done: int, total: int, show: bool = True) -> None:
+        """One training step: ``head`` (``phase1 step 120/300 (global 120/450)``) and its ``fields`` go to
+        train.log; on the console the progress bar (``done`` of ``total`` global steps) is redrawn, or without a
+        terminal a plain line printed, when ``show`` (every monitor.log_every steps and a phase's last)."""
         if not self.enabled:
             return
-        if self._bar is None or self._bar.desc != phase:
-            self.close_bar()
-            from tqdm import tqdm
+        self.log_only(f"{head} {fields}")
+        if not show:
+            return
+        if not self.tty:
+            print(f"{head} {fields}", file=self.out, flush=True)
+            return
+        # the bar line, cut to the terminal's width, redrawn in place (carriage return, erase to the line's end)
+        width = shutil.get_terminal_size((120, 24)).columns
+        self._bar = f"{head} {progress_bar(done, total)} {fields}"[: max(width - 1, 1)]
+        self.out.write(f"\r{self._bar}\x1b[K")
+        self.out.flush()
 
-            self._bar = tqdm(
-                total=last_step,
-                initial=first_step - 1,
-                desc=phase,
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stdout,
-                mininterval=0.5,
-            )
-        self._bar.set_postfix_str(f"loss={loss:.4f} tok/s={tokens_per_s:,.0f}", refresh=False)
-        self._bar.update(step - self._bar.n)
+    def log_only(self, text: str) -> None:
+        """A time-stamped line in train.log only (the console shows it otherwise, or not at all)."""
+        if self.enabled and self._log_file is not None and not self._log_file.closed:
+            self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self._log_file.flush()
 
     def message(self, text: str) -> None:
+        """A line on the console (above the progress bar) and in train.log."""
         if not self.enabled:
             return
-        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-        self._log_file.flush()
-        if self._bar is not None:
-            self._bar.write(text)
+        self.log_only(text)
+        if self._bar is not None:  # above the bar: erase it, print, redraw it
+            self.out.write(f"\r\x1b[K{text}\n{self._bar}\x1b[K")
+            self.out.flush()
         else:
-            print(text, flush=True)
+            print(text, file=self.out, flush=True)
 
     def close_bar(self) -> None:
+        """Leave the progress bar's last line on the console (at a phase's end)."""
         if self._bar is not None:
-            self._bar.close()
+            self.out.write("\n")
+            self.out.flush()
             self._bar = None
 
     def close(self) -> None:
         self.close_bar()
-        if self.enabled:
+        if self._log_file is not None:
             self._log_file.close()
         if self._tb is not None:
             self._tb.flush()

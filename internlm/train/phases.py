@@ -19,7 +19,7 @@ from internlm.config import ConfigError, RunConfig
 from internlm.parallel import Layout
 
 # Keys that do not change what a phase computes (outputs, logging): editing them is not an "edit".
-_NON_TRAINING_KEYS = ("ckpt", "monitor", "work_dir", "JOB_NAME")
+_NON_TRAINING_KEYS = ("ckpt", "monitor", "profile", "work_dir", "JOB_NAME")
 # How the global batch is split (with the data-parallel size): any split of the same size computes the same.
 _BATCH_SPLIT_KEYS = ("micro_bsz", "micro_num")
 

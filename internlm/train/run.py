@@ -6,13 +6,35 @@ import os
 import sys
 from typing import List
 
+import torch
 import torch.distributed as dist
 
 from internlm.config import ConfigError
 
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import init_distributed, shutdown_distributed, timeout_of
 from .phases import Phase
-from .trainer import StopRequested, Trainer
+from .trainer import Aborted, StopRequested, Trainer
+
+# exit status after a second Ctrl-C (128 + SIGINT, what a shell reports for a process killed by Ctrl-C)
+EXIT_ABORTED = 130
+
+
+def cpu_threads(local_processes: int) -> int:
+    """Intra-op threads of each of ``local_processes`` CPU training processes on this node: the cores this
+    process may run on, shared out (at least one each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(local_processes, 1))
+
+
+def _set_cpu_threads() -> None:
+    """Several CPU processes on one node: torchrun sets OMP_NUM_THREADS=1 for each, which leaves cores idle; share
+    the cores out instead (an OMP_NUM_THREADS other than 1 is the user's and is kept)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and os.environ.get("OMP_NUM_THREADS", "1") == "1":
+        torch.set_num_threads(cpu_threads(local))
 
 
 def _prepare_demo_data(phases: List[Phase], rank: int) -> None:
@@ -51,29 +73,26 @@ def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
 
 
 def run_training(phases: List[Phase]) -> int:
-    launch = init_distributed()
-    from internlm.parallel import describe_groups, init_parallel_context
+    timeout = timeout_of(phases[0].config.parallel.timeout_minutes)
+    launch = init_distributed(timeout)
+    from internlm.parallel import init_parallel_context
 
+    if launch.device.type == "cpu":
+        _set_cpu_threads()
     try:
-        pc = init_parallel_context(phases[0].layout, launch.rank)
-        if launch.rank == 0:
-            print(describe_groups(pc), flush=True)
+        pc = init_parallel_context(phases[0].layout, launch.rank, timeout=timeout)
         _prepare_demo_data(phases, launch.rank)
-        trainer = Trainer(phases, launch, pc)
+        trainer = Trainer(phases, launch, pc)  # rank 0 prints the banner, steps, the stop reason, the final line
         try:
-            summary = trainer.run()
-        except StopRequested as stop:
-            if launch.rank == 0:
-                print(str(stop), flush=True)
+            trainer.run()
+        except StopRequested:
             return 0
+        except Aborted:
+            return EXIT_ABORTED
         except ConfigError as exc:  # found only once checkpoints are read (e.g. phases reordered)
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if launch.rank == 0:
-            losses = "" if summary["loss"] is None else f", last loss {summary['loss']:.4f}"
-            if summary["val_loss"] is not None:
-                losses += f", last validation loss {summary['val_loss']:.4f}"
-            print(f"done: step {summary['step']}, tokens {summary['tokens']:,}{losses}", flush=True)
             _print_sample(trainer, phases)
     finally:
         shutdown_distributed()

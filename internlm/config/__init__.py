@@ -34,6 +34,7 @@ from .sections import (
     ParallelSection,
     PhaseSection,
     PipelineSection,
+    ProfileSection,
     TensorSection,
     Zero1Section,
     section_from,
@@ -66,5 +67,6 @@ __all__ = [
     "LossSection",
     "CkptSection",
     "MonitorSection",
+    "ProfileSection",
     "PhaseSection",
 ]

@@ -146,6 +146,7 @@ def _hf_llama(cfg: InternLMConfig, model: InternLM):
         num_key_value_heads=cfg.num_kv_attention_heads,
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_base,
+        rope_scaling=cfg.rope_scaling,
         attention_bias=cfg.qkvo_bias,
         mlp_bias=False,
         tie_word_embeddings=False,

@@ -11,25 +11,59 @@ Angles: inv_freq_i = base^(-2i / D), theta_{t,i} = position_t * inv_freq_i for i
     backward: dx1 = dy1 c + dy2 s,  dx2 = dy2 c - dy1 s          (rotation by -theta)
 
 Nothing is saved but cos and sin (shared with every other layer); they get no gradient.
+
+Scaling (``scaling``, a model's ``rope_scaling``, as transformers' Llama): ``linear`` divides inv_freq by the factor
+F; ``dynamic`` (NTK) leaves it unchanged while the forward's longest sequence L (``seq_len``: max position + 1) is at
+most ``max_position_embeddings`` M, and beyond it uses base' = base * (F * L / M - (F - 1)) ** (D / (D - 2)).
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping, Optional
 
 import torch
 
 from .dispatch import TRITON_DTYPES, acc_dtype, load_triton, use_triton
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype = torch.float32) -> tuple:
+def dynamic_ntk_base(base: float, head_dim: int, factor: float, max_position_embeddings: int, seq_len: int) -> float:
+    """The dynamic NTK base for a forward whose longest sequence is ``seq_len`` (L):
+    base * (F * L / M - (F - 1)) ** (D / (D - 2)) for L > M = ``max_position_embeddings``, else ``base``."""
+    if seq_len <= max_position_embeddings:
+        return base
+    scale = factor * seq_len / max_position_embeddings - (factor - 1)
+    return base * scale ** (head_dim / (head_dim - 2))
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor,
+    head_dim: int,
+    base: float,
+    dtype: torch.dtype = torch.float32,
+    scaling: Optional[Mapping[str, Any]] = None,
+    max_position_embeddings: Optional[int] = None,
+    seq_len: Optional[int] = None,
+) -> tuple:
     """(cos, sin), each (tokens, head_dim // 2) of ``dtype``, for flattened ``position_ids`` (tokens,).
 
     Computed in fp32 exactly as the model does; keep the default fp32 ``dtype`` for values identical to the model
-    (a lower precision halves this small buffer but rounds the angles' cos/sin).
+    (a lower precision halves this small buffer but rounds the angles' cos/sin). ``scaling``: None, or
+    ``{"type": "linear" | "dynamic", "factor": F}``; dynamic needs ``max_position_embeddings`` and ``seq_len``
+    (the forward's longest sequence, max position + 1, a host int: no device sync here).
     """
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
     device = position_ids.device
+    kind = None if scaling is None else scaling["type"]
+    if kind == "dynamic":
+        if max_position_embeddings is None or seq_len is None:
+            raise ValueError("dynamic rope scaling needs max_position_embeddings and seq_len (max position + 1)")
+        base = dynamic_ntk_base(base, head_dim, float(scaling["factor"]), max_position_embeddings, seq_len)
+    elif kind not in (None, "linear"):
+        raise ValueError(f"unknown rope scaling type {kind!r}; use 'dynamic', 'linear' or None")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
     freqs = position_ids.reshape(-1).to(torch.float32)[:, None] * inv_freq[None, :]
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -77,4 +111,4 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return RotaryFunction.apply(x, cos, sin)
 
 
-__all__ = ["RotaryFunction", "apply_rotary", "rotary_cos_sin", "rotary_eager"]
+__all__ = ["RotaryFunction", "apply_rotary", "dynamic_ntk_base", "rotary_cos_sin", "rotary_eager"]

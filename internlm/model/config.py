@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -35,12 +35,47 @@ def parse_dtype(value: Any) -> torch.dtype:
     return _DTYPES[name]
 
 
+ROPE_SCALING_TYPES = ("dynamic", "linear")
+
+
+def normalize_rope_scaling(value: Any) -> Optional[Dict[str, Any]]:
+    """``None`` or the canonical ``{"type": "dynamic" | "linear", "factor": float}`` of a Hugging Face style
+    ``rope_scaling`` dict (``"rope_type"`` is accepted for ``"type"``); raises ValueError naming the problem.
+
+    dynamic (NTK, as transformers' Llama): for a forward whose longest sequence L exceeds max_position_embeddings M,
+    base' = base * (factor * L / M - (factor - 1)) ** (D / (D - 2)), D = head_dim; unchanged for L <= M.
+    linear: every position is divided by ``factor`` (inv_freq / factor).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"rope_scaling must be None or a dict like {{'type': 'dynamic', 'factor': 2.0}}, got {value!r}"
+        )
+    rest = dict(value)
+    kind = rest.pop("type", None)
+    alias = rest.pop("rope_type", None)
+    kind = alias if kind is None else kind
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported; use one of {', '.join(ROPE_SCALING_TYPES)} (or None)"
+        )
+    factor = rest.pop("factor", None)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"rope_scaling factor must be a positive number, got {factor!r}")
+    if rest:
+        raise ValueError(f"rope_scaling has unknown keys {', '.join(sorted(map(str, rest)))}; only type and factor")
+    return {"type": kind, "factor": float(factor)}
+
+
 @dataclass
 class InternLMConfig:
     """Shape and numerics of an InternLM decoder.
 
-    The MLP hidden size is ``mlp_ratio * hidden_size`` rounded up to a multiple of ``multiple_of``
-    (256), which gives 11008 for the 7B model (4096 * 8/3 = 10922.7 -> 11008).
+    The MLP hidden size ``intermediate_size``, when not given (None), is ``mlp_ratio * hidden_size`` rounded up to
+    a multiple of ``multiple_of`` (256), which gives 11008 for the 7B model (4096 * 8/3 = 10922.7 -> 11008); it is
+    resolved at construction, like ``num_kv_attention_heads`` (so ``dataclasses.replace`` keeps the resolved value).
+    ``rope_scaling``: None or ``{"type": "dynamic" | "linear", "factor": F}`` (`normalize_rope_scaling`).
     """
 
     vocab_size: int = 103168
@@ -57,6 +92,8 @@ class InternLMConfig:
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
     attn_backend: str = "auto"  # auto | flash | sdpa | reference
+    intermediate_size: Optional[int] = None  # None: mlp_ratio * hidden_size rounded up to multiple_of
+    rope_scaling: Optional[Dict[str, Any]] = None  # None | {"type": "dynamic" | "linear", "factor": F}
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -68,6 +105,13 @@ class InternLMConfig:
         self.dtype = parse_dtype(self.dtype)
         if self.num_kv_attention_heads is None:
             self.num_kv_attention_heads = self.num_attention_heads
+        if self.intermediate_size is None and self.multiple_of > 0:
+            raw = int(math.ceil(self.mlp_ratio * self.hidden_size))
+            self.intermediate_size = self.multiple_of * ((raw + self.multiple_of - 1) // self.multiple_of)
+        try:
+            self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        except ValueError:
+            pass  # reported by problems()
 
     @classmethod
     def unchecked(cls, **values: Any) -> "InternLMConfig":
@@ -92,11 +136,6 @@ class InternLMConfig:
     def kv_dim(self) -> int:
         return self.head_dim * self.num_kv_attention_heads
 
-    @property
-    def intermediate_size(self) -> int:
-        raw = int(math.ceil(self.mlp_ratio * self.hidden_size))
-        return self.multiple_of * ((raw + self.multiple_of - 1) // self.multiple_of)
-
     def problems(self) -> List[Problem]:
         """Inconsistencies, each keyed by the field to change; empty when the config is usable."""
         out = []
@@ -109,7 +148,16 @@ class InternLMConfig:
             out.append(Problem("num_kv_attention_heads", f"{kv_heads} does not divide num_attention_heads={heads}"))
         if self.attn_backend not in ("auto", "flash", "sdpa", "reference"):
             out.append(Problem("attn_backend", f"{self.attn_backend!r} is not one of auto, flash, sdpa, reference"))
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads"):
+        try:
+            normalize_rope_scaling(self.rope_scaling)
+        except ValueError as err:
+            out.append(Problem("rope_scaling", str(err)))
+        names = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads")
+        if self.intermediate_size is None:  # not derivable: multiple_of <= 0
+            out.append(Problem("multiple_of", f"must be positive to derive intermediate_size, got {self.multiple_of}"))
+        else:
+            names += ("intermediate_size",)
+        for name in names:
             if getattr(self, name) <= 0:
                 out.append(Problem(name, f"must be positive, got {getattr(self, name)}"))
         return out
@@ -125,9 +173,21 @@ class InternLMConfig:
         return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field, JSON-ready (dtype as its string, e.g. "torch.bfloat16"); `from_dict` reads it back."""
         out = dataclasses.asdict(self)
         out["dtype"] = str(self.dtype)
         return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "InternLMConfig":
+        """The config of a `to_dict` dict (e.g. a checkpoint's meta.json ``model_config``). Fields it lacks take
+        their defaults, so dicts written before a field existed still load (``intermediate_size`` None: derived
+        from mlp_ratio / multiple_of; ``rope_scaling`` None: plain rotary)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown InternLMConfig fields {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**dict(values))
 
     # ------------------------------------------------------------------ counts
     def num_params(self, include_embedding: bool = True) -> int:
@@ -158,11 +218,43 @@ class InternLMConfig:
         attention = 2 * self.num_layers * seq_len * self.hidden_size
         return 3.0 * (2.0 * n_matmul + attention)
 
+    # ------------------------------------------------------------------ Hugging Face (internlm/model/hf.py)
+    @classmethod
+    def from_hf(cls, dict_or_path: Any, **overrides: Any) -> "InternLMConfig":
+        """The config of a Hugging Face ``config.json`` (a dict, the file or its folder): ``LlamaForCausalLM`` or
+        InternLM's published ``InternLMForCausalLM`` layout; ``overrides`` replace fields (e.g. ``dtype``)."""
+        from .hf import config_values_from_hf
+
+        return cls(**{**config_values_from_hf(dict_or_path), **overrides})
+
+    def to_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+        """This config as the ``config.json`` dict of ``transformers``' ``LlamaForCausalLM`` (``attention_bias`` =
+        ``qkvo_bias``, GQA, norm epsilon, rope base and scaling carried)."""
+        from .hf import config_to_hf
+
+        return config_to_hf(self, dtype)
+
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "internlm-7b": dict(hidden_size=4096, num_layers=32, num_attention_heads=32, vocab_size=103168),
+    # as published on the Hugging Face hub (internlm/internlm-7b, internlm/internlm-20b config.json): 7B has q/k/v/o
+    # biases ("bias": true), 20B none ("bias": false); both use InternLM's dynamic NTK rotary ("rotary": {"base":
+    # 10000, "type": "dynamic"}, scaling factor 1.0) beyond max_position_embeddings
+    "internlm-7b": dict(
+        hidden_size=4096,
+        num_layers=32,
+        num_attention_heads=32,
+        vocab_size=103168,
+        max_position_embeddings=2048,
+        rope_scaling={"type": "dynamic", "factor": 1.0},
+    ),
     "internlm-20b": dict(
-        hidden_size=5120, num_layers=60, num_attention_heads=40, vocab_size=103168, max_position_embeddings=4096
+        hidden_size=5120,
+        num_layers=60,
+        num_attention_heads=40,
+        vocab_size=103168,
+        max_position_embeddings=4096,
+        qkvo_bias=False,
+        rope_scaling={"type": "dynamic", "factor": 1.0},
     ),
     "internlm-104b": dict(
         hidden_size=10240, num_layers=82, num_attention_heads=80, vocab_size=65536, max_position_embeddings=2048
@@ -179,4 +271,4 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     ),
 }
 
-__all__ = ["InternLMConfig", "PRESETS", "parse_dtype"]
+__all__ = ["InternLMConfig", "PRESETS", "ROPE_SCALING_TYPES", "normalize_rope_scaling", "parse_dtype"]

@@ -30,11 +30,12 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from internlm.kernels import IGNORE_INDEX, chunked_linear_cross_entropy, rms_norm, rotary_cos_sin, swiglu
 from internlm.kernels import apply_rotary as rotate
-from internlm.kernels import rms_norm, rotary_cos_sin, swiglu
 
 from .attention import PackedDocs, packed_causal_attention, positions_from_cu_seqlens
 from .config import InternLMConfig
+from .kv_cache import KVCache, LayerKV, cached_attention
 
 Rope = Tuple[torch.Tensor, torch.Tensor]
 """``(cos, sin)`` of `internlm.kernels.rotary_cos_sin`, each (tokens, head_dim / 2) fp32: one per forward."""
@@ -85,6 +86,8 @@ class Attention(nn.Module):
         h, kv, dt, bias = config.hidden_size, config.kv_dim, config.dtype, config.qkvo_bias
         self.head_dim = config.head_dim
         self.rope_base = config.rope_base
+        self.rope_scaling = config.rope_scaling
+        self.max_position_embeddings = config.max_position_embeddings
         self.backend = config.attn_backend
         self.q_proj = nn.Linear(h, h, bias=bias, dtype=dt)
         self.k_proj = nn.Linear(h, kv, bias=bias, dtype=dt)
@@ -92,15 +95,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h, h, bias=bias, dtype=dt)
         self.core = AttentionCore()
 
-    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None):
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None, cache: Optional[LayerKV] = None):
         """x: (B, S, H); docs: the batch's `PackedDocs` (or a cu_seqlens tensor); rope: this forward's (cos, sin),
-        or the position ids (a layer called on its own computes cos/sin itself)."""
+        or the position ids (a layer called on its own computes cos/sin itself). ``cache`` (generation only): this
+        layer's `LayerKV`; the new keys/values join the cached ones and ``docs`` is unused."""
         if isinstance(rope, torch.Tensor):
-            rope = rotary_cos_sin(rope, self.head_dim, self.rope_base)
+            seq_len = int(rope.max()) + 1 if self.rope_scaling and self.rope_scaling["type"] == "dynamic" else None
+            rope = rotary_cos_sin(
+                rope,
+                self.head_dim,
+                self.rope_base,
+                scaling=self.rope_scaling,
+                max_position_embeddings=self.max_position_embeddings,
+                seq_len=seq_len,
+            )
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch_shape = q.shape[:-1]  # (B, S): under sequence parallelism the projections gathered the sequence
         q, k, v = (t.reshape(-1, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
         q, k = rotate(q, *rope), rotate(k, *rope)
+        if cache is not None:
+            return self.o_proj(cached_attention(q, k, v, batch_shape, cache))
         out = self.core(q, k, v, docs, self.backend, max_seqlen)
         return self.o_proj(out.reshape(*batch_shape, -1))
 
@@ -126,8 +140,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config.dtype)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None):
-        x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen)
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None, cache: Optional[LayerKV] = None):
+        if cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,6 +166,13 @@ class InternLM(nn.Module):
 
     Packed input: ``input_ids`` of shape (1, total_tokens) with ``cu_seqlens`` giving document
     boundaries; tokens never attend across documents and positions restart for every document.
+
+    ``model(input_ids, labels=labels)`` -> the mean next-token cross-entropy (a scalar), as transformers' causal LMs
+    compute it: ``labels`` has the shape of ``input_ids`` and is shifted inside (token t predicts labels[t + 1]),
+    tokens labelled -100 are left out: loss = sum_t CE(logits[t], labels[t + 1]) / #(labels[1:] != -100).
+
+    Padded batches and generation: ``attention_mask`` (B, S) (1 real token, 0 padding) and/or ``cache`` (a
+    `KVCache`, whose keys/values the new tokens join): see `internlm.model.kv_cache` and `internlm.model.generate`.
 
     ``fuse_head_loss`` (default False; the trainer sets it on the chunk holding the head unless
     ``model.fused_loss=False``): return a `HeadInput` instead of the logits.
@@ -177,6 +201,9 @@ class InternLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
         cu_seqlens_list: Optional[Sequence[int]] = None,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Union[torch.Tensor, HeadInput]:
         """input_ids: (B, S) token ids, or (B, S, hidden) hidden states on a pipeline stage without embedding.
 
@@ -185,9 +212,18 @@ class InternLM(nn.Module):
         (B*S,); derived from cu_seqlens when omitted. ``cu_seqlens_list`` (the boundaries as a Python list) and
         ``max_seqlen`` spare the host syncs that reading them back from the device costs; with a bare tensor and
         neither, the sdpa backend reads the boundaries back once per forward (not once per layer).
+
+        With dynamic rope scaling the forward's sequence length L (max position + 1) is ``max_seqlen`` when given
+        (positions restart per document, as the loader's do), else the longest document of ``cu_seqlens`` (host-side
+        with ``cu_seqlens_list``), else max(position_ids) + 1 (one device sync); unused without dynamic scaling.
         """
         batch, seq = input_ids.shape[0], input_ids.shape[1]
         device = input_ids.device
+        if cache is not None or attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("attention_mask / cache take a padded (batch, seq) input, not packed cu_seqlens")
+            return self._forward_padded(input_ids, attention_mask, position_ids, cache, labels)
+        given_max_seqlen = max_seqlen
         if cu_seqlens is None:
             if self.embed_tokens is None:
                 # hidden states may be sequence-sharded (sequence parallelism): the length is not S here
@@ -196,21 +232,105 @@ class InternLM(nn.Module):
             cu_seqlens_list = list(range(0, (batch + 1) * seq, seq))
             max_seqlen = seq
         docs = cu_seqlens if isinstance(cu_seqlens, PackedDocs) else PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen)
+        rope_len = None
+        if self._dynamic_rope():
+            if given_max_seqlen is not None or position_ids is None:
+                rope_len = given_max_seqlen if given_max_seqlen is not None else docs.max_seqlen
+            else:
+                rope_len = int(position_ids.max()) + 1
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(docs.cu_seqlens, docs.total)
         # rotary angles once per forward, shared by every layer (and by the recomputation of checkpointed layers)
-        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
+        rope = self._rope(position_ids, rope_len)
 
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         for layer in self.layers.values():
             h = layer(h, docs, rope, max_seqlen)
+        return self._output(h, labels)
+
+    def _dynamic_rope(self) -> bool:
+        return self.config.rope_scaling is not None and self.config.rope_scaling["type"] == "dynamic"
+
+    def _rope(self, position_ids: torch.Tensor, seq_len: Optional[int]) -> Rope:
+        c = self.config
+        if c.rope_scaling is None:
+            return rotary_cos_sin(position_ids, c.head_dim, c.rope_base)
+        return rotary_cos_sin(
+            position_ids,
+            c.head_dim,
+            c.rope_base,
+            scaling=c.rope_scaling,
+            max_position_embeddings=c.max_position_embeddings,
+            seq_len=seq_len,
+        )
+
+    def _output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> Union[torch.Tensor, HeadInput]:
         if self.norm is not None:
             h = self.norm(h)
+        if labels is not None:
+            return self.causal_lm_loss(h, labels)
         if self.lm_head is not None:
             if self.fuse_head_loss:
                 return HeadInput(h, self.lm_head)
             h = self.lm_head(h)
         return h
+
+    def causal_lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next token from the final (normed) hidden states (B, S, H) and ``labels``
+        (B, S), shifted here: sum_t CE(lm_head(hidden[:, t]), labels[:, t + 1]) / #(labels[:, 1:] != -100), in
+        fp32, the head applied chunk by chunk (`chunked_linear_cross_entropy`: the logits never exist at once)."""
+        if self.lm_head is None or self.norm is None:
+            raise ValueError("labels= needs the model chunk holding norm and lm_head (the last pipeline stage)")
+        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+            )
+        targets = labels[:, 1:].reshape(-1).to(device=hidden.device, dtype=torch.long)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        loss_sum = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
+        return loss_sum / (targets != IGNORE_INDEX).sum()
+
+    def _forward_padded(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        cache: Optional[KVCache],
+        labels: Optional[torch.Tensor],
+    ) -> Union[torch.Tensor, HeadInput]:
+        """A (B, S) batch whose rows may hold padding (``attention_mask``), appended to ``cache`` when given (a
+        one-forward cache otherwise). Default positions count each row's real tokens (`KVCache.begin`)."""
+        if self.embed_tokens is None or input_ids.dim() != 2:
+            raise ValueError("attention_mask / cache need token ids (batch, seq) and the chunk holding embed_tokens")
+        batch, seq = input_ids.shape
+        if cache is None:
+            cache = KVCache(batch, seq)
+        elif cache.batch_size != batch:
+            raise ValueError(f"the cache holds {cache.batch_size} rows, the input {batch}")
+        positions = cache.begin(seq, attention_mask, input_ids.device)
+        if position_ids is None:
+            position_ids = positions
+        rope = self._rope(position_ids, int(position_ids.max()) + 1 if self._dynamic_rope() else None)
+        h = self.embed_tokens(input_ids)
+        try:
+            for name, layer in self.layers.items():
+                # the class's forward: eager, past the trainer's per-instance checkpoint / torch.compile wrappers
+                h = type(layer).forward(layer, h, None, rope, None, cache=cache.layer(name))
+        finally:
+            cache.end()
+        return self._output(h, labels)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: Any = None, device: Any = None, step: Optional[int] = None
+    ) -> "InternLM":
+        """The model of a training checkpoint (work_dir, checkpoints folder or step folder; newest verified step
+        unless ``step``) or a Hugging Face folder, built on the meta device (no random init), then loaded tensor by
+        tensor; ``dtype`` / ``device`` of the parameters (default: the saved dtype, CPU). See
+        `internlm.model.pretrained`."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(cls, path, dtype=dtype, device=device, step=step)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, shards: Optional[Mapping[str, Any]] = None) -> int:

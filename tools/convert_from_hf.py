@@ -1,0 +1,91 @@
+"""Import a Hugging Face folder (Llama, or InternLM's published layout) as a training checkpoint.
+
+    python tools/convert_from_hf.py --hf internlm-7b --output ckpt/internlm-7b
+    # then train from it:   ckpt = dict(load_ckpt_folder="ckpt/internlm-7b", ...)
+    # or load it:           InternLM.from_pretrained("ckpt/internlm-7b")
+
+``--output`` becomes one checkpoint folder in the format of docs/checkpoint.md: ``model_tp0_pp0.pt`` (a
+one-process layout; training under any layout reshards it on load), ``meta.json`` (version 2, step 0, the model
+config, the layout and the file's size and CRC-32, written through the trainer's own writers) and the
+``tokenizer.model`` when the HF folder has one. Tensors keep their dtype and bits (ours -> HF -> ours is exact).
+The weights are read one file at a time and written once (the model is held once, never twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from internlm.model import InternLM, InternLMConfig  # noqa: E402
+from internlm.model.hf import is_hf_folder, iter_hf_tensors  # noqa: E402
+from internlm.parallel import Layout  # noqa: E402
+from internlm.train.checkpoint import META_FILE, commit_checkpoint, model_file  # noqa: E402
+from internlm.train.checkpoint_io import write_file  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Import a Hugging Face Llama / InternLM folder as a training checkpoint.")
+    p.add_argument("--hf", required=True, help="Hugging Face folder (config.json + safetensors or pytorch_model.bin)")
+    p.add_argument("--output", required=True, help="checkpoint folder to write (new, or an earlier import)")
+    return p.parse_args(argv)
+
+
+def convert(hf: str, output: str) -> str:
+    if not is_hf_folder(hf):
+        raise SystemExit(f"--hf {hf}: not a Hugging Face model folder (config.json and weight files)")
+    if os.path.exists(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE)):
+        raise SystemExit(f"--output {output} exists and is not a checkpoint: choose a new folder")
+    config = InternLMConfig.from_hf(hf)
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in InternLM(config).named_parameters()}
+    start = time.perf_counter()
+    state = {}
+    for name, tensor in iter_hf_tensors(hf):
+        if name not in expected:
+            raise SystemExit(f"{hf}: tensor {name!r} does not belong to the model its config.json describes")
+        if tuple(tensor.shape) != expected[name]:
+            raise SystemExit(f"{hf}: {name} has shape {list(tensor.shape)}, config.json implies {list(expected[name])}")
+        state[name] = tensor
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SystemExit(f"{hf}: {len(missing)} tensors missing, e.g. {', '.join(missing[:5])}")
+    state = {name: state[name] for name in expected}  # the model's own order
+    tmp = os.path.abspath(output).rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    name = model_file(0, 0)
+    record = write_file({"chunks": [state], "tp_shards": [{n: None for n in state}]}, os.path.join(tmp, name))
+    del state
+    tokenizer = os.path.join(hf, "tokenizer.model")
+    if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+    meta = dict(
+        version=2,
+        step=0,
+        tokens=0,
+        source=dict(hf=os.path.abspath(hf)),
+        layout=Layout.create(1).to_dict(),
+        model_config=config.to_dict(),
+    )
+    commit_checkpoint(tmp, output, meta, {name: dict(record, writer=0)})
+    print(
+        f"imported {hf} ({len(expected)} tensors, {config.num_params() / 1e6:.1f}M parameters, "
+        f"{str(config.dtype).replace('torch.', '')}) into {output} in {time.perf_counter() - start:.1f} s"
+    )
+    return output
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    convert(args.hf, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,9 @@
 #   scripts/slurm_train.sh --dry-run configs/internlm_7b/phase1.py    # print the commands, run nothing
 #
 # Rerunning the same sbatch line resumes from the newest checkpoint (the work_dir must be on shared storage).
+# train.py exits 0 when finished, 2 on a bad input, 3 when stopped unhealthy (non-finite steps), 75 when stopped
+# on SIGTERM or ckpt.stop_file_path after saving (resumable: requeue), 130 on a second Ctrl-C (README.md). torchrun
+# turns any non-zero worker status into 1 and prints it ("exitcode  : 75"): a requeue wrapper reads it there.
 # Outside an allocation (--dry-run on a login node) the node count defaults to 2 and the master to localhost.
 set -euo pipefail
 DRY_RUN=0

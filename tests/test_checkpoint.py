@@ -30,6 +30,7 @@ from internlm.train.checkpoint import (
     merge_model_checkpoint,
     read_meta,
 )
+from internlm.train.run import EXIT_STOPPED
 from test_hybrid_zero import make_opt, tiny_model, train_zero
 from train_utils import request_stop, run_train, step_losses, write_base
 
@@ -124,7 +125,7 @@ def test_async_save_resumes_exactly(tmp_path, demo_data):
     run_train([write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)])
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=3)
-    out = run_train([cut_cfg], sets=["ckpt.async_save=True", "ckpt.checkpoint_every=2"])
+    out = run_train([cut_cfg], sets=["ckpt.async_save=True", "ckpt.checkpoint_every=2"], expect=EXIT_STOPPED)
     assert "saving checkpoint" in out.stdout and "in the background" in out.stdout
     # the stop's checkpoint was completed before the process ended; the one of step 2 by the save of step 3
     assert complete_checkpoints(os.path.join(cut_dir, "checkpoints")) == [2, 3]
@@ -250,8 +251,13 @@ def test_no_usable_checkpoint_is_an_error_naming_the_files(tmp_path):
     with pytest.raises(RuntimeError, match="no usable checkpoint") as error:
         latest_verified_checkpoint(root, warnings.append)
     assert "rng_rank0.pt fails its checksum" in str(error.value) and "train_state.pt is missing" in str(error.value)
-    assert [w.split(":")[0] for w in warnings] == [f"checkpoint {root}/2 is damaged", f"checkpoint {root}/1 is damaged"]
-    assert sorted(os.listdir(root)) == ["1" + DAMAGED_SUFFIX, "2" + DAMAGED_SUFFIX]
+    assert warnings == []  # nothing usable: nothing is moved, the error names every damaged file
+    assert sorted(os.listdir(root)) == ["1", "2"]
+    os.remove(os.path.join(root, "2", "rng_rank0.pt"))
+    with pytest.raises(RuntimeError, match="rng_rank0.pt is missing"):
+        latest_verified_checkpoint(root)
+    shutil.move(os.path.join(root, "1"), str(tmp_path / "moved_away"))
+    shutil.move(os.path.join(root, "2"), str(tmp_path / "moved_away_2"))
     assert latest_verified_checkpoint(root) is None  # nothing left: a fresh start is then explicit
 
     # a checkpoint from before checksums (no "files" in meta.json) is taken as it is

@@ -42,6 +42,7 @@ from internlm.train.reshard import (
     sharded_optimizer_state,
     trainable_names,
 )
+from internlm.train.run import EXIT_STOPPED
 from test_hybrid_zero import HYPER, make_opt, max_rel_error, reference_run, snapshot, tiny_model, train_zero
 from test_hybrid_zero_dist import Quadratic, make_context
 from train_utils import REPO, read_metrics, request_stop, run_train, step_losses, write_base, write_phase
@@ -472,7 +473,7 @@ def test_resume_under_other_layouts(tmp_path, demo_data):
     ref = step_losses(ref_dir)
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=3)
-    run_train([cut_cfg], nproc=4, sets=DP2_TP2)
+    run_train([cut_cfg], nproc=4, sets=DP2_TP2, expect=EXIT_STOPPED)
     saved = os.path.join(cut_dir, "checkpoints", "3")
     assert read_meta(saved)["layout"]["tensor"] == 2
 

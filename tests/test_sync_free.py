@@ -150,7 +150,7 @@ def test_no_host_sync_between_logging_steps(sync_run):
 
 def test_optimizer_step_sync_free(sync_run):
     """The optimizer's part: once ``optimizer.step()`` returns device tensors, it must not sync either."""
-    grad_norm, skipped = sync_run.returned[0][1:]
+    grad_norm, skipped = sync_run.returned[0][1]  # _train_step returns (loss, StepResult)
     if not isinstance(grad_norm, torch.Tensor):
         optim = {s: len(sync_run.per_step[s]["optim"]) for s in range(1, STEPS + 1)}
         pytest.skip(

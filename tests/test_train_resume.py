@@ -5,6 +5,7 @@ import os
 import torch
 
 from internlm.train.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta
+from internlm.train.run import EXIT_STOPPED
 from train_utils import read_metrics, request_stop, run_train, step_losses, write_base, write_phase
 
 
@@ -20,7 +21,7 @@ def test_exact_resume_and_metrics(tmp_path, demo_data):
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     run_train([ref_cfg])
     request_stop(cut_dir, after_step=3)
-    out = run_train([cut_cfg])
+    out = run_train([cut_cfg], expect=EXIT_STOPPED)
     assert "stopped after step 3" in out.stdout
     assert complete_checkpoints(os.path.join(cut_dir, "checkpoints")) == [3]
     assert sorted(step_losses(cut_dir)) == [1, 2, 3]
@@ -71,7 +72,7 @@ def test_two_phases_interrupted_in_phase2_and_extended(tmp_path, demo_data):
 
     cut = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=8)  # inside phase 2
-    run_train(cut)
+    run_train(cut, expect=EXIT_STOPPED)
     meta = read_meta(os.path.join(cut_dir, "checkpoints", "8"))
     assert (meta["phase_name"], meta["phase_step"]) == ("p2", 2)
     run_train(cut)  # resumes phase 2 exactly
@@ -109,7 +110,7 @@ def test_multiprocess_interruption_in_phase2(tmp_path, demo_data):
     run_train(ref, nproc=4, sets=layout)
     cut = _phases(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=8)
-    run_train(cut, nproc=4, sets=layout)
+    run_train(cut, nproc=4, sets=layout, expect=EXIT_STOPPED)
     assert sorted(step_losses(cut_dir)) == list(range(1, 9))
     out = run_train(cut, nproc=4, sets=layout)
     assert "resumed from" in out.stdout
@@ -140,7 +141,7 @@ def test_reordered_phases_exit_2(tmp_path, demo_data):
 
 
 def test_sigterm_saves_and_stops(tmp_path, demo_data):
-    """A scheduler's SIGTERM: the run finishes its step, saves, exits 0; the same command resumes."""
+    """A scheduler's SIGTERM: the run finishes its step, saves, exits 75 (EXIT_STOPPED); the same command resumes."""
     import signal
     import subprocess
     import sys
@@ -159,7 +160,7 @@ def test_sigterm_saves_and_stops(tmp_path, demo_data):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == EXIT_STOPPED, err
     assert "on a stop signal" in out
     stopped_at = max(step_losses(work_dir))
     assert stopped_at < 400

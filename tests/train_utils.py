@@ -71,8 +71,12 @@ def step_losses(work_dir: str) -> Dict[int, float]:
     return out
 
 
-def run_train(configs: List[str], nproc: int = 1, sets: Optional[List[str]] = None, timeout: int = 300):
-    """Run train.py as a user would (torchrun for several processes); returns the CompletedProcess."""
+def run_train(
+    configs: List[str], nproc: int = 1, sets: Optional[List[str]] = None, timeout: int = 300, expect: int = 0
+):
+    """Run train.py as a user would (torchrun for several processes); returns the CompletedProcess, checking its
+    exit status is ``expect`` (e.g. 75 after a stop file: internlm.train.run.EXIT_STOPPED). torchrun exits 1 for
+    any non-zero worker status and names the worker's in its summary (``exitcode  : 75``): that is checked then."""
     if nproc == 1:
         cmd = [sys.executable, os.path.join(REPO, "train.py")]
     else:
@@ -89,5 +93,8 @@ def run_train(configs: List[str], nproc: int = 1, sets: Optional[List[str]] = No
         cmd += ["--set", *sets]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ok = proc.returncode == expect
+    if expect and nproc > 1:
+        ok = proc.returncode == 1 and f"exitcode  : {expect} " in proc.stderr
+    assert ok, f"train.py exited {proc.returncode}, not {expect}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -26,6 +26,7 @@ from .sections import (
     DataSection,
     Fp16Section,
     GradScalerSection,
+    HealthSection,
     HybridZeroOptimizerSection,
     LossSection,
     LRSchedulerSection,
@@ -69,4 +70,5 @@ __all__ = [
     "MonitorSection",
     "ProfileSection",
     "PhaseSection",
+    "HealthSection",
 ]

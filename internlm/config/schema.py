@@ -13,13 +13,19 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
-from internlm.model.config import parse_dtype
+from internlm.model.config import normalize_rope_scaling, parse_dtype
+
+from . import compat as _compat
+from .step_ranges import canonical_step_ranges
 
 NoneType = type(None)
 
 # InternLM compatibility modes of a key
 IGNORED = "ignored"  # accepted with any value of the right type, has no effect
 FIXED = "fixed"  # accepted only at InternLM's default value
+# accepted where the value means what this framework does (the doc says why), any other value is rejected with
+# what to use instead (the field's normalize, or internlm.config.compat.check_compat); docs/internlm_compat.md
+EQUIVALENT = "equivalent"
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,12 @@ MODEL = Section(
             default_text="8 / 3",
         ),
         "multiple_of": Field((int,), 256, "MLP width is rounded up to a multiple of this", minimum=1),
+        "intermediate_size": Field(
+            _OPT_INT,
+            None,
+            "MLP width given directly; None: mlp_ratio * hidden_size rounded up to multiple_of",
+            minimum=1,
+        ),
         "vocab_size": Field((int,), 103168, "vocabulary size (embedding and output head rows)", minimum=1),
         "dtype": Field(
             (str, torch.dtype),
@@ -156,6 +168,14 @@ MODEL = Section(
         "norm_type": Field((str,), "rmsnorm", "normalisation layer", choices=("rmsnorm",)),
         "layer_norm_epsilon": Field((float,), 1e-6, "RMSNorm epsilon", minimum=0),
         "rope_base": Field((float,), 10000.0, "rotary embedding base", minimum=0),
+        "rope_scaling": Field(
+            (dict, NoneType),
+            None,
+            "rotary scaling as in Hugging Face configs: None, {'type': 'dynamic', 'factor': F} (NTK: beyond "
+            "max_position_embeddings M a forward of longest sequence L uses base * (F * L / M - (F - 1)) ** "
+            "(D / (D - 2))) or {'type': 'linear', 'factor': F} (positions / F); the 7B and 20B presets: dynamic, 1.0",
+            normalize=normalize_rope_scaling,
+        ),
         "max_position_embeddings": Field(
             _OPT_INT,
             None,
@@ -231,19 +251,63 @@ DATA = Section(
         "pack_sample_into_one": Field(
             (bool,),
             False,
-            "InternLM compatibility; ignored (documents are always packed with boundaries kept)",
-            compat=IGNORED,
+            "InternLM compatibility; only False, what this framework does: documents are packed with their "
+            "boundaries kept (attention and positions restart at each document)",
+            compat=EQUIVALENT,
+            normalize=_compat.pack_sample_into_one,
         ),
-        "skip_batches": Field((str,), "", "InternLM compatibility; ignored", compat=IGNORED),
-        "rampup_batch_size": Field((str,), "", "InternLM compatibility; ignored (no batch ramp-up)", compat=IGNORED),
-        "min_length": Field((int,), 0, "InternLM compatibility; ignored", compat=IGNORED),
-        "empty_cache_and_diag_interval": Field((int,), 10, "InternLM compatibility; ignored", compat=IGNORED),
-        "diag_outlier_ratio": Field((float,), 1.1, "InternLM compatibility; ignored", compat=IGNORED),
+        "skip_batches": Field(
+            (str,),
+            "",
+            "global steps whose batches are drawn and dropped, not trained on (InternLM's key and syntax): "
+            "'5-10,20' skips steps 5 to 10 and 20, numbered as in metrics.jsonl (from 1); merged with the steps a "
+            "checkpoint records (health.rollback), so a resume keeps skipping them",
+            normalize=canonical_step_ranges,
+        ),
+        "rampup_batch_size": Field(
+            (str,),
+            "",
+            "InternLM compatibility; only '' (no batch-size ramp-up: one phase config per batch size)",
+            compat=EQUIVALENT,
+            normalize=_compat.rampup_batch_size,
+        ),
+        "min_length": Field(
+            (int,),
+            0,
+            "InternLM compatibility; only 0 (no document is dropped at training time; "
+            "tools/convert_internlm_data.py --min-length drops short documents when converting)",
+            minimum=0,
+            compat=EQUIVALENT,
+            normalize=_compat.min_length,
+        ),
+        "empty_cache_and_diag_interval": Field(
+            (int,),
+            10,
+            "InternLM compatibility; any value: in InternLM it only schedules CUDA cache release and slow-device "
+            "diagnostics, which change nothing that is trained (step times are in metrics.jsonl)",
+            compat=EQUIVALENT,
+        ),
+        "diag_outlier_ratio": Field(
+            (float,),
+            1.1,
+            "InternLM compatibility; any value: the threshold of InternLM's slow-device diagnostics (see "
+            "empty_cache_and_diag_interval), no effect on training",
+            compat=EQUIVALENT,
+        ),
         "num_worker": Field(
-            (int,), 4, "InternLM compatibility; ignored (memory-mapped data needs no worker processes)", compat=IGNORED
+            (int,),
+            4,
+            "InternLM compatibility; any value: the number of loader worker processes never changes which batches "
+            "are trained, and memory-mapped shards are read in the training process",
+            minimum=0,
+            compat=EQUIVALENT,
         ),
         "type": Field(
-            (str,), "tokenized", "InternLM compatibility; ignored (data is always tokenized shards)", compat=IGNORED
+            (str,),
+            "tokenized",
+            "InternLM compatibility; only 'tokenized' (pre-tokenized shards, what this framework reads)",
+            compat=EQUIVALENT,
+            normalize=_compat.data_type,
         ),
     },
 )
@@ -257,6 +321,20 @@ PARALLEL = Section(
             fields={
                 "size": Field((int,), 1, "tensor-parallel group size", minimum=1),
                 "mode": Field((str,), "mtp", "tensor-parallel mode; only 'mtp' (Megatron style)", choices=("mtp",)),
+                "sp": Field(
+                    (str,),
+                    "none",
+                    "InternLM's sequence-parallel mode: 'none', or 'megatron' (sets parallel.sequence_parallel=True, "
+                    "the Megatron style implemented here); 'flash-attn', 'intern' and 'flash' are rejected",
+                    compat=EQUIVALENT,
+                    normalize=_compat.tensor_sp,
+                ),
+                "intern_overlap": Field(
+                    (bool,),
+                    False,
+                    "InternLM compatibility; any value: it only tunes InternLM's 'intern' sp mode, which is rejected",
+                    compat=EQUIVALENT,
+                ),
             },
         ),
         "pipeline": Section(
@@ -378,7 +456,8 @@ CKPT = Section(
         "load_ckpt_folder": Field(
             _OPT_STR,
             None,
-            "checkpoint to take the initial model weights from (not the optimizer); 'local:' prefix dropped",
+            "checkpoint to take the initial model weights from (not the optimizer) when no checkpoint is resumed; "
+            "'local:' prefix dropped; not used when load_ckpt_info is set (InternLM's precedence)",
             normalize=_local_folder,
         ),
         "auto_resume": Field((bool,), True, "resume from the latest checkpoint in save_ckpt_folder"),
@@ -390,11 +469,33 @@ CKPT = Section(
             "write checkpoint files from a CPU copy in a background thread while training goes on; a checkpoint "
             "counts once complete, at the next save, the end of training or a stop (docs/checkpoint.md)",
         ),
-        "async_upload": Field((bool,), False, "InternLM compatibility; ignored", compat=IGNORED),
-        "async_upload_tmp_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
-        "oss_snapshot_freq": Field((int, float, NoneType), None, "InternLM compatibility; ignored", compat=IGNORED),
+        "async_upload": Field(
+            (bool,),
+            False,
+            "InternLM compatibility; only False (no object-store upload; ckpt.async_save writes in the background)",
+            compat=EQUIVALENT,
+            normalize=_compat.async_upload,
+        ),
+        "async_upload_tmp_folder": Field(
+            _OPT_STR,
+            None,
+            "InternLM compatibility; any value: InternLM uses it only with async_upload=True, which is rejected",
+            compat=EQUIVALENT,
+        ),
+        "oss_snapshot_freq": Field(
+            (int, float, NoneType),
+            None,
+            "InternLM compatibility: None, <= 1 (InternLM's off) or a multiple of checkpoint_every (those snapshot "
+            "steps are normal checkpoints in InternLM too); other values are rejected: use checkpoint_every",
+            compat=EQUIVALENT,
+        ),
         "load_ckpt_info": Field(
-            (dict, NoneType), None, "InternLM compatibility; ignored (use load_ckpt_folder)", compat=IGNORED
+            (dict, NoneType),
+            None,
+            "InternLM's dict(path=..., content=('model',) | ('model', 'optimizer', 'scheduler', 'sampler') | "
+            "('all',), ckpt_type='internlm' | 'hf'): the checkpoint (or Hugging Face folder) a run starts from; as in "
+            "InternLM it is used only with ckpt.auto_resume=False (docs/checkpoint.md)",
+            normalize=_compat.load_ckpt_info,
         ),
         "stop_file_path": Field(
             _OPT_STR,
@@ -402,7 +503,12 @@ CKPT = Section(
             "when this file appears, save and stop after the step it names "
             "(at once if it is empty); the file is then removed",
         ),
-        "snapshot_ckpt_folder": Field(_OPT_STR, None, "InternLM compatibility; ignored", compat=IGNORED),
+        "snapshot_ckpt_folder": Field(
+            _OPT_STR,
+            None,
+            "InternLM compatibility; any value: used only by snapshot checkpoints (see oss_snapshot_freq)",
+            compat=EQUIVALENT,
+        ),
     },
 )
 
@@ -416,7 +522,8 @@ MONITOR = Section(
             "read the step metrics back from the device every this many steps (the one host sync of the step "
             "loop), then write every step's metrics.jsonl line and TensorBoard scalars (with the peak memory since "
             "the previous read) and refresh the progress bar, or print a plain step line when stdout is not a "
-            "terminal; the stop request (ckpt.stop_file_path, SIGTERM) is agreed on at these steps too",
+            "terminal; the stop request (ckpt.stop_file_path, SIGTERM) is agreed on at these steps too, and training "
+            "health (the health section) is decided there",
             minimum=1,
         ),
         "peak_tflops": Field(
@@ -425,7 +532,14 @@ MONITOR = Section(
             "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure, measured on CPU",
             minimum=0,
         ),
-        "alert": Field((dict,), {}, "InternLM compatibility (Feishu alerts); ignored", compat=IGNORED),
+        "alert": Field(
+            (dict,),
+            {},
+            "InternLM compatibility (Feishu alerts): accepted with no address set (enable_feishu_alert False or "
+            "feishu_alert_address None, light_monitor_address None); a webhook or heartbeat address is rejected",
+            compat=EQUIVALENT,
+            normalize=_compat.alert,
+        ),
     },
 )
 
@@ -440,6 +554,41 @@ PROFILE = Section(
             False,
             "also record memory: allocations in the trace and, on CUDA, a memory snapshot "
             "(torch.cuda.memory._dump_snapshot, viewable at pytorch.org/memory_viz)",
+        ),
+    },
+)
+
+HEALTH = Section(
+    doc="Training health, decided where the step metrics are read back (every monitor.log_every steps; with "
+    "log_every=1 at every step). A step whose loss or gradient norm is not finite is skipped (no parameter or "
+    "optimizer change; an fp16 overflow the loss scaler absorbs is routine and not counted here); while the last "
+    "step read back was skipped no checkpoint is saved. See docs/troubleshooting.md.",
+    fields={
+        "max_skipped_steps": Field(
+            (int,),
+            3,
+            "stop the run (exit code 3) when this many steps in a row were skipped on a non-finite loss or gradient "
+            "norm; 0: never stop",
+            minimum=0,
+        ),
+        "spike_factor": Field(
+            (float,),
+            2.0,
+            "a loss above spike_factor * (mean of the previous spike_window losses) is a spike: logged, counted "
+            "(metrics loss_spikes); 0: no spike detection",
+            minimum=0,
+        ),
+        "spike_window": Field(
+            (int,),
+            100,
+            "steps in the moving average of the loss (non-skipped, non-spike steps); detection starts once it is full",
+            minimum=1,
+        ),
+        "rollback": Field(
+            (bool,),
+            False,
+            "on a spike, or on max_skipped_steps skipped steps in a row, reload the newest healthy checkpoint before "
+            "the offending steps and skip their batches (recorded as data.skip_batches in later checkpoints)",
         ),
     },
 )
@@ -474,6 +623,7 @@ ROOT = Section(
         "ckpt": CKPT,
         "monitor": MONITOR,
         "profile": PROFILE,
+        "health": HEALTH,
         "phase": PHASE,
     },
 )

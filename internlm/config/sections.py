@@ -127,6 +127,7 @@ CkptSection = SECTION_CLASSES["ckpt"]
 MonitorSection = SECTION_CLASSES["monitor"]
 ProfileSection = SECTION_CLASSES["profile"]
 PhaseSection = SECTION_CLASSES["phase"]
+HealthSection = SECTION_CLASSES["health"]
 
 __all__ = [
     "RootSection",
@@ -147,6 +148,7 @@ __all__ = [
     "MonitorSection",
     "ProfileSection",
     "PhaseSection",
+    "HealthSection",
     "SECTION_CLASSES",
     "section_class",
     "section_from",

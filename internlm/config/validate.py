@@ -11,6 +11,7 @@ from typing import Any, Dict
 
 from internlm.model.config import InternLMConfig
 
+from .compat import check_compat
 from .errors import ConfigError
 from .model_config import config_key, model_config_values
 
@@ -24,6 +25,10 @@ def fill_derived(cfg: Dict[str, Any], stem: str) -> None:
         model["max_position_embeddings"] = data["seq_len"]
     if model["num_kv_attention_heads"] is None:
         model["num_kv_attention_heads"] = model["num_attention_heads"]
+    if model["intermediate_size"] is None:  # mlp_ratio * hidden_size rounded up to multiple_of
+        model["intermediate_size"] = InternLMConfig.unchecked(**model_config_values(model)).intermediate_size
+    if cfg["parallel"]["tensor"]["sp"] == "megatron":  # InternLM's spelling of Megatron sequence parallelism
+        cfg["parallel"]["sequence_parallel"] = True
     if model["attn_backend"] == "auto" and not model["use_flash_attn"]:
         model["attn_backend"] = "sdpa"
     if cfg["lr_scheduler"]["total_steps"] is None:
@@ -62,6 +67,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError("data.total_steps", "set data.total_steps or data.total_tokens to a positive number")
     if steps is not None and tokens is not None:
         raise ConfigError("data.total_tokens", "set only one of data.total_steps and data.total_tokens")
+    check_compat(cfg)
     problems = InternLMConfig.unchecked(**model_config_values(model)).problems()
     if problems:
         # InternLMConfig names its fields; report the config key of the first problem

@@ -12,6 +12,8 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
+    "DataError": "errors",
+    "DataFileMissing": "errors",
     "Tokenizer": "tokenizer",
     "train_sentencepiece": "tokenizer",
     "iter_documents": "corpus",

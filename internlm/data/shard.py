@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .errors import DataError, DataFileMissing
+
 MAGIC = b"ILMSHARD"
 VERSION = 1
 SHARD_SUFFIX = ".bin"
@@ -50,15 +52,37 @@ def write_meta(bin_path: str, header: Dict[str, Any], docs: np.ndarray) -> None:
 
 
 def read_meta_header(meta_path: str) -> tuple:
-    """Return (header dict, byte offset of the document table)."""
+    """Return (header dict, byte offset of the document table). Raises `DataError` naming ``meta_path`` when the
+    file is not a shard meta file, its header is cut short or not JSON, or a header key is missing."""
     with open(meta_path, "rb") as f:
         head = f.read(16)
+        if head.startswith(b"\x93NUMPY"):  # InternLM's tools/tokenizer.py output: name the one-command conversion
+            folder = os.path.dirname(os.path.abspath(meta_path))
+            raise DataError(
+                meta_path,
+                f"{meta_path}: this is InternLM's tokenized format (JSON-lines .bin with a numpy .bin.meta), not this "
+                f"framework's shards; convert it once with python tools/convert_internlm_data.py {folder} "
+                f"{folder}_converted and point data.train_folder at the output (docs/internlm_compat.md)",
+            )
         if len(head) < 16 or head[:8] != MAGIC:
-            raise ValueError(f"{meta_path}: not a shard meta file (bad magic); re-run tools/tokenizer.py")
+            raise DataError(meta_path, f"{meta_path}: not a shard meta file (bad magic); re-run tools/tokenizer.py")
         (size,) = struct.unpack("<Q", head[8:])
-        header = json.loads(f.read(size).decode("utf-8"))
+        body = f.read(min(size, 1 << 20))
+    try:
+        if len(body) != size:
+            raise ValueError(f"the header is cut short ({len(body)} of {size} bytes)")
+        header = json.loads(body.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(meta_path, f"{meta_path}: corrupt shard meta file ({exc}); re-run tools/tokenizer.py") from None
     if header.get("version") != VERSION:
-        raise ValueError(f"{meta_path}: shard format version {header.get('version')} unsupported (expected {VERSION})")
+        raise DataError(
+            meta_path, f"{meta_path}: shard format version {header.get('version')} unsupported (expected {VERSION})"
+        )
+    missing = [k for k in ("dtype", "num_docs", "num_tokens", "vocab_size") if k not in header]
+    if missing:
+        raise DataError(meta_path, f"{meta_path}: corrupt shard meta file (no {', '.join(missing)}); re-tokenize")
     return header, 16 + size
 
 
@@ -165,21 +189,33 @@ class Shard:
         self.path = bin_path
         meta_path = bin_path[: -len(SHARD_SUFFIX)] + META_SUFFIX
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(
-                f"shard {bin_path!r} has no {os.path.basename(meta_path)!r} (interrupted write?); "
-                "re-run tools/tokenizer.py"
+            raise DataFileMissing(
+                meta_path,
+                f"shard {bin_path!r} has no meta file {meta_path!r} (interrupted write?); re-run tools/tokenizer.py",
             )
         self.header, table_offset = read_meta_header(meta_path)
-        self.num_docs = int(self.header["num_docs"])
-        self.num_tokens = int(self.header["num_tokens"])
-        self.dtype = np.dtype(self.header["dtype"]).newbyteorder("<")
+        try:
+            self.num_docs = int(self.header["num_docs"])
+            self.num_tokens = int(self.header["num_tokens"])
+            self.dtype = np.dtype(self.header["dtype"]).newbyteorder("<")
+        except (TypeError, ValueError) as exc:
+            raise DataError(meta_path, f"{meta_path}: corrupt shard meta header ({exc}); re-tokenize") from None
         expected = self.num_tokens * self.dtype.itemsize
         if os.path.getsize(bin_path) != expected:
-            raise ValueError(
-                f"shard {bin_path!r} has {os.path.getsize(bin_path)} bytes but its meta says {expected}; re-tokenize"
+            raise DataError(
+                bin_path,
+                f"shard {bin_path!r} has {os.path.getsize(bin_path)} bytes but its meta says {expected} "
+                f"(truncated or overwritten?); re-tokenize",
             )
         if self.num_tokens == 0:
-            raise ValueError(f"shard {bin_path!r} is empty; re-tokenize")
+            raise DataError(bin_path, f"shard {bin_path!r} is empty; re-tokenize")
+        table_bytes = os.path.getsize(meta_path) - table_offset
+        if self.num_docs < 1 or table_bytes != 16 * self.num_docs:
+            raise DataError(
+                meta_path,
+                f"{meta_path}: the document table holds {max(table_bytes, 0)} bytes, {self.num_docs} documents need "
+                f"{16 * self.num_docs} (truncated?); re-tokenize",
+            )
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         self.docs = np.memmap(meta_path, dtype="<i8", mode="r", offset=table_offset, shape=(self.num_docs, 2))
 
@@ -199,10 +235,12 @@ class Shard:
 def list_shards(folder: str) -> List[str]:
     """Sorted ``.bin`` files directly inside ``folder``."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenizer.py")
+        raise DataFileMissing(
+            folder, f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenizer.py"
+        )
     names = sorted(n for n in os.listdir(folder) if n.endswith(SHARD_SUFFIX))
     if not names:
-        raise FileNotFoundError(
-            f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenizer.py --output {folder}"
+        raise DataFileMissing(
+            folder, f"data folder {folder!r} holds no {SHARD_SUFFIX} shards; run tools/tokenizer.py --output {folder}"
         )
     return [os.path.join(folder, n) for n in names]

@@ -7,6 +7,7 @@ from typing import List
 
 import numpy as np
 
+from .errors import DataError
 from .shard import Shard, list_shards
 
 
@@ -22,7 +23,9 @@ class TokenStream:
         self.shards: List[Shard] = [Shard(p) for p in list_shards(folder)]
         vocab = {s.header["vocab_size"] for s in self.shards}
         if len(vocab) > 1:
-            raise ValueError(f"data folder {folder!r} mixes shards of vocab sizes {sorted(vocab)}; re-tokenize it")
+            raise DataError(
+                folder, f"data folder {folder!r} mixes shards of vocab sizes {sorted(vocab)}; re-tokenize it"
+            )
         self.vocab_size = vocab.pop()
         sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         # shard i covers stream positions [starts[i], starts[i + 1])

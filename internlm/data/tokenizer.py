@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, List, Sequence, Union
 import sentencepiece as spm
 
 from .corpus import iter_documents
+from .errors import DataError, DataFileMissing
 
 # 256 byte-fallback pieces + <unk>, <s>, </s>: the smallest vocabulary that still has learned pieces.
 _MIN_VOCAB = 256 + 3 + 1
@@ -24,12 +25,23 @@ class Tokenizer:
     def __init__(self, model_path: Union[str, os.PathLike]) -> None:
         self.model_path = os.fspath(model_path)
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(
-                f"tokenizer model {self.model_path!r} not found; train one with tools/train_tokenizer.py"
+            raise DataFileMissing(
+                self.model_path,
+                f"tokenizer model {self.model_path!r} not found; train one with tools/train_tokenizer.py",
             )
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as exc:  # sentencepiece raises RuntimeError for a file it cannot parse
+            reason = " ".join(str(exc).split())[:200]
+            raise DataError(
+                self.model_path,
+                f"tokenizer model {self.model_path!r} is not a SentencePiece model ({reason}); point "
+                f"data.tokenizer_path at a .model file (train one with tools/train_tokenizer.py)",
+            ) from None
         if self.eos_id < 0:
-            raise ValueError(f"tokenizer model {self.model_path!r} has no EOS piece; retrain it with eos_id >= 0")
+            raise DataError(
+                self.model_path, f"tokenizer model {self.model_path!r} has no EOS piece; retrain it with eos_id >= 0"
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -5,7 +5,7 @@ A *full state* is what every layout agrees on::
     {
       "format": "internlm.hybrid_zero.full.v1",
       "num_updates": AdamW steps applied, "skipped_steps": steps skipped on inf/nan,
-      "lr": float, "betas": (beta1, beta2),
+      "lr": float, "betas": (beta1, beta2), "grad_scaler": the fp16 loss scaler's state or None,
       "params": {name: {"master": fp32 tensor of the global shape,
                         "exp_avg", "exp_avg_sq": fp32 tensors of the global shape, or None before the first update}},
     }
@@ -170,6 +170,7 @@ class ShardedFullState:
             if counters is None:
                 counters, first_label = mine, label
                 self.lr, self.betas = shard["lr"], tuple(shard["betas"])
+                self.grad_scaler = shard.get("grad_scaler")  # fp16 loss scale, the same in every shard
             elif mine != counters:
                 raise ValueError(
                     f"{label}: counters {mine} differ from {counters} of {first_label}; the shards are "
@@ -299,6 +300,7 @@ def merge_shard_states(
         "skipped_steps": state.skipped_steps,
         "lr": state.lr,
         "betas": state.betas,
+        "grad_scaler": state.grad_scaler,
         "params": params,
     }
 

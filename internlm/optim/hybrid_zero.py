@@ -23,7 +23,7 @@ turns its AdamW state into `StateValues` and installs the ones a load returns.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,8 +35,10 @@ from .collectives import ParamGatherer
 from .flat_buffer import BufferKey, FlatBuffer
 from .full_state import cut_full_state
 from .grad_norm import global_grad_norm
+from .grad_scaler import DynamicGradScaler
 from .grad_sync import GradReducer
 from .shard_state import StateValues, read_shard_state, shard_state
+from .step_result import StepResult
 
 
 class HybridZeroOptimizer:
@@ -63,6 +65,7 @@ class HybridZeroOptimizer:
         reduce_bucket_size: int = 512 * 1024**2,
         overlap_sync_grad: bool = True,
         overlap_sync_param: bool = True,
+        grad_scaler: Optional[DynamicGradScaler] = None,
     ) -> None:
         _check_context(pc)
         self.pc = pc
@@ -70,7 +73,12 @@ class HybridZeroOptimizer:
         self.clip_grad_norm = clip_grad_norm
         self.overlap_sync_param = overlap_sync_param
 
-        self.buffers = _build_buffers(self.model_chunks, pc.zero1_size, pc.zero1_rank, reduce_bucket_size // 4)
+        # fp16 parameters need dynamic loss scaling (model.dtype torch.float16): the loss is multiplied by
+        # ``grad_scaler.scale`` before backward and the fp32 gradients divided by it again in ``step()``
+        self.grad_scaler = grad_scaler
+        self.buffers = _build_buffers(
+            self.model_chunks, pc.zero1_size, pc.zero1_rank, reduce_bucket_size // 4, grad_scaler is not None
+        )
         self.grad_reducer = GradReducer(
             self.buffers, pc.zero1_group, getattr(pc, "zero1_replica_group", None), pc.tp_group, overlap_sync_grad
         )
@@ -117,24 +125,57 @@ class HybridZeroOptimizer:
         """Arm the gradient hooks: each parameter's gradient is final after ``num_micro_batches`` backward passes."""
         self.grad_reducer.begin_step(num_micro_batches)
 
+    @property
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        """The fp32 device scalar the loss is multiplied by before backward (fp16), or None without loss scaling."""
+        return None if self.grad_scaler is None else self.grad_scaler.scale
+
     @torch.no_grad()
-    def step(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reduce, clip and apply this step's gradients; returns device tensors ``(grad_norm, skipped)`` (fp32 and
-        bool scalars: convert them only when they are logged).
+    def step(self, skip: Optional[torch.Tensor] = None) -> "StepResult":
+        """Reduce, unscale, clip and apply this step's gradients; returns a `StepResult`: it unpacks as
+        ``(grad_norm, skipped)`` (fp32 and bool device scalars: convert them only when they are logged) and
+        carries ``overflow``, ``nonfinite`` and ``loss_scale``.
 
         The norm is taken before clipping. A non-finite norm skips the update on every rank (the norm is the same
         everywhere): ``found_inf`` goes to the fused AdamW kernel, which then leaves masters, moments and its step
         count untouched; the gradients are dropped and ``skipped_steps`` counts it. Nothing here reads a device
         value on the host.
+
+        With a grad scaler (fp16) the gradients hold ``scale * g``: the norm of the scaled gradients decides the
+        overflow (its all-reduce over the zero1, tensor and pipeline groups, after the data-parallel reduction,
+        makes it the same on every rank), the reported norm is ``norm / scale``, the gradients are multiplied by
+        ``min(1, clip / (norm / scale + 1e-6)) / scale`` in one pass, and the scaler is updated (InternLM's
+        order: update, then skip on overflow).
+
+        ``skip``: a bool device scalar, the same on every rank (the trainer's: the global loss is not finite),
+        that skips the update like a non-finite norm does.
         """
         self.grad_reducer.finish()
         norm = global_grad_norm(self.buffers, self.pc.zero1_group, self.pc.tp_group, self.pc.pp_group, self.pc.tp_rank)
-        found_inf = (~torch.isfinite(norm)).to(torch.float32)
+        grad_inf = ~torch.isfinite(norm)
+        found_inf = grad_inf.to(torch.float32)
+        if skip is not None:
+            found_inf = torch.maximum(found_inf, skip.to(torch.float32))
+        scaler = self.grad_scaler
+        unscale = None
+        if scaler is not None:
+            unscale = scaler.inv_scale
+            norm = norm * unscale  # the norm of the true gradients
+        coef = unscale
         if self.clip_grad_norm is not None and self.clip_grad_norm > 0:
             # as torch.nn.utils.clip_grad_norm_: coefficient min(1, max_norm / (norm + 1e-6)), in fp32 (nan when
             # the norm is: harmless, the update is skipped then)
             coef = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            coef = coef if unscale is None else coef * unscale
+        if coef is not None:
             torch._foreach_mul_([master.grad for master in self.masters], coef)
+        overflow = torch.zeros((), dtype=torch.bool, device=norm.device)
+        if scaler is not None:
+            # only the scaled gradients' overflow drives the scaler (a non-finite loss, ``skip``, is no scaling
+            # matter); one the scaler absorbs (it can still back off) is routine, at min_scale it is not
+            scaled_overflow = grad_inf if skip is None else grad_inf & ~skip.to(torch.bool)
+            overflow = scaled_overflow & ~scaler.at_min_scale()
+            scaler.update(scaled_overflow)
         self.optimizer.found_inf = found_inf
         try:
             self.optimizer.step()
@@ -145,7 +186,8 @@ class HybridZeroOptimizer:
         self._num_updates += 1 - skipped
         # a skipped step republishes unchanged masters: the same values, no branch on the host
         self._publish_params(async_op=self.overlap_sync_param)
-        return norm, found_inf > 0
+        skipped = found_inf > 0
+        return StepResult(norm, skipped, overflow, None if scaler is None else scaler.scale.clone())
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (also disarms the step's hooks)."""
@@ -213,7 +255,10 @@ class HybridZeroOptimizer:
         Tensors are copies (onto ``device`` if given: a checkpoint's CPU snapshot); ``copy=False`` hands out
         the live tensors, for a caller that writes them before the next ``step()``.
         """
-        return shard_state(self._ranks(), self.buffers, self._state_values(), copy=copy, device=device)
+        state = shard_state(self._ranks(), self.buffers, self._state_values(), copy=copy, device=device)
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()  # the same on every rank
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a shard saved under the same layout; raises ValueError naming any layout difference
@@ -223,6 +268,7 @@ class HybridZeroOptimizer:
         """
         self.sync_params()
         self._install_state(read_shard_state(state, self._ranks(), self.buffers), owned=False)
+        self._load_scaler(state.get("grad_scaler"))
         self._publish_params(async_op=False)
 
     def load_full_state(self, full: Any) -> None:
@@ -237,7 +283,14 @@ class HybridZeroOptimizer:
         """
         self.sync_params()
         self._install_state(cut_full_state(full, self.buffers, masters=self.masters), owned=True)
+        self._load_scaler(full.get("grad_scaler") if isinstance(full, Mapping) else getattr(full, "grad_scaler", None))
         self._publish_params(async_op=False)
+
+    def _load_scaler(self, saved: Optional[Mapping[str, Any]]) -> None:
+        """Restore the loss scale saved with the state (a checkpoint without one, e.g. from a bf16 run, keeps
+        the configured initial scale; a saved scale is ignored by a run without loss scaling)."""
+        if self.grad_scaler is not None and saved is not None:
+            self.grad_scaler.load_state_dict(saved)
 
     def _ranks(self) -> Dict[str, int]:
         """The group sizes and ranks a shard records."""
@@ -315,7 +368,7 @@ def _check_context(pc: Any) -> None:
 
 
 def _build_buffers(
-    chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int, bucket_numel: int
+    chunks: Sequence[nn.Module], zero1_size: int, zero1_rank: int, bucket_numel: int, loss_scaling: bool = False
 ) -> List[FlatBuffer]:
     """Group trainable parameters by ``BufferKey``, each group given in reverse registration order (the order
     backward finishes them; `FlatBuffer` deals them into zero1 lanes)."""
@@ -326,8 +379,8 @@ def _build_buffers(
         shards = param_shards(chunk)
         named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad and id(p) not in seen]
         for name, param in reversed(named):  # backward finishes the last layers first
-            if param.dtype == torch.float16:
-                raise ValueError(f"{name}: fp16 parameters need loss scaling, which is not implemented; use bf16")
+            if param.dtype == torch.float16 and not loss_scaling:
+                raise ValueError(f"{name}: fp16 parameters need loss scaling: pass a DynamicGradScaler (grad_scaler)")
             shard = shards[name]
             if shard.local_shape != tuple(param.shape):
                 raise ValueError(
@@ -351,4 +404,4 @@ def _build_buffers(
     return [FlatBuffer(key, entries, zero1_size, zero1_rank, bucket_numel) for key, entries in groups.items()]
 
 
-__all__ = ["HybridZeroOptimizer"]
+__all__ = ["HybridZeroOptimizer", "StepResult"]

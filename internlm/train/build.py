@@ -7,13 +7,13 @@ layout, see `InternLM.init_weights`).
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from internlm.config import RunConfig
 from internlm.model import InternLM
-from internlm.optim import HybridZeroOptimizer
+from internlm.optim import DynamicGradScaler, HybridZeroOptimizer
 from internlm.parallel import LossFn, ParallelContext, make_loss_fn, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks, build_schedule
 
@@ -46,9 +46,28 @@ def build_model_chunks(
     return chunks
 
 
+def build_grad_scaler(config: RunConfig, device: torch.device) -> Optional[DynamicGradScaler]:
+    """The dynamic loss scaler of the ``grad_scaler`` section when model.dtype is torch.float16, else None."""
+    if config.model_config.dtype != torch.float16:
+        return None
+    scaler = config.grad_scaler
+    return DynamicGradScaler(
+        initial_scale=scaler.fp16.initial_scale,
+        min_scale=scaler.fp16.min_scale,
+        growth_interval=scaler.fp16.growth_interval,
+        growth_factor=scaler.growth_factor,
+        backoff_factor=scaler.backoff_factor,
+        max_scale=scaler.max_scale,
+        hysteresis=scaler.hysteresis,
+        device=device,
+    )
+
+
 def build_optimizer(chunks: List[InternLM], config: RunConfig, pc: ParallelContext) -> HybridZeroOptimizer:
-    """The hybrid ZeRO optimizer over ``chunks`` with the ``adam`` and ``hybrid_zero_optimizer`` sections."""
+    """The hybrid ZeRO optimizer over ``chunks`` with the ``adam`` and ``hybrid_zero_optimizer`` sections (and
+    the ``grad_scaler`` section's dynamic loss scaling for fp16)."""
     adam, zero = config.adam, config.hybrid_zero_optimizer
+    device = next(p.device for chunk in chunks for p in chunk.parameters())
     return HybridZeroOptimizer(
         chunks,
         pc,
@@ -60,6 +79,7 @@ def build_optimizer(chunks: List[InternLM], config: RunConfig, pc: ParallelConte
         reduce_bucket_size=zero.reduce_bucket_size,
         overlap_sync_grad=zero.overlap_sync_grad,
         overlap_sync_param=zero.overlap_sync_param,
+        grad_scaler=build_grad_scaler(config, device),
     )
 
 

@@ -22,7 +22,10 @@ the next save, at the end of training and on a stop. Pruning to ``keep_last`` fo
 
 On resume `latest_verified_checkpoint` checks the files of the newest complete checkpoint against their records
 (spread over the ranks); a damaged one is reported by file name, moved aside to ``<step>.damaged`` and the
-previous complete checkpoint is used. The folder must be on a file system that every rank sees.
+previous complete checkpoint is used; when none is left, nothing is moved and the run stops with a
+`CheckpointError` naming every damaged file (the start-up checks, `internlm.train.startup_checks`, also stop a
+run on a ``<step>/`` folder holding files but no meta.json, and on a checkpoint of another model). The folder
+must be on a file system that every rank sees.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from internlm.parallel import Layout, TPShard, param_shards
+from internlm.parallel import Layout, param_shards
 
 from .checkpoint_io import FileWriter, cpu_snapshot, file_problem
+from .errors import CheckpointError
+from .faults import kill_now, kill_point
 
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -128,12 +133,27 @@ def read_meta(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def checkpoint_problems(path: str, names: Optional[Collection[str]] = None) -> List[str]:
-    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
-    one line per damaged or missing file, naming it. ``names`` restricts the check to those files.
-    Checkpoints from before checksums (no ``files`` in meta.json) are not checked."""
+def checkpoint_healthy(path: str) -> bool:
+    """Whether checkpoint ``path``'s meta.json records it as healthy (``health.healthy``, written by the trainer,
+    see internlm/train/health.py; a checkpoint from before health records counts as healthy, one whose meta.json
+    cannot be read does not)."""
     try:
         meta = read_meta(path)
+    except (OSError, ValueError):
+        return False
+    health = meta.get("health") if isinstance(meta, dict) else None
+    return isinstance(meta, dict) and (not isinstance(health, dict) or bool(health.get("healthy", True)))
+
+
+def checkpoint_problems(path: str, names: Optional[Collection[str]] = None, quick: bool = False) -> List[str]:
+    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
+    one line per damaged or missing file, naming it. ``names`` restricts the check to those files; ``quick``
+    compares sizes only (no file is read). Checkpoints from before checksums (no ``files`` in meta.json) are
+    not checked."""
+    try:
+        meta = read_meta(path)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         return [f"{META_FILE} cannot be read ({exc})"]
     files = meta.get("files")
@@ -141,7 +161,7 @@ def checkpoint_problems(path: str, names: Optional[Collection[str]] = None) -> L
         return []
     problems = []
     for name in sorted(files if names is None else names):
-        problem = file_problem(path, name, files[name])
+        problem = file_problem(path, name, files[name], quick=quick)
         if problem:
             problems.append(problem)
     return problems
@@ -163,34 +183,42 @@ def latest_verified_checkpoint(root: str, warn: Optional[Callable[[str], None]] 
     is no complete checkpoint at all.
 
     Collective when a process group is initialised (every rank checks its share of the files and the problems
-    are gathered, so all ranks agree). A damaged checkpoint is reported through ``warn`` with the name of each
-    bad file and what is wrong, moved aside to ``<step>.damaged`` (kept for inspection, never resumed from or
-    pruned) and the previous one is tried. Raises RuntimeError when checkpoints exist but none is usable: a run
-    never silently starts again from step 0.
+    are gathered, so all ranks agree). A damaged checkpoint newer than the one returned is reported through
+    ``warn`` with the name of each bad file and what is wrong, and moved aside to ``<step>.damaged`` (kept for
+    inspection, never resumed from, pruned or overwritten). Raises `CheckpointError` (a RuntimeError), moving
+    nothing, when checkpoints exist but none is usable: a run never silently starts again from step 0.
     """
     rank, world = _world()
-    steps = complete_checkpoints(root)
-    damaged = []
-    for step in reversed(steps):
+    damaged: List[Tuple[str, List[str]]] = []
+    usable = None
+    for step in reversed(complete_checkpoints(root)):
         path = os.path.join(root, str(step))
         problems = sorted({p for share in _all_gather(_my_share(path, rank, world)) for p in share})
         if not problems:
-            return path
-        damaged.append(f"{path}: {'; '.join(problems)}")
-        if warn is not None:
-            warn(f"checkpoint {path} is damaged: {'; '.join(problems)}; it is moved aside to {path}{DAMAGED_SUFFIX}")
-        if rank == 0:
-            aside = path + DAMAGED_SUFFIX
-            if os.path.isdir(aside):
-                shutil.rmtree(aside)
-            os.replace(path, aside)
-        _barrier()
-    if damaged:
-        raise RuntimeError(
-            f"no usable checkpoint in {root}: every complete checkpoint is damaged ({' | '.join(damaged)}); "
-            f"restore the files, or move the folders away to start from scratch"
+            usable = path
+            break
+        damaged.append((path, problems))
+    if usable is None and damaged:
+        listed = " | ".join(f"{path}: {'; '.join(problems)}" for path, problems in damaged)
+        raise CheckpointError(
+            f"no usable checkpoint in {root}: every complete checkpoint is damaged ({listed}); restore the files, "
+            f"or move the folders out of {root} to start from scratch"
         )
-    return None
+    for path, problems in damaged:
+        if warn is not None:
+            warn(
+                f"checkpoint {path} is damaged: {'; '.join(problems)}; it is moved aside to {path}{DAMAGED_SUFFIX} "
+                f"and the run resumes from {usable}"
+            )
+        if rank == 0:
+            aside, n = path + DAMAGED_SUFFIX, 0
+            while os.path.exists(aside):  # an older damaged copy of this step is kept too
+                n += 1
+                aside = f"{path}{DAMAGED_SUFFIX}.{n}"
+            os.replace(path, aside)
+    if damaged:
+        _barrier()
+    return usable
 
 
 def checkpoint_layout(path: str) -> Layout:
@@ -376,6 +404,8 @@ class CheckpointManager:
             records = pending.writer.wait()
         except Exception as exc:  # every rank must reach the barriers, or the others hang
             records, error = {}, f"rank {rank}: {exc}"
+        if kill_point("save", pending.step):  # tests only: kill -9 in the middle of a save
+            kill_now()
         _write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
         _barrier()
         failed = os.path.join(self.root, f"{_FAILED_PREFIX}{pending.step}")
@@ -421,10 +451,15 @@ class CheckpointManager:
             return [str(exc)], {}
 
     def _prune(self) -> None:
+        """Keep the newest ``keep_last`` checkpoints, and always the newest healthy one (meta.json ``health``,
+        see internlm/train/health.py): pruning never leaves only checkpoints marked unhealthy."""
         if self.keep_last <= 0:
             return
         steps = complete_checkpoints(self.root)
+        healthy = [step for step in steps if checkpoint_healthy(os.path.join(self.root, str(step)))]
         for step in steps[: max(0, len(steps) - self.keep_last)]:
+            if healthy and step == healthy[-1]:
+                continue
             shutil.rmtree(os.path.join(self.root, str(step)), ignore_errors=True)
 
     # ------------------------------------------------------------------ load (same layout: own files only)
@@ -465,26 +500,6 @@ def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -
     shards are joined along their split dimension (`TPShard.join`); replicated tensors are taken from tensor
     rank 0. ``names`` restricts the result to those tensors (files are memory-mapped, so the others are not read).
     """
-    layout = checkpoint_layout(path)
-    tensor, pipeline = layout.tensor, layout.pipeline
-    merged: Dict[str, torch.Tensor] = {}
-    for pp_rank in range(pipeline):
-        per_tp = []
-        for t in range(tensor):
-            file = os.path.join(path, model_file(t, pp_rank))
-            if not os.path.isfile(file):
-                raise FileNotFoundError(
-                    f"checkpoint {path}: {model_file(t, pp_rank)} is missing (its {META_FILE} "
-                    f"records tensor {tensor} x pipeline {pipeline})"
-                )
-            per_tp.append(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
-        for chunk_index, state in enumerate(per_tp[0]["chunks"]):
-            records = per_tp[0]["tp_shards"][chunk_index]
-            for name, local in state.items():
-                if names is not None and name not in names:
-                    continue
-                shard = TPShard.from_record(local.shape, records.get(name))
-                pieces = [per_tp[t]["chunks"][chunk_index][name] for t in range(shard.size)]
-                full = shard.join(pieces)
-                merged[name] = full if shard.is_split else full.clone()  # a joined tensor is already a copy
-    return merged
+    from internlm.model.checkpoint_reader import merged_state_dict  # the one reader of the model files
+
+    return merged_state_dict(path, names)

@@ -71,6 +71,15 @@ def check_phases(phases: List[Phase]) -> None:
         )
         if problems:
             raise ConfigError.from_problem(problems[0], file)
+        max_positions = config.model_config.max_position_embeddings
+        scaled = getattr(config.model_config, "rope_scaling", None)  # rotary scaling is built to go past it
+        if config.data.seq_len > max_positions and not scaled:
+            raise ConfigError(
+                "data.seq_len",
+                f"{config.data.seq_len} exceeds model.max_position_embeddings={max_positions}, the longest sequence "
+                f"the model is built for; lower data.seq_len or raise model.max_position_embeddings",
+                file,
+            )
         if _model_shape(config) != _model_shape(first):
             raise ConfigError("model", f"differs from {first.file}; all phases train the same model", file)
         if phase.index > 0 and phase.layout != phases[phase.index - 1].layout and not first.ckpt.enable_save_ckpt:

@@ -11,9 +11,11 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, Mapping, Optional, TextIO
 
 import torch
+
+from .faults import kill_now, kill_point
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -52,6 +54,19 @@ def format_duration(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (nan, inf) replaced by None, in nested dicts and lists too: what
+    ``json.dumps(..., allow_nan=False)`` accepts (metrics.jsonl stays strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -153,7 +168,20 @@ class MetricsLogger:
             return
         if os.path.isfile(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                lines = f.readlines()
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:  # a write cut short (kill, full disk): dropped, said once per line
+                    where = "last line" if number == len(lines) else f"line {number}"
+                    self.message(
+                        f"warning: {self.path}: the {where} is not complete JSON (an append cut short by a "
+                        f"kill or a full disk?); dropped"
+                    )
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -163,8 +191,13 @@ class MetricsLogger:
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
+        text = json.dumps(strict_json(record), allow_nan=False)  # strict JSON: a non-finite value is null
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            if kill_point("metrics", record.get("step", -1)):  # tests only: kill -9 half-way through this append
+                f.write(json.dumps(record)[:40])
+                f.flush()
+                kill_now()
+            f.write(text + "\n")
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():

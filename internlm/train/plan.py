@@ -32,6 +32,7 @@ from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import TPShard
 
 from .checkpoint import latest_checkpoint, read_meta
+from .initial_load import start_text
 from .lr_schedule import warmup_cosine_lr
 from .memory import memory_per_device as memory_model
 from .metrics import format_bytes, format_count, format_duration
@@ -199,7 +200,7 @@ def resume_plan(phases: List[Phase]) -> Tuple[str, int]:
     verified: a damaged one is reported and skipped when training starts): ``(text, index of the phase that runs
     first)``; the index is ``len(phases)`` when every phase is complete."""
     ckpt = phases[0].config.ckpt
-    weights = f", initial weights from {ckpt.load_ckpt_folder}" if ckpt.load_ckpt_folder else ""
+    weights = start_text(ckpt)  # ckpt.load_ckpt_info / load_ckpt_folder (initial_load.py)
     if not ckpt.auto_resume:
         return f"from scratch (ckpt.auto_resume is off){weights}", 0
     latest = latest_checkpoint(ckpt.save_ckpt_folder)

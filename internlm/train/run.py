@@ -10,12 +10,24 @@ import torch
 import torch.distributed as dist
 
 from internlm.config import ConfigError
+from internlm.data.errors import DataError
 
 from .distributed import init_distributed, shutdown_distributed, timeout_of
+from .errors import BadInputError
+from .health import UnhealthyStop
 from .phases import Phase
+from .startup_checks import start_up
 from .trainer import Aborted, StopRequested, Trainer
 
-# exit status after a second Ctrl-C (128 + SIGINT, what a shell reports for a process killed by Ctrl-C)
+# exit statuses (README.md, docs/troubleshooting.md): 0 the run finished; 2 a bad input (config, data, checkpoint,
+# work_dir), nothing trained; EXIT_UNHEALTHY: stopped on health.max_skipped_steps non-finite steps in a row (or no
+# healthy checkpoint to resume from), no checkpoint saved while unhealthy; EXIT_STOPPED: stopped on SIGTERM or
+# ckpt.stop_file_path after saving a checkpoint, resumable by rerunning the command (EX_TEMPFAIL of sysexits.h, so a
+# requeue wrapper can tell it from a finished run); EXIT_ABORTED: a second Ctrl-C, nothing saved (128 + SIGINT,
+# what a shell reports for a process killed by Ctrl-C)
+EXIT_BAD_INPUT = 2
+EXIT_UNHEALTHY = 3
+EXIT_STOPPED = 75
 EXIT_ABORTED = 130
 
 
@@ -72,6 +84,14 @@ def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
     print("\nsample from the trained model:\n" + tokenizer.decode(ids).strip() + "\n", flush=True)
 
 
+def _bad_input(exc: Exception, rank: int) -> int:
+    """`EXIT_BAD_INPUT` for a bad input: one line, printed once (rank 0, or the one rank that found it). A data
+    error after start-up (the start-up checks read every shard's meta) may be this rank's alone: it prints it."""
+    if rank == 0 or getattr(exc, "local", isinstance(exc, DataError)):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
 def run_training(phases: List[Phase]) -> int:
     timeout = timeout_of(phases[0].config.parallel.timeout_minutes)
     launch = init_distributed(timeout)
@@ -79,21 +99,32 @@ def run_training(phases: List[Phase]) -> int:
 
     if launch.device.type == "cpu":
         _set_cpu_threads()
+    lock = None
     try:
         pc = init_parallel_context(phases[0].layout, launch.rank, timeout=timeout)
         _prepare_demo_data(phases, launch.rank)
+        try:
+            lock = start_up(phases, launch.rank)  # the work_dir lock (rank 0) and the start-up checks
+        except BadInputError as exc:
+            return _bad_input(exc, launch.rank)
         trainer = Trainer(phases, launch, pc)  # rank 0 prints the banner, steps, the stop reason, the final line
         try:
             trainer.run()
         except StopRequested:
-            return 0
+            return EXIT_STOPPED
+        except UnhealthyStop:  # the reason is in train.log and on the console (rank 0)
+            return EXIT_UNHEALTHY
         except Aborted:
             return EXIT_ABORTED
-        except ConfigError as exc:  # found only once checkpoints are read (e.g. phases reordered)
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        except (ConfigError, BadInputError, DataError) as exc:  # found once checkpoints are read (phases reordered)
+            return _bad_input(exc, launch.rank)
         if launch.rank == 0:
-            _print_sample(trainer, phases)
+            try:
+                _print_sample(trainer, phases)
+            except Exception as exc:  # the run is finished and saved: a sample that fails must not fail it
+                print(f"warning: no sample printed ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
     return 0

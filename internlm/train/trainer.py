@@ -26,6 +26,10 @@ from .build import build_loss_fn, build_model_chunks, build_optimizer, build_ste
 from .checkpoint import META_FILE, CheckpointManager, checkpoint_layout, latest_verified_checkpoint, read_meta
 from .devices import peak_tflops
 from .distributed import Launch, timeout_of
+from .faults import kill_now, kill_point
+from .fp16_metrics import FP16_KEYS, fp16_metrics, read_fp16_metrics
+from .health import HealthGuard, Rollback, UnhealthyStop
+from .initial_load import load_hf_weights, plan_start
 from .lr_schedule import beta2_at, warmup_cosine_lr
 from .metrics import (
     MetricsLogger,
@@ -83,7 +87,7 @@ class Trainer:
         self.ckpt_root = run_wide.ckpt.save_ckpt_folder
         self.keep_last = run_wide.ckpt.keep_last
         self.auto_resume = run_wide.ckpt.auto_resume
-        self.initial_weights = run_wide.ckpt.load_ckpt_folder
+        self.ckpt_section = run_wide.ckpt  # auto_resume, load_ckpt_info, load_ckpt_folder: see `plan_start`
         self.model_config = run_wide.model_config
         self.logger = MetricsLogger(self.work_dir, enabled=pc.rank == 0, tensorboard=run_wide.monitor.tensorboard)
         torch.manual_seed(run_wide.seed)
@@ -91,6 +95,11 @@ class Trainer:
             torch.backends.cudnn.deterministic = run_wide.cudnn_deterministic
             torch.backends.cudnn.benchmark = run_wide.cudnn_benchmark
         self.ckpt = CheckpointManager(self.ckpt_root, pc, keep_last=self.keep_last)
+        # training health (health.py): non-finite steps, loss spikes, data.skip_batches, rollbacks
+        skip_texts = [p.config.data.skip_batches for p in phases]
+        self.guard = HealthGuard(
+            run_wide.health, skip_texts, self.ckpt_root, pc.rank == 0, self.logger.message, self._finish_saves
+        )
         self.chunks: Optional[List[Any]] = None  # built by _enter_layout for the first phase that runs
         self.loss_fn = None
         self.optimizer = None
@@ -133,14 +142,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
-        """Train every phase; returns the summary. Raises `StopRequested` after a stop request's checkpoint and
-        `Aborted` after a second Ctrl-C (nothing saved). train.log gets the stop reason or the final line."""
+        """Train every phase; returns the summary. Raises `StopRequested` after a stop request's checkpoint,
+        `UnhealthyStop` when health stops the run (health.py) and `Aborted` after a second Ctrl-C (nothing saved).
+        train.log gets the stop reason or the final line."""
         try:
             with self._warnings_to_log():
                 self._banner()
                 try:
-                    summary = self._run()
-                except StopRequested as stop:
+                    summary = self._run_with_rollbacks()
+                except (StopRequested, UnhealthyStop) as stop:
                     self.profiler.finish()
                     self._finish_saves()  # the stop's checkpoint counts only once complete
                     self.logger.message(str(stop))
@@ -158,7 +168,7 @@ class Trainer:
             reason = f"aborted by Ctrl-C during step {self.step + 1}: nothing saved; a rerun resumes from {where}"
             self.logger.message(reason)
             raise Aborted(reason) from None
-        except StopRequested:
+        except (StopRequested, UnhealthyStop):
             raise
         except Exception as exc:
             self.logger.log_only(f"error: {type(exc).__name__}: {exc}")
@@ -238,6 +248,18 @@ class Trainer:
             path = manager.finish()
             self.logger.message(f"saved checkpoint {path} (waited {time.perf_counter() - started:.1f} s)")
 
+    def _run_with_rollbacks(self) -> Dict[str, Any]:
+        """`_run`, started again from a checkpoint each time health.rollback rolls back to one (`Rollback`)."""
+        while True:
+            try:
+                return self._run()
+            except Rollback:
+                self._pending = []
+                self.logger.close_bar()
+                if self.optimizer is not None:  # rebuilt and loaded from the rollback's checkpoint
+                    self.optimizer.close()
+                    self.optimizer = None
+
     def _run(self) -> Dict[str, Any]:
         if self.pc.rank == 0:
             for phase in self.phases:
@@ -245,12 +267,18 @@ class Trainer:
         warn = lambda text: self.logger.message(f"warning: {text}")  # noqa: E731
         # the newest checkpoint whose files match their checksums (damaged ones are reported and skipped)
         latest = latest_verified_checkpoint(self.ckpt.root, warn) if self.auto_resume else None
+        latest = self.guard.healthy_resume(latest)  # one marked unhealthy: the newest healthy one before it
+        # auto-resume vs ckpt.load_ckpt_info vs ckpt.load_ckpt_folder, by InternLM's precedence (initial_load.py)
+        start_plan = self.guard.start_plan(plan_start(self.ckpt_section, latest))  # or a rollback's checkpoint
+        for text in start_plan.messages:
+            self.logger.message(text)
+        latest = start_plan.resume_path
         meta = read_meta(latest) if latest else None
         point = resume_point(self.phases, meta, latest)
         for warning in point.warnings:
             self.logger.message(f"warning: {warning}")
         # the layout of the phase that runs next (of the last phase when all are complete)
-        init = latest is None and not self.initial_weights  # no random init of weights a checkpoint overwrites
+        init = latest is None and not start_plan.weights_from  # no random init of weights a checkpoint overwrites
         self._enter_layout(self.phases[min(point.phase_index, len(self.phases) - 1)], init=init)
         loader_state = None
         if latest:
@@ -258,18 +286,25 @@ class Trainer:
             if resharded:
                 self.logger.message("RNG states are per rank and were saved under another layout: not restored")
             train_state = self.ckpt.load_train_state(latest, restore_rng=not resharded)
-            loader_state = train_state["loader"]
+            loader_state = train_state["loader"] if start_plan.sampler_from else None
             self.history = train_state["history"]
             self.step, self.tokens = meta["step"], meta["tokens"]
+            self.guard.restore(meta, train_state)  # skipped steps, health counters and loss window
             self.logger.truncate_after(self.step)
             self.logger.message(
                 f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} step {meta['phase_step']})"
             )
         else:
             self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
-        if latest is None and self.initial_weights:
-            self._load_model(self.initial_weights)
-            self.logger.message(f"initial model weights from {self.initial_weights}")
+        self.guard.rolled_back()
+        if latest is None and start_plan.weights_from:
+            if start_plan.weights_type == "hf":
+                load_hf_weights(start_plan.weights_from, self.chunks)
+            else:
+                self._load_model(start_plan.weights_from)
+            self.logger.message(f"initial model weights from {start_plan.weights_from}")
+            if start_plan.sampler_from:  # ckpt.load_ckpt_info content 'sampler' without 'scheduler'
+                loader_state = self.ckpt.load_train_state(start_plan.sampler_from, restore_rng=False)["loader"]
         if point.phase_index >= len(self.phases):
             self.logger.message(
                 f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
@@ -277,7 +312,7 @@ class Trainer:
             )
             return self._summary()
 
-        restore_from = latest  # checkpoint the optimizer state comes from; None: it carries over in memory
+        restore_from = start_plan.optimizer_from  # where the optimizer state comes from; None: fresh / in memory
         for phase in self.phases[point.phase_index :]:
             resuming_inside = phase.index == point.phase_index and point.phase_step > 0
             start = point.phase_step if resuming_inside else 0
@@ -303,6 +338,7 @@ class Trainer:
             self._run_phase(phase, start, loader)
             loader_state = loader.state_dict()
             restore_from = None  # later phases continue from memory
+        self.guard.check_end()  # the last steps skipped on non-finite values: UnhealthyStop (or a rollback)
         self._finish_saves()
         return self._summary()
 
@@ -410,43 +446,48 @@ class Trainer:
         self._skipped_steps = int(self.optimizer.skipped_steps)
         for phase_step in range(start, phase.steps):
             batch = loader.next_global_batch()
-            step_lr = warmup_cosine_lr(
-                phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min, lr.init_steps
-            )
-            step_beta2 = beta2_at(self.step + 1, beta2.init_beta2, beta2.c)
-            self.profiler.before_step(self.step + 1)
-            with self.profiler.step_range(self.step + 1):
-                loss, grad_norm, skipped = self._train_step(
-                    batch, schedule, step_lr, step_beta2, loader.last_batch_label_tokens
+            if self.guard.skips(self.step + 1):  # data.skip_batches: the batch is drawn and dropped, not trained on
+                self._skip_batch(phase, record)
+            else:
+                step_lr = warmup_cosine_lr(
+                    phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min, lr.init_steps
                 )
-            self.step += 1
-            self.profiler.after_step(self.step)
-            self.tokens += phase.tokens_per_step
-            record["tokens"] += phase.tokens_per_step
-            line = dict(
-                step=self.step,
-                phase=phase.name,
-                phase_index=phase.index + 1,
-                phase_step=phase_step + 1,
-                loss=loss,  # device tensors until `_flush_metrics`
-                lr=step_lr,
-                beta2=step_beta2,
-                grad_norm=grad_norm,
-                skipped=skipped,
-                skipped_steps=None,
-                tokens=self.tokens,
-                phase_tokens=record["tokens"],
-                seq_len=config.data.seq_len,
-                tgs=None,  # this and the next three: from the host time between flushes
-                tflops=None,
-                mfu=None,
-                step_time=None,
-                source_tokens=loader.last_batch_source_tokens,
-            )
-            if self._first_metrics_line:
-                line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
-                self._first_metrics_line = False
-            self._pending.append(line)
+                step_beta2 = beta2_at(self.step + 1, beta2.init_beta2, beta2.c)
+                self.profiler.before_step(self.step + 1)
+                with self.profiler.step_range(self.step + 1):
+                    loss, step_result = self._train_step(
+                        batch, schedule, step_lr, step_beta2, loader.last_batch_label_tokens
+                    )
+                grad_norm, skipped = step_result  # a StepResult: also .overflow / .nonfinite / .loss_scale (fp16)
+                self.step += 1
+                self.profiler.after_step(self.step)
+                self.tokens += phase.tokens_per_step
+                record["tokens"] += phase.tokens_per_step
+                line = dict(
+                    step=self.step,
+                    phase=phase.name,
+                    phase_index=phase.index + 1,
+                    phase_step=phase_step + 1,
+                    loss=loss,  # device tensors until `_flush_metrics`
+                    lr=step_lr,
+                    beta2=step_beta2,
+                    grad_norm=grad_norm,
+                    skipped=skipped,
+                    skipped_steps=None,
+                    tokens=self.tokens,
+                    phase_tokens=record["tokens"],
+                    seq_len=config.data.seq_len,
+                    tgs=None,  # this and the next three: from the host time between flushes
+                    tflops=None,
+                    mfu=None,
+                    step_time=None,
+                    source_tokens=loader.last_batch_source_tokens,
+                    **fp16_metrics(step_result, self.optimizer),
+                )
+                if self._first_metrics_line:
+                    line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
+                    self._first_metrics_line = False
+                self._pending.append(line)
             last = phase_step + 1 == phase.steps
             stop = False
             if (phase_step + 1) % config.monitor.log_every == 0 or last:
@@ -474,6 +515,15 @@ class Trainer:
                 self._window_start = time.perf_counter()
         self.logger.close_bar()
 
+    def _skip_batch(self, phase: Phase, record: Dict[str, Any]) -> None:
+        """A step of data.skip_batches (or one a rollback skips): its batch was drawn and is dropped; no forward,
+        no update, no metrics line. The step counts, as InternLM's batch count does: the later step numbers, data
+        and learning rates (functions of the step) are those of a run that trained on it."""
+        self.step += 1
+        self.tokens += phase.tokens_per_step
+        record["tokens"] += phase.tokens_per_step
+        self.logger.message(f"step {self.step}: batch skipped, not trained on (data.skip_batches '{self.guard.skip}')")
+
     def _flush_metrics(self, phase: Phase, check_stop: bool = False) -> bool:
         """Write the metrics lines of the steps since the last flush; returns whether to stop.
 
@@ -488,6 +538,7 @@ class Trainer:
         values: List[Any] = []
         for line in self._pending:
             values += [line["loss"], line["grad_norm"], line["skipped"]]
+            values += [line[key] for key in FP16_KEYS if key in line]  # device tensors of fp16 loss scaling
         if check_stop:
             values += list(self._stop_flags(phase).unbind())
         host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]).tolist()
@@ -505,23 +556,31 @@ class Trainer:
             # peak memory since the previous reading: allocator counters / getrusage, no device sync
             lines[-1].update(read_peak_memory(self.device))
             log_every = phase.config.monitor.log_every
-            for i, line in enumerate(lines):
-                loss, grad_norm, skipped = host[3 * i : 3 * i + 3]
+            offset = 0
+            for line in lines:
+                fp16 = [key for key in FP16_KEYS if key in line]
+                loss, grad_norm, skipped, *fp16_values = host[offset : offset + 3 + len(fp16)]
+                offset += 3 + len(fp16)
                 self._skipped_steps += int(skipped > 0)
                 line.update(loss=loss, grad_norm=grad_norm, skipped=skipped > 0, skipped_steps=self._skipped_steps)
+                line.update(read_fp16_metrics(fp16, fp16_values))
                 line.update(
                     tgs=phase.tokens_per_step / self.pc.world_size / elapsed,
                     tflops=tflops,
                     mfu=None if self._peak_tflops is None else tflops / self._peak_tflops,
                     step_time=elapsed,
                 )
+                self.guard.observe(line)  # counts non-finite steps and spikes, says why (health.py)
                 self.logger.log(line)
-                if skipped > 0:
-                    self.logger.message(f"warning: step {line['step']} skipped: the gradient norm is {grad_norm}")
+                if line.get("overflow"):
+                    self.logger.message(
+                        f"step {line['step']} skipped: fp16 gradient overflow, loss scale now {line['loss_scale']:g}"
+                    )
                 show = line["phase_step"] % log_every == 0 or line["phase_step"] == phase.steps
                 self._console_step(phase, line, show)
             self.last_loss = lines[-1]["loss"]
         self._window_start = now
+        self.guard.after_flush()  # health decisions, at the flush: `UnhealthyStop` or `Rollback`
         return stop
 
     def _flops_per_step(self, phase: Phase) -> float:
@@ -546,6 +605,10 @@ class Trainer:
         if self._mem_text:
             fields.append(self._mem_text)
         fields += [f"skipped {line['skipped_steps']}", f"{format_count(line['tokens'])} tokens"]
+        if line.get("loss_spikes"):
+            fields.insert(-1, f"spikes {line['loss_spikes']}")
+        if "loss_scale" in line:  # fp16: the dynamic loss scale and the overflow steps skipped so far
+            fields.insert(-1, f"scale {line['loss_scale']:g}, overflows {line['overflow_steps']}")
         self.logger.step(head, " | ".join(fields), line["step"], self._global_total, show)
 
     def _stop_flags(self, phase: Phase) -> torch.Tensor:
@@ -601,20 +664,28 @@ class Trainer:
         return out
 
     def _train_step(self, batch: List[Dict[str, Any]], schedule, lr: float, beta2: float, global_tokens: int):
-        """One optimizer update over this rank's micro-batches; returns the global ``(loss, grad_norm, skipped)``
-        without a host sync: the loss is a device tensor, the others are what ``optimizer.step()`` returns.
+        """One optimizer update over this rank's micro-batches; returns the global ``(loss, step_result)`` without
+        a host sync: the loss is a device tensor, ``step_result`` what ``optimizer.step()`` returns (a
+        `StepResult`: ``grad_norm, skipped = step_result``, plus ``overflow`` / ``nonfinite`` / ``loss_scale``).
 
         ``global_tokens`` is the number of label tokens of the whole global batch (a Python int from the
-        loader, the same on every rank): the loss normalisation needs no all-reduce."""
+        loader, the same on every rank): the loss normalisation needs no all-reduce. With fp16 the backward
+        pass takes ``loss_sum * loss_scale / global_tokens`` (the scale a device scalar; every pipeline schedule
+        forms the backward's loss on the last stage from this factor), the reported loss stays unscaled."""
         scale = 1.0 / max(int(global_tokens), 1)
         batch = [self._to_device(mb) for mb in batch]
         self.optimizer.set_lr(lr)
         self.optimizer.set_beta2(beta2)
         self.optimizer.begin_step(len(batch))
-        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, scale)
-        grad_norm, skipped = self.optimizer.step()
+        loss_scale = getattr(self.optimizer, "loss_scale", None)  # fp16: the dynamic loss scale (device scalar)
+        backward_scale = scale if loss_scale is None else loss_scale * scale
+        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, backward_scale)
+        if kill_point("step", self.step + 1):  # tests only (INTERNLM_TEST_KILL_AT): kill -9 in the middle of a step
+            kill_now()
+        # the global loss before the update: a non-finite one skips it, as a non-finite gradient norm does
         loss_sum = _sum_over(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
-        return loss_sum * scale, grad_norm, skipped
+        step_result = self.optimizer.step(skip=~torch.isfinite(loss_sum))
+        return loss_sum * scale, step_result
 
     @torch.no_grad()
     def _validate(self, valid_batches: List[Dict[str, Any]], schedule) -> float:
@@ -638,7 +709,7 @@ class Trainer:
         return self.last_val_loss
 
     def _save(self, phase: Phase, phase_step: int, loader, completed: bool) -> None:
-        if not phase.config.ckpt.enable_save_ckpt:
+        if not phase.config.ckpt.enable_save_ckpt or not self.guard.may_save(self.step):  # none while unhealthy
             return
         self._finish_saves()  # the previous save, if still being written, completes first
         self.optimizer.sync_params()
@@ -658,8 +729,9 @@ class Trainer:
             layout=self.pc.layout.to_dict(),
             model_config=self.model_config.to_dict(),
             data=loader_state,
+            **self.guard.meta(),  # health and skip_batches
         )
-        train_state = dict(loader=loader_state, history=self.history)
+        train_state = dict(loader=loader_state, history=self.history, **self.guard.state_dict())
         async_save = phase.config.ckpt.async_save
         path = self.ckpt.save(self.step, self.chunks, self.optimizer, train_state, meta, async_save=async_save)
         self.last_checkpoint = path

@@ -1,0 +1,392 @@
+"""Training health: steps skipped on a non-finite loss or gradient norm, loss spikes, skipped batches, and the
+health record of checkpoints.
+
+The trainer's steps are sync-free: losses and gradient norms stay device tensors until the logging step's one
+read-back (``monitor.log_every``, `Trainer._flush_metrics`). Every decision here is taken there, on the host values
+of the steps read back, in step order; with ``log_every=1`` that is at every step. All ranks read the same values
+(the loss is all-reduced, the norm is global), so they take the same decisions at the same step.
+
+* A step whose loss or gradient norm is not finite was skipped on the device by the optimizer (its norm check, and
+  the trainer's flag for a non-finite global loss: masters, moments and step counts unchanged); `HealthMonitor`
+  counts it (``nonfinite_steps``) and the run of them in a row (``consecutive``). An
+  fp16 overflow the loss scaler absorbs (``overflow`` in the metrics line) is routine: neither counted nor reset.
+* ``health.max_skipped_steps`` in a row: the run stops (`UnhealthyStop`, exit code 3), or rolls back.
+* A loss spike: ``loss > spike_factor * mean(window)``, the window being the previous ``spike_window`` losses of
+  steps that were neither skipped nor spikes; checked once the window is full.
+* While the last step read back was skipped the run is unhealthy: no checkpoint is saved.
+* ``health.rollback``: on a spike, or on the limit above, the newest healthy checkpoint before the offending steps
+  is reloaded and their batches skipped (`SkipBatches`, ``data.skip_batches`` syntax), recorded in checkpoints.
+
+Checkpoints record ``health`` in meta.json (`checkpoint_healthy`); `mark_unhealthy` flags one afterwards (the
+checkpoint whose weights produced the skipped steps). Resume, rollback and pruning use the newest healthy one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import torch.distributed as dist
+
+from internlm.config.step_ranges import SkipBatches
+
+from .checkpoint import META_FILE, checkpoint_healthy, complete_checkpoints, read_meta
+from .initial_load import StartPlan
+
+
+class UnhealthyStop(Exception):
+    """Training stopped unhealthy (too many non-finite steps in a row, or no healthy checkpoint to resume from);
+    the message says what happened and what to do. Exit code 3."""
+
+
+class Rollback(Exception):
+    """Reload checkpoint ``path`` (the newest healthy one before the offending steps), whose batches are now in
+    the skip set; raised at a metrics flush, handled by `Trainer.run`."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------- monitor
+@dataclass(frozen=True)
+class Verdict:
+    """What one step read back was: ``nonfinite`` (skipped, counted), ``spike``, ``overflow`` (routine fp16)."""
+
+    nonfinite: bool = False
+    spike: bool = False
+    overflow: bool = False
+
+
+class HealthMonitor:
+    """The host-side health state of a run (see the module docstring for the rules).
+
+    ``max_skipped_steps`` 0 never stops; ``spike_factor`` 0 detects no spikes.
+    """
+
+    def __init__(self, max_skipped_steps: int, spike_factor: float, spike_window: int) -> None:
+        self.max_skipped_steps = int(max_skipped_steps)
+        self.spike_factor = float(spike_factor)
+        self.window: deque = deque(maxlen=max(int(spike_window), 1))
+        self.consecutive = 0  # steps skipped in a row on a non-finite loss or gradient norm, up to the last read
+        self.streak_start: Optional[int] = None  # the first step of that run of skipped steps
+        self.last_step = 0  # the last step observed
+        self.nonfinite_steps = 0
+        self.loss_spikes = 0
+        self.rollbacks = 0
+
+    @classmethod
+    def from_config(cls, health: Any) -> "HealthMonitor":
+        """From a typed ``health`` config section."""
+        return cls(health.max_skipped_steps, health.spike_factor, health.spike_window)
+
+    def observe(self, step: int, loss: float, grad_norm: float, skipped: bool, overflow: bool = False) -> Verdict:
+        """Account for one step read back: its loss, gradient norm and whether the optimizer skipped it
+        (``overflow``: skipped on an fp16 overflow the loss scaler absorbed)."""
+        self.last_step = step
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if overflow and math.isfinite(loss):
+            return Verdict(overflow=True)
+        if skipped or not finite:
+            self.consecutive += 1
+            self.nonfinite_steps += 1
+            if self.streak_start is None:
+                self.streak_start = step
+            return Verdict(nonfinite=True)
+        self.consecutive, self.streak_start = 0, None
+        full = len(self.window) == self.window.maxlen
+        if self.spike_factor > 0 and full and loss > self.spike_factor * self.moving_average():
+            self.loss_spikes += 1
+            return Verdict(spike=True)
+        self.window.append(loss)
+        return Verdict()
+
+    def moving_average(self) -> float:
+        """Mean of the window (nan while it is empty)."""
+        return sum(self.window) / len(self.window) if self.window else math.nan
+
+    @property
+    def healthy(self) -> bool:
+        """The last step read back was not skipped on a non-finite value: checkpoints may be saved."""
+        return self.consecutive == 0
+
+    @property
+    def exhausted(self) -> bool:
+        """``max_skipped_steps`` (> 0) steps in a row were skipped: stop or roll back."""
+        return self.max_skipped_steps > 0 and self.consecutive >= self.max_skipped_steps
+
+    def record(self) -> Dict[str, Any]:
+        """meta.json's ``health``: ``healthy`` and the counters."""
+        return dict(
+            healthy=self.healthy,
+            nonfinite_steps=self.nonfinite_steps,
+            loss_spikes=self.loss_spikes,
+            rollbacks=self.rollbacks,
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint's train state keeps: the counters and the loss window."""
+        return dict(self.record(), window=list(self.window))
+
+    def load_state_dict(self, state: Optional[Mapping[str, Any]], counters: bool = True) -> None:
+        """Restore a saved state (None: a checkpoint from before health records: nothing to restore); with
+        ``counters`` False (a rollback) only the loss window, the counters keep counting what happened."""
+        self.consecutive, self.streak_start = 0, None
+        if not state:
+            return
+        self.window.clear()
+        self.window.extend(float(v) for v in state.get("window", []))
+        if counters:
+            self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+            self.loss_spikes = int(state.get("loss_spikes", 0))
+            self.rollbacks = int(state.get("rollbacks", 0))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def mark_unhealthy(path: str, reason: str) -> None:
+    """Record in checkpoint ``path``'s meta.json that it is not healthy, and why (meta.json is rewritten
+    atomically; it is not among the files its checksums cover). Rank 0 only."""
+    meta = read_meta(path)
+    meta["health"] = dict(meta.get("health") or {}, healthy=False, reason=reason)
+    _rewrite_meta(path, meta)
+
+
+def record_skip_batches(path: str, skip: SkipBatches) -> None:
+    """Write ``skip`` into checkpoint ``path``'s meta.json ``skip_batches`` (a rollback target: a resume from it
+    keeps skipping the offending steps even when no later checkpoint is saved). Rank 0 only."""
+    meta = read_meta(path)
+    meta["skip_batches"] = str(skip)
+    _rewrite_meta(path, meta)
+
+
+def _rewrite_meta(path: str, meta: Mapping[str, Any]) -> None:
+    target = os.path.join(path, META_FILE)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def healthy_checkpoints(root: str, below: Optional[int] = None) -> List[int]:
+    """Steps of the complete, healthy checkpoints under ``root`` (those before step ``below`` if given), oldest
+    first. A meta.json that cannot be read counts as not healthy."""
+    steps = [step for step in complete_checkpoints(root) if below is None or step < below]
+    return [step for step in steps if checkpoint_healthy(os.path.join(root, str(step)))]
+
+
+def newest_healthy_checkpoint(root: str, below: Optional[int] = None) -> Optional[str]:
+    """The path of the newest healthy checkpoint (before step ``below`` if given), or None."""
+    steps = healthy_checkpoints(root, below)
+    return os.path.join(root, str(steps[-1])) if steps else None
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's side
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _steps_text(first: int, last: int) -> str:
+    """``"5"`` or ``"5-7"`` (data.skip_batches syntax)."""
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _steps_words(first: int, last: int) -> str:
+    """``"step 5"`` or ``"steps 5-7"``."""
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+class HealthGuard:
+    """What the trainer asks about health: which steps to skip (`skips`), what each step read back was
+    (`observe`, at the metrics flush), whether to stop or roll back (`after_flush`, `check_end`), whether a
+    checkpoint may be saved (`may_save`), what checkpoints record (`meta`, `state_dict`) and where to resume.
+
+    ``health``: the typed ``health`` config section; ``skip_texts``: every phase's ``data.skip_batches``;
+    ``root``: the checkpoint folder; ``message``: a console + train.log line (rank 0); ``finish_saves``: completes
+    a checkpoint being written in the background (collective). Every method is called at the same point on every
+    rank, with the same values.
+    """
+
+    def __init__(
+        self,
+        health: Any,
+        skip_texts: Iterable[str],
+        root: str,
+        rank0: bool,
+        message: Callable[[str], None],
+        finish_saves: Callable[[], None],
+    ) -> None:
+        self.monitor = HealthMonitor.from_config(health)
+        self.rollback = bool(health.rollback)
+        self.skip = SkipBatches(skip_texts)
+        self.root = root
+        self.rank0 = rank0
+        self.message = message
+        self.finish_saves = finish_saves
+        self.rollback_target: Optional[str] = None  # set while `Trainer._run` restarts from a rollback
+        self._spike: Optional[int] = None  # the first spike of the steps read back by the current flush
+
+    # ------------------------------------------------------------------ steps
+    def skips(self, step: int) -> bool:
+        """Whether global ``step``'s batch is skipped (data.skip_batches, and the steps rollbacks added)."""
+        return step in self.skip
+
+    def observe(self, line: Dict[str, Any]) -> Verdict:
+        """Account for one step's metrics line (host values) and add ``loss_spikes`` and ``nonfinite_steps`` to it;
+        says why on the console when the step was skipped on a non-finite value or is a spike."""
+        m = self.monitor
+        average = m.moving_average()
+        overflow = bool(line.get("overflow"))
+        verdict = m.observe(line["step"], line["loss"], line["grad_norm"], bool(line["skipped"]), overflow)
+        line.update(loss_spikes=m.loss_spikes, nonfinite_steps=m.nonfinite_steps)
+        if verdict.nonfinite:
+            limit = f"the run stops at {m.max_skipped_steps}" if m.max_skipped_steps else "no limit"
+            self.message(
+                f"warning: step {line['step']} skipped: loss {line['loss']:.4g}, gradient norm {line['grad_norm']:.4g} "
+                f"({m.consecutive} in a row; {limit}: health.max_skipped_steps)"
+            )
+        elif verdict.spike:
+            self._spike = line["step"] if self._spike is None else self._spike
+            self.message(
+                f"warning: step {line['step']}: loss spike, {line['loss']:.4f} > {m.spike_factor:g} x {average:.4f} "
+                f"(the mean of the previous {len(m.window)} losses; health.spike_factor, spike_window); "
+                f"{m.loss_spikes} so far"
+            )
+        return verdict
+
+    def after_flush(self) -> None:
+        """After a flush's lines: raise `UnhealthyStop` or `Rollback` on ``max_skipped_steps`` non-finite steps in a
+        row; with ``health.rollback``, raise `Rollback` on a spike (when a checkpoint precedes it)."""
+        spike, self._spike = self._spike, None
+        if self.monitor.exhausted:
+            self._unhealthy()
+        if spike is not None and self.rollback:
+            self._roll_back(spike, spike, below=spike, why=f"loss spike at step {spike}")
+
+    def check_end(self) -> None:
+        """At the end of training: a run whose last steps were skipped on non-finite values did not finish well."""
+        if not self.monitor.healthy:
+            self._unhealthy()
+
+    def may_save(self, step: int) -> bool:
+        """Whether a checkpoint may be saved now (not while the last step read back was skipped)."""
+        m = self.monitor
+        if m.healthy:
+            return True
+        self.message(
+            f"warning: no checkpoint saved at step {step}: the run is unhealthy "
+            f"({_steps_words(m.streak_start, m.last_step)} skipped on a non-finite loss or gradient norm)"
+        )
+        return False
+
+    # ------------------------------------------------------------------ stop, roll back
+    def _unhealthy(self) -> None:
+        """Mark the checkpoint whose weights gave the skipped steps, then roll back (health.rollback) or stop."""
+        m = self.monitor
+        first, last = m.streak_start, m.last_step
+        self.finish_saves()
+        # skipped steps change no weight: the weights that gave them are those after step first - 1
+        suspect = os.path.join(self.root, str(first - 1))
+        marked = first > 1 and (first - 1) in healthy_checkpoints(self.root)
+        if marked and self.rank0:
+            mark_unhealthy(suspect, f"its weights gave non-finite losses or gradient norms at steps {first}-{last}")
+        _barrier()
+        steps = _steps_words(first, last)
+        if self.rollback:
+            self._roll_back(max(first - 1, 1), last, below=first, why=f"{steps} skipped on non-finite values")
+        healthy = newest_healthy_checkpoint(self.root)
+        resume = f"a rerun resumes from {healthy}" if healthy else "no healthy checkpoint is left"
+        raise UnhealthyStop(
+            f"stopped unhealthy after step {last}: {steps} ({last - first + 1} in a row; health.max_skipped_steps="
+            f"{m.max_skipped_steps}) had a non-finite loss or gradient norm and were skipped, and no checkpoint was "
+            f"saved since. "
+            + (f"Checkpoint {suspect} is marked unhealthy: its weights gave those steps. " if marked else "")
+            + f"Lower adam.lr, or skip those batches (data.skip_batches='{_steps_text(max(first - 1, 1), last)}'), "
+            f"or set health.rollback=True; {resume}"
+        )
+
+    def _roll_back(self, first: int, last: int, below: int, why: str) -> None:
+        """Raise `Rollback` to the newest healthy checkpoint before step ``below``, skipping steps first..last from
+        now on (also written into that checkpoint's meta.json); returns when there is no such checkpoint."""
+        self.finish_saves()
+        target = newest_healthy_checkpoint(self.root, below=below)
+        if target is None:
+            self.message(f"warning: {why}: no healthy checkpoint before step {below} to roll back to")
+            return
+        self.skip.add(first, last)
+        if self.rank0:
+            record_skip_batches(target, self.skip)
+        _barrier()
+        self.monitor.rollbacks += 1
+        self.rollback_target = target
+        self.message(
+            f"warning: {why}: rolling back to {target} (health.rollback); the batches of "
+            f"{_steps_words(first, last)} are skipped (data.skip_batches now '{self.skip}')"
+        )
+        raise Rollback(target, why)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> Dict[str, Any]:
+        """meta.json's ``health`` and ``skip_batches``."""
+        return dict(health=self.monitor.record(), skip_batches=str(self.skip))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The train state's ``health`` (counters, loss window) and ``skip_batches``."""
+        return dict(health=self.monitor.state_dict(), skip_batches=str(self.skip))
+
+    def restore(self, meta: Mapping[str, Any], train_state: Mapping[str, Any]) -> None:
+        """After loading a checkpoint: its skipped steps join ours; its health state is restored (on a rollback
+        only the loss window: the counters go on counting)."""
+        self.skip.add_text(meta.get("skip_batches", ""))
+        self.monitor.load_state_dict(train_state.get("health"), counters=self.rollback_target is None)
+
+    def healthy_resume(self, latest: Optional[str]) -> Optional[str]:
+        """The checkpoint to resume from in place of ``latest`` when that one is marked unhealthy: the newest
+        healthy one before it (said on the console). Raises `UnhealthyStop` when there is none."""
+        if latest is None:
+            return None
+        if checkpoint_healthy(latest):
+            return latest
+        meta = read_meta(latest)
+        reason = meta["health"].get("reason", "no reason recorded")
+        healthy = newest_healthy_checkpoint(self.root, below=int(meta["step"]))
+        if healthy is None:
+            raise UnhealthyStop(
+                f"checkpoint {latest} is marked unhealthy ({reason}) and no healthy checkpoint precedes it in "
+                f"{self.root}; remove the cause (e.g. lower adam.lr), then move the checkpoint folders out of "
+                f"{self.root} to start from scratch"
+            )
+        if self.rollback_target is None:
+            self.message(f"warning: checkpoint {latest} is marked unhealthy ({reason}); resuming from {healthy}")
+        return healthy
+
+    def start_plan(self, plan: StartPlan) -> StartPlan:
+        """``plan``, or during a rollback the resume of the rollback's checkpoint."""
+        target = self.rollback_target
+        if target is None:
+            return plan
+        return StartPlan(resume_path=target, optimizer_from=target, sampler_from=target)
+
+    def rolled_back(self) -> None:
+        """The rollback's checkpoint is loaded: later starts are ordinary again."""
+        self.rollback_target = None
+
+
+__all__ = [
+    "UnhealthyStop",
+    "Rollback",
+    "Verdict",
+    "HealthMonitor",
+    "HealthGuard",
+    "mark_unhealthy",
+    "record_skip_batches",
+    "healthy_checkpoints",
+    "newest_healthy_checkpoint",
+]

@@ -9,7 +9,9 @@
 # Rerunning the same sbatch line resumes from the newest checkpoint (the work_dir must be on shared storage).
 # train.py exits 0 when finished, 2 on a bad input, 3 when stopped unhealthy (non-finite steps), 75 when stopped
 # on SIGTERM or ckpt.stop_file_path after saving (resumable: requeue), 130 on a second Ctrl-C (README.md). torchrun
-# turns any non-zero worker status into 1 and prints it ("exitcode  : 75"): a requeue wrapper reads it there.
+# turns any non-zero worker status into 1, so rank 0 also writes its status to $INTERNLM_EXIT_STATUS_FILE (on
+# storage shared by the nodes: the submit folder) and this script exits with that status, e.g.
+#   scripts/slurm_train.sh CONFIG.py || [[ $? -ne 75 ]] || scontrol requeue "$SLURM_JOB_ID"
 # Outside an allocation (--dry-run on a login node) the node count defaults to 2 and the master to localhost.
 set -euo pipefail
 DRY_RUN=0
@@ -44,4 +46,12 @@ if [[ $DRY_RUN -eq 1 ]]; then
     echo
     exit 0
 fi
-exec "${cmd[@]}"
+export INTERNLM_EXIT_STATUS_FILE=${INTERNLM_EXIT_STATUS_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.exit_status.$JOB_ID}
+rm -f "$INTERNLM_EXIT_STATUS_FILE"
+status=0
+"${cmd[@]}" || status=$?
+if [[ -s "$INTERNLM_EXIT_STATUS_FILE" ]]; then
+    status=$(cat "$INTERNLM_EXIT_STATUS_FILE")  # the trainer's own status (torchrun reports 1 for any failure)
+    rm -f "$INTERNLM_EXIT_STATUS_FILE"
+fi
+exit "$status"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,8 @@ def run_train(
 ):
     """Run train.py as a user would (torchrun for several processes); returns the CompletedProcess, checking its
     exit status is ``expect`` (e.g. 75 after a stop file: internlm.train.run.EXIT_STOPPED). torchrun exits 1 for
-    any non-zero worker status and names the worker's in its summary (``exitcode  : 75``): that is checked then."""
+    any non-zero worker status and names the worker's in its summary (``exitcode  : 75``): that is checked then.
+    The status rank 0 writes to ``$INTERNLM_EXIT_STATUS_FILE`` must be ``expect`` too (unless killed: < 0)."""
     if nproc == 1:
         cmd = [sys.executable, os.path.join(REPO, "train.py")]
     else:
@@ -92,9 +94,16 @@ def run_train(
     if sets:
         cmd += ["--set", *sets]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    ok = proc.returncode == expect
+    with tempfile.TemporaryDirectory() as tmp:
+        status_file = os.path.join(tmp, "exit_status")  # rank 0 writes its status there (internlm.train.cli)
+        env["INTERNLM_EXIT_STATUS_FILE"] = status_file
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        recorded = int(open(status_file).read()) if os.path.exists(status_file) else None
+    if expect < 0:  # killed by a signal: nothing recorded
+        recorded = expect
+    ok = proc.returncode == expect and recorded == expect
     if expect and nproc > 1:
-        ok = proc.returncode == 1 and f"exitcode  : {expect} " in proc.stderr
-    assert ok, f"train.py exited {proc.returncode}, not {expect}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        ok = proc.returncode == 1 and f"exitcode  : {expect} " in proc.stderr and recorded == expect
+    said = f"train.py exited {proc.returncode} (recorded status {recorded}), not {expect}"
+    assert ok, f"{said}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

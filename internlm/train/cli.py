@@ -116,7 +116,30 @@ def load_phases(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     return args, phases
 
 
+# A file to write the exit status into (rank 0): under torchrun the launcher exits 1 for every non-zero worker
+# status, so a requeue wrapper (scripts/slurm_train.sh) reads the trainer's own status (0, 2, 3, 75, 130) from here.
+EXIT_STATUS_FILE_ENV = "INTERNLM_EXIT_STATUS_FILE"
+
+
+def record_exit_status(status: int) -> None:
+    """Write ``status`` to the file named by ``$INTERNLM_EXIT_STATUS_FILE`` (rank 0 only; nothing when unset)."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "w") as f:
+            f.write(f"{status}\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`train.py`'s entry point; returns the exit status (also written to ``$INTERNLM_EXIT_STATUS_FILE``)."""
+    status = 1  # what Python exits with on an uncaught exception
+    try:
+        status = _main(argv)
+    finally:
+        record_exit_status(status)
+    return status
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         args, phases = load_phases(argv)
     except ConfigError as exc:

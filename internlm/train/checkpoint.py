@@ -26,6 +26,10 @@ previous complete checkpoint is used; when none is left, nothing is moved and th
 `CheckpointError` naming every damaged file (the start-up checks, `internlm.train.startup_checks`, also stop a
 run on a ``<step>/`` folder holding files but no meta.json, and on a checkpoint of another model). The folder
 must be on a file system that every rank sees.
+
+This module holds `CheckpointManager` (save, finish, prune, load); file names, writer ranks, meta.json and the
+commit live in `internlm.train.checkpoint_files`, the resume verification in `internlm.train.checkpoint_verify`
+(their names stay importable from here).
 """
 
 from __future__ import annotations
@@ -35,201 +39,58 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from internlm.parallel import Layout, param_shards
 
-from .checkpoint_io import FileWriter, cpu_snapshot, file_problem
-from .errors import CheckpointError
+from .checkpoint_files import (
+    DAMAGED_SUFFIX,
+    FORMAT_VERSION,
+    META_FILE,
+    TRAIN_STATE_FILE,
+    checkpoint_healthy,
+    checkpoint_layout,
+    commit_checkpoint,
+    complete_checkpoints,
+    file_writers,
+    files_table,
+    latest_checkpoint,
+    model_file,
+    model_writer_dp,
+    optim_file,
+    read_meta,
+    rng_file,
+)
+from .checkpoint_io import FileWriter, cpu_snapshot
+from .checkpoint_verify import checkpoint_problems, latest_verified_checkpoint
+from .distributed import default_group_barrier, default_group_rank
 from .faults import kill_now, kill_point
 
-META_FILE = "meta.json"
-TRAIN_STATE_FILE = "train_state.pt"
-FORMAT_VERSION = 2
-DAMAGED_SUFFIX = ".damaged"
-
-
-# ---------------------------------------------------------------------- collectives (default group)
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _world()[1] > 1:
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> List[Any]:
-    """``obj`` of every rank, in rank order (the default group; its timeout applies)."""
-    world = _world()[1]
-    if world == 1:
-        return [obj]
-    out: List[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---------------------------------------------------------------------- names and writers
-def model_file(tp_rank: int, pp_rank: int) -> str:
-    """Model chunks of tensor rank ``tp_rank`` and pipeline stage ``pp_rank``."""
-    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
-
-
-def optim_file(tp_rank: int, pp_rank: int, zero1_rank: int) -> str:
-    """Optimizer shard of zero1 rank ``zero1_rank`` at tensor rank ``tp_rank``, pipeline stage ``pp_rank``
-    (the same values on every zero1 block: data ranks ``zero1_rank + k * zero1``)."""
-    return f"optim_tp{tp_rank}_pp{pp_rank}_dp{zero1_rank}.pt"
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
-def model_writer_dp(layout: Layout) -> int:
-    """The data rank that writes the model files: the last one, a zero1 replica (which writes no optimizer
-    shard) whenever ``data > zero1``."""
-    return layout.data - 1
-
-
-def file_writers(layout: Layout) -> Dict[str, int]:
-    """Every file (but meta.json) of a checkpoint saved under ``layout``, with the global rank that writes it."""
-    out = {TRAIN_STATE_FILE: 0}
-    for p in range(layout.pipeline):
-        for t in range(layout.tensor):
-            out[model_file(t, p)] = layout.rank_of(t, model_writer_dp(layout), p)
-            for z in range(layout.zero1):
-                out[optim_file(t, p, z)] = layout.rank_of(t, z, p)
-    for r in range(layout.world_size):
-        out[rng_file(r)] = r
-    return out
-
-
-# ---------------------------------------------------------------------- finding checkpoints
-def complete_checkpoints(root: str) -> List[int]:
-    """Steps of the complete checkpoints under `root` (a ``<step>/`` folder with meta.json), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        if name.isdigit() and os.path.isfile(os.path.join(root, name, META_FILE)):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under ``root`` (not verified: see `latest_verified_checkpoint`)."""
-    steps = complete_checkpoints(root)
-    return os.path.join(root, str(steps[-1])) if steps else None
-
-
-def read_meta(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, META_FILE)) as f:
-        return json.load(f)
-
-
-def checkpoint_healthy(path: str) -> bool:
-    """Whether checkpoint ``path``'s meta.json records it as healthy (``health.healthy``, written by the trainer,
-    see internlm/train/health.py; a checkpoint from before health records counts as healthy, one whose meta.json
-    cannot be read does not)."""
-    try:
-        meta = read_meta(path)
-    except (OSError, ValueError):
-        return False
-    health = meta.get("health") if isinstance(meta, dict) else None
-    return isinstance(meta, dict) and (not isinstance(health, dict) or bool(health.get("healthy", True)))
-
-
-def checkpoint_problems(path: str, names: Optional[Collection[str]] = None, quick: bool = False) -> List[str]:
-    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
-    one line per damaged or missing file, naming it. ``names`` restricts the check to those files; ``quick``
-    compares sizes only (no file is read). Checkpoints from before checksums (no ``files`` in meta.json) are
-    not checked."""
-    try:
-        meta = read_meta(path)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        return [f"{META_FILE} cannot be read ({exc})"]
-    files = meta.get("files")
-    if files is None:
-        return []
-    problems = []
-    for name in sorted(files if names is None else names):
-        problem = file_problem(path, name, files[name], quick=quick)
-        if problem:
-            problems.append(problem)
-    return problems
-
-
-def _my_share(path: str, rank: int, world: int) -> List[str]:
-    """The problems of the files rank ``rank`` checks: those whose writer rank is ``rank`` modulo ``world``
-    (the reading is spread like the writing was); meta.json itself is read by every rank."""
-    try:
-        files = read_meta(path).get("files") or {}
-    except (OSError, ValueError) as exc:
-        return [f"{META_FILE} cannot be read ({exc})"]
-    mine = [name for name, record in files.items() if int(record.get("writer", 0)) % world == rank]
-    return checkpoint_problems(path, mine)
-
-
-def latest_verified_checkpoint(root: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
-    """The newest complete checkpoint under ``root`` whose files all match their checksums, or None when there
-    is no complete checkpoint at all.
-
-    Collective when a process group is initialised (every rank checks its share of the files and the problems
-    are gathered, so all ranks agree). A damaged checkpoint newer than the one returned is reported through
-    ``warn`` with the name of each bad file and what is wrong, and moved aside to ``<step>.damaged`` (kept for
-    inspection, never resumed from, pruned or overwritten). Raises `CheckpointError` (a RuntimeError), moving
-    nothing, when checkpoints exist but none is usable: a run never silently starts again from step 0.
-    """
-    rank, world = _world()
-    damaged: List[Tuple[str, List[str]]] = []
-    usable = None
-    for step in reversed(complete_checkpoints(root)):
-        path = os.path.join(root, str(step))
-        problems = sorted({p for share in _all_gather(_my_share(path, rank, world)) for p in share})
-        if not problems:
-            usable = path
-            break
-        damaged.append((path, problems))
-    if usable is None and damaged:
-        listed = " | ".join(f"{path}: {'; '.join(problems)}" for path, problems in damaged)
-        raise CheckpointError(
-            f"no usable checkpoint in {root}: every complete checkpoint is damaged ({listed}); restore the files, "
-            f"or move the folders out of {root} to start from scratch"
-        )
-    for path, problems in damaged:
-        if warn is not None:
-            warn(
-                f"checkpoint {path} is damaged: {'; '.join(problems)}; it is moved aside to {path}{DAMAGED_SUFFIX} "
-                f"and the run resumes from {usable}"
-            )
-        if rank == 0:
-            aside, n = path + DAMAGED_SUFFIX, 0
-            while os.path.exists(aside):  # an older damaged copy of this step is kept too
-                n += 1
-                aside = f"{path}{DAMAGED_SUFFIX}.{n}"
-            os.replace(path, aside)
-    if damaged:
-        _barrier()
-    return usable
-
-
-def checkpoint_layout(path: str) -> Layout:
-    """The layout recorded in checkpoint ``path``'s meta.json."""
-    meta = read_meta(path)
-    if "layout" not in meta:
-        raise ValueError(f"checkpoint {path}: {META_FILE} has no 'layout'; it cannot be resharded")
-    try:
-        return Layout.from_dict(meta["layout"])
-    except ValueError as exc:
-        raise ValueError(f"checkpoint {path}: {META_FILE} 'layout': {exc}") from None
+__all__ = [  # the names of checkpoint_files / checkpoint_verify stay importable from here
+    "DAMAGED_SUFFIX",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "TRAIN_STATE_FILE",
+    "CheckpointManager",
+    "checkpoint_healthy",
+    "checkpoint_layout",
+    "checkpoint_problems",
+    "commit_checkpoint",
+    "complete_checkpoints",
+    "file_writers",
+    "files_table",
+    "latest_checkpoint",
+    "latest_verified_checkpoint",
+    "merge_model_checkpoint",
+    "model_file",
+    "model_writer_dp",
+    "optim_file",
+    "read_meta",
+    "rng_file",
+]
 
 
 # ---------------------------------------------------------------------- RNG
@@ -246,37 +107,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------- committing
-def files_table(gathered: Sequence[Tuple[int, Mapping[str, Mapping[str, Any]]]], layout: Layout) -> Dict[str, Any]:
-    """meta.json's ``files``: ``{name: {bytes, crc32, writer}}`` from every rank's ``(rank, records)``.
-
-    Raises RuntimeError when two ranks wrote one file, or a file of ``layout`` (`file_writers`) is missing.
-    """
-    files: Dict[str, Any] = {}
-    for rank, records in gathered:
-        for name, record in records.items():
-            if name in files:
-                raise RuntimeError(f"checkpoint file {name} was written by ranks {files[name]['writer']} and {rank}")
-            files[name] = dict(record, writer=rank)
-    missing = sorted(set(file_writers(layout)) - set(files))
-    if missing:
-        raise RuntimeError(f"checkpoint files not written by any rank: {', '.join(missing)}")
-    return dict(sorted(files.items()))
-
-
-def commit_checkpoint(tmp: str, final: str, meta: Mapping[str, Any], files: Mapping[str, Any]) -> None:
-    """Rank 0's part of finishing a save: meta.json (with the ``files`` table) into ``tmp``, then the rename of
-    ``tmp`` to ``final`` (replacing a checkpoint of the same step)."""
-    record = dict(meta, files=dict(files))
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.isdir(final):  # re-saving a step (e.g. after an edited phase): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def _plain(value: Any) -> Any:
@@ -375,7 +205,7 @@ class CheckpointManager:
                 if name.startswith((".tmp-", _FAILED_PREFIX)):
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
             os.makedirs(tmp)
-        _barrier()
+        default_group_barrier()
         files = self.snapshot(model_chunks, optimizer, train_state, copy=async_save)
         writer = FileWriter(tmp, files, background=async_save)
         del files
@@ -398,7 +228,7 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        rank, world = self.pc.rank, _world()[1]
+        rank, world = self.pc.rank, default_group_rank()[1]
         error = None
         try:
             records = pending.writer.wait()
@@ -407,7 +237,7 @@ class CheckpointManager:
         if kill_point("save", pending.step):  # tests only: kill -9 in the middle of a save
             kill_now()
         _write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
-        _barrier()
+        default_group_barrier()
         failed = os.path.join(self.root, f"{_FAILED_PREFIX}{pending.step}")
         if rank == 0:
             errors, gathered = self._collect_records(pending, world)
@@ -419,7 +249,7 @@ class CheckpointManager:
                     os.remove(failed)
                 commit_checkpoint(pending.tmp, pending.final, pending.meta, gathered)
                 self._prune()
-        _barrier()
+        default_group_barrier()
         if os.path.exists(failed):
             with open(failed) as f:
                 errors = json.load(f)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from internlm.config.step_ranges import SkipBatches
 
-from .checkpoint import META_FILE, checkpoint_healthy, complete_checkpoints, read_meta
+from .checkpoint_files import META_FILE, checkpoint_healthy, complete_checkpoints, read_meta
 from .initial_load import StartPlan
 
 

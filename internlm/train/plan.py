@@ -31,7 +31,7 @@ from internlm.config import ConfigError
 from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import TPShard
 
-from .checkpoint import latest_checkpoint, read_meta
+from .checkpoint_files import latest_checkpoint, read_meta
 from .initial_load import start_text
 from .lr_schedule import warmup_cosine_lr
 from .memory import memory_per_device as memory_model

@@ -28,7 +28,7 @@ from torch import nn
 from internlm.optim.full_state import ShardedFullState, copy_overlap, merge_shard_states
 from internlm.parallel import Layout, TPShard, param_shards
 
-from .checkpoint import META_FILE, checkpoint_layout, model_file, optim_file
+from .checkpoint_files import META_FILE, checkpoint_layout, model_file, optim_file
 
 
 def _open(path: str, name: str, layout: Layout) -> Any:

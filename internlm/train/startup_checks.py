@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from internlm.config import ConfigError, RunConfig
 
-from .checkpoint import META_FILE, checkpoint_problems, complete_checkpoints, read_meta
+from .checkpoint_files import META_FILE, complete_checkpoints, read_meta
+from .checkpoint_verify import checkpoint_problems
 from .costs import checkpoint_bytes
 from .errors import BadInputError, CheckpointError
 from .initial_load import check_start_plan

@@ -1,11 +1,14 @@
 """The training loop: phases in order, steps of forward/backward over micro-batches, optimizer updates,
 metrics, validation and checkpoints. The same code runs one process or any 3D-parallel layout.
+
+`Trainer` is assembled from one mixin per job: trainer_resume.py (where the run starts), trainer_step.py (one
+update, validation), trainer_metrics.py (the metrics read-back, metrics.jsonl and console lines),
+trainer_stop.py (stop file, SIGTERM / Ctrl-C), trainer_checkpoints.py (save, load), trainer_banner.py (the
+start-up banner, the final line). This module keeps the run, the phase loop, the layouts and the step loop.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import signal
 import threading
 import time
@@ -16,40 +19,27 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from internlm.config import dump_config
 from internlm.data import build_train_loader, build_valid_batches
-from internlm.data.packing import IGNORE_INDEX
-from internlm.model import PackedDocs
-from internlm.parallel import ParallelContext, all_reduce_, describe_groups, init_parallel_context
+from internlm.parallel import ParallelContext, describe_groups, init_parallel_context
 
 from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from .checkpoint import META_FILE, CheckpointManager, checkpoint_layout, latest_verified_checkpoint, read_meta
+from .checkpoint import CheckpointManager
 from .devices import peak_tflops
 from .distributed import Launch, timeout_of
-from .faults import kill_now, kill_point
-from .fp16_metrics import FP16_KEYS, fp16_metrics, read_fp16_metrics
+from .fp16_metrics import fp16_metrics
 from .health import HealthGuard, Rollback, UnhealthyStop
-from .initial_load import load_hf_weights, plan_start
 from .lr_schedule import beta2_at, warmup_cosine_lr
-from .metrics import (
-    MetricsLogger,
-    format_count,
-    format_duration,
-    memory_text,
-    read_peak_memory,
-)
-from .phases import Phase, resume_point
+from .metrics import MetricsLogger
+from .phases import Phase
 from .profiling import StepProfiler
-from .reshard import load_model_resharded, load_optimizer_resharded, trainable_names
+from .trainer_banner import BannerMixin
+from .trainer_checkpoints import CheckpointMixin
+from .trainer_metrics import MetricsMixin
+from .trainer_resume import ResumeMixin
+from .trainer_step import StepMixin
+from .trainer_stop import Aborted, StopMixin, StopRequested
 
-_TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
-
-
-def _sum_over(value: torch.Tensor, *groups: Any) -> torch.Tensor:
-    """``value`` summed in place over each group in turn (size-1 groups issue nothing); returns it."""
-    for group in groups:
-        all_reduce_(value, group)
-    return value
+__all__ = ["Aborted", "StopRequested", "Trainer"]
 
 
 def _release_groups(pc: ParallelContext) -> None:
@@ -64,15 +54,7 @@ def _release_groups(pc: ParallelContext) -> None:
         dist.destroy_process_group(group)
 
 
-class StopRequested(Exception):
-    """Training stopped early on request (ckpt.stop_file_path) after saving a checkpoint."""
-
-
-class Aborted(Exception):
-    """Training aborted at once by a second Ctrl-C, without saving (the message says where a rerun resumes)."""
-
-
-class Trainer:
+class Trainer(ResumeMixin, StepMixin, MetricsMixin, StopMixin, CheckpointMixin, BannerMixin):
     """Runs the phases of one command. ``pc`` is the parallel context of the first phase's layout; a phase
     with another layout gets a new context, model chunks and optimizer (see `_enter_layout`)."""
 
@@ -131,15 +113,6 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._on_stop_signal)
             signal.signal(signal.SIGINT, self._on_stop_signal)
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self._interrupted:
-            raise KeyboardInterrupt  # the second Ctrl-C: `run` turns it into `Aborted`, skipping every save
-        self._terminated = True
-        if signum == signal.SIGINT:
-            self._interrupted = True
-            then = "saving a checkpoint" if self.phases[0].config.ckpt.enable_save_ckpt else "stopping"
-            self.logger.message(f"Ctrl-C: {then} after this step (press again to abort without saving)")
-
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
         """Train every phase; returns the summary. Raises `StopRequested` after a stop request's checkpoint,
@@ -191,63 +164,6 @@ class Trainer:
         finally:
             warnings.showwarning = shown
 
-    def _final_line(self, summary: Dict[str, Any]) -> str:
-        text = f"done: step {summary['step']:,}, {format_count(summary['tokens'])} tokens"
-        if summary["loss"] is not None:
-            text += f", last loss {summary['loss']:.4f}"
-        if summary["val_loss"] is not None:
-            text += f", last validation loss {summary['val_loss']:.4f}"
-        return text
-
-    def _banner(self) -> None:
-        """The start-up banner (rank 0): model, device, dtype, attention, layout, work_dir, where the run starts;
-        the rank formula and process groups when there are several processes."""
-        if not self.logger.enabled:
-            return
-        from internlm.model.attention import resolve_backend
-
-        from .plan import resume_plan
-
-        mc = self.model_config
-        start, next_index = resume_plan(self.phases)
-        layout = self.phases[min(next_index, len(self.phases) - 1)].layout
-        try:
-            attention = resolve_backend(mc.attn_backend, self.device, mc.dtype)
-        except RuntimeError:
-            attention = mc.attn_backend
-        if self.device.type == "cuda":
-            device = torch.cuda.get_device_name(self.device)
-        else:
-            threads = torch.get_num_threads()
-            device = f"CPU ({threads} thread{'s' if threads != 1 else ''} per process)"
-        processes = self.pc.world_size
-        device += f" x {processes}" if processes > 1 else ""
-        tokens = sum(p.steps * p.tokens_per_step for p in self.phases)
-        phases = ", ".join(f"{p.name} {p.steps:,}" for p in self.phases)
-        lines = [
-            f"InternLM pretraining: {format_count(mc.num_params())} parameters (hidden {mc.hidden_size}, "
-            f"{mc.num_layers} layers, vocab {mc.vocab_size}), {str(mc.dtype).replace('torch.', '')}, "
-            f"attention {attention}",
-            f"  device    {device}",
-            f"  layout    {layout.describe()}",
-            f"  phases    {phases} steps: {self._global_total:,} steps, {format_count(tokens)} tokens",
-            f"  work_dir  {self.work_dir}",
-            f"  start     {start}",
-        ]
-        if processes > 1 and layout == self.pc.layout:
-            lines += ["  " + line for line in describe_groups(self.pc).splitlines()]
-        self.logger.message("\n".join(lines))
-
-    def _finish_saves(self) -> None:
-        """Wait for a checkpoint being written in the background (ckpt.async_save) and complete it
-        (collective: every rank calls this at the same point)."""
-        manager = getattr(self, "_ckpt_in_flight", None)
-        self._ckpt_in_flight = None
-        if manager is not None and manager.pending:
-            started = time.perf_counter()
-            path = manager.finish()
-            self.logger.message(f"saved checkpoint {path} (waited {time.perf_counter() - started:.1f} s)")
-
     def _run_with_rollbacks(self) -> Dict[str, Any]:
         """`_run`, started again from a checkpoint each time health.rollback rolls back to one (`Rollback`)."""
         while True:
@@ -261,50 +177,7 @@ class Trainer:
                     self.optimizer = None
 
     def _run(self) -> Dict[str, Any]:
-        if self.pc.rank == 0:
-            for phase in self.phases:
-                dump_config(phase.config.raw, os.path.join(self.work_dir, f"config_{phase.name}.py"))
-        warn = lambda text: self.logger.message(f"warning: {text}")  # noqa: E731
-        # the newest checkpoint whose files match their checksums (damaged ones are reported and skipped)
-        latest = latest_verified_checkpoint(self.ckpt.root, warn) if self.auto_resume else None
-        latest = self.guard.healthy_resume(latest)  # one marked unhealthy: the newest healthy one before it
-        # auto-resume vs ckpt.load_ckpt_info vs ckpt.load_ckpt_folder, by InternLM's precedence (initial_load.py)
-        start_plan = self.guard.start_plan(plan_start(self.ckpt_section, latest))  # or a rollback's checkpoint
-        for text in start_plan.messages:
-            self.logger.message(text)
-        latest = start_plan.resume_path
-        meta = read_meta(latest) if latest else None
-        point = resume_point(self.phases, meta, latest)
-        for warning in point.warnings:
-            self.logger.message(f"warning: {warning}")
-        # the layout of the phase that runs next (of the last phase when all are complete)
-        init = latest is None and not start_plan.weights_from  # no random init of weights a checkpoint overwrites
-        self._enter_layout(self.phases[min(point.phase_index, len(self.phases) - 1)], init=init)
-        loader_state = None
-        if latest:
-            resharded = self._load_model(latest)
-            if resharded:
-                self.logger.message("RNG states are per rank and were saved under another layout: not restored")
-            train_state = self.ckpt.load_train_state(latest, restore_rng=not resharded)
-            loader_state = train_state["loader"] if start_plan.sampler_from else None
-            self.history = train_state["history"]
-            self.step, self.tokens = meta["step"], meta["tokens"]
-            self.guard.restore(meta, train_state)  # skipped steps, health counters and loss window
-            self.logger.truncate_after(self.step)
-            self.logger.message(
-                f"resumed from {latest} (step {self.step}, phase {meta['phase_name']!r} step {meta['phase_step']})"
-            )
-        else:
-            self.logger.truncate_after(0)  # a fresh start (e.g. after deleting checkpoints) starts a fresh log
-        self.guard.rolled_back()
-        if latest is None and start_plan.weights_from:
-            if start_plan.weights_type == "hf":
-                load_hf_weights(start_plan.weights_from, self.chunks)
-            else:
-                self._load_model(start_plan.weights_from)
-            self.logger.message(f"initial model weights from {start_plan.weights_from}")
-            if start_plan.sampler_from:  # ckpt.load_ckpt_info content 'sampler' without 'scheduler'
-                loader_state = self.ckpt.load_train_state(start_plan.sampler_from, restore_rng=False)["loader"]
+        point, start_plan, loader_state = self._resume_or_start()
         if point.phase_index >= len(self.phases):
             self.logger.message(
                 f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
@@ -370,38 +243,6 @@ class Trainer:
         self.chunks = build_model_chunks(phase.config, self.pc, self.device, init=init)
         self.loss_fn = build_loss_fn(phase.config, self.pc)
         return True
-
-    def _phase_end_checkpoint(self, phase: Phase) -> str:
-        """The final checkpoint of the phase before ``phase`` (saved by this process), to reshard from."""
-        self._finish_saves()
-        path = self.last_checkpoint
-        meta = read_meta(path) if path else None
-        if meta is None or meta["step"] != self.step or not meta["phase_completed"]:
-            raise RuntimeError(
-                f"phase {phase.name!r} changes the parallel layout, which goes through the previous phase's final "
-                f"checkpoint, but none was saved at step {self.step} (ckpt.enable_save_ckpt is off?)"
-            )
-        return path
-
-    def _load_model(self, path: str) -> bool:
-        """Load the model chunks from checkpoint ``path``: the exact per-rank files when it was saved under
-        this layout, else resharded from full tensors. Returns True when resharded."""
-        # a folder without meta.json (e.g. ckpt.load_ckpt_folder from elsewhere) can only be read as it is
-        saved = checkpoint_layout(path) if os.path.isfile(os.path.join(path, META_FILE)) else None
-        if saved is None or saved == self.pc.layout:
-            self.ckpt.load_model(path, self.chunks)
-            return False
-        load_model_resharded(path, self.chunks)
-        self.logger.message(f"resharded checkpoint from {saved.describe()} to {self.pc.layout.describe()} ({path})")
-        return True
-
-    def _load_optimizer(self, path: str) -> None:
-        """Optimizer state from checkpoint ``path``: this rank's shard file when saved under this layout, else
-        this rank's owned slices copied parameter by parameter out of the saved shards (memory-mapped)."""
-        if checkpoint_layout(path) == self.pc.layout:
-            self.ckpt.load_optimizer(path, self.optimizer)
-        else:
-            load_optimizer_resharded(path, self.optimizer, trainable_names(self.chunks))
 
     def _summary(self) -> Dict[str, Any]:
         return dict(step=self.step, tokens=self.tokens, loss=self.last_loss, val_loss=self.last_val_loss)
@@ -523,220 +364,3 @@ class Trainer:
         self.tokens += phase.tokens_per_step
         record["tokens"] += phase.tokens_per_step
         self.logger.message(f"step {self.step}: batch skipped, not trained on (data.skip_batches '{self.guard.skip}')")
-
-    def _flush_metrics(self, phase: Phase, check_stop: bool = False) -> bool:
-        """Write the metrics lines of the steps since the last flush; returns whether to stop.
-
-        Their losses, grad norms and skip flags (device tensors, or Python numbers from an optimizer that
-        returns them) and, with ``check_stop``, the all-reduced stop request (`_stop_flags`, a collective: call
-        it at the same steps on every rank) are read back with one ``tolist()``: the one host sync of the step
-        loop. Step time is the host time since the last flush (or validation / save) over its steps: with
-        asynchronous execution that is the device time of those steps.
-        """
-        if not self._pending and not check_stop:
-            return False
-        values: List[Any] = []
-        for line in self._pending:
-            values += [line["loss"], line["grad_norm"], line["skipped"]]
-            values += [line[key] for key in FP16_KEYS if key in line]  # device tensors of fp16 loss scaling
-        if check_stop:
-            values += list(self._stop_flags(phase).unbind())
-        host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values]).tolist()
-        now = time.perf_counter()
-        stop = False
-        if check_stop:
-            stop = self._stop_decision(host[-2], host[-1])
-        lines, self._pending = self._pending, []
-        if lines:
-            elapsed = max(now - self._window_start, 1e-9) / len(lines)
-            flops_per_step = self._flops_per_step(phase)
-            tflops = flops_per_step / self.pc.world_size / elapsed / 1e12
-            rate = flops_per_step / elapsed  # the whole job's FLOP/s, for the ETA (smoothed over flushes)
-            self._flop_rate = rate if self._flop_rate is None else 0.7 * self._flop_rate + 0.3 * rate
-            # peak memory since the previous reading: allocator counters / getrusage, no device sync
-            lines[-1].update(read_peak_memory(self.device))
-            log_every = phase.config.monitor.log_every
-            offset = 0
-            for line in lines:
-                fp16 = [key for key in FP16_KEYS if key in line]
-                loss, grad_norm, skipped, *fp16_values = host[offset : offset + 3 + len(fp16)]
-                offset += 3 + len(fp16)
-                self._skipped_steps += int(skipped > 0)
-                line.update(loss=loss, grad_norm=grad_norm, skipped=skipped > 0, skipped_steps=self._skipped_steps)
-                line.update(read_fp16_metrics(fp16, fp16_values))
-                line.update(
-                    tgs=phase.tokens_per_step / self.pc.world_size / elapsed,
-                    tflops=tflops,
-                    mfu=None if self._peak_tflops is None else tflops / self._peak_tflops,
-                    step_time=elapsed,
-                )
-                self.guard.observe(line)  # counts non-finite steps and spikes, says why (health.py)
-                self.logger.log(line)
-                if line.get("overflow"):
-                    self.logger.message(
-                        f"step {line['step']} skipped: fp16 gradient overflow, loss scale now {line['loss_scale']:g}"
-                    )
-                show = line["phase_step"] % log_every == 0 or line["phase_step"] == phase.steps
-                self._console_step(phase, line, show)
-            self.last_loss = lines[-1]["loss"]
-        self._window_start = now
-        self.guard.after_flush()  # health decisions, at the flush: `UnhealthyStop` or `Rollback`
-        return stop
-
-    def _flops_per_step(self, phase: Phase) -> float:
-        """Model FLOPs of one step of ``phase`` over the whole job (forward and backward)."""
-        return self.model_config.flops_per_token(phase.config.data.seq_len) * phase.tokens_per_step
-
-    def _console_step(self, phase: Phase, line: Dict[str, Any], show: bool) -> None:
-        """A step's line for the console and train.log: ``phase1 step 120/300 (global 120/450)``, the ETA over
-        all phases (the remaining FLOPs at the measured FLOP rate), loss, lr, gradient norm, TFLOPS and MFU,
-        peak memory, skipped steps and tokens so far."""
-        remaining = (phase.steps - line["phase_step"]) * self._flops_per_step(phase) + self._later_flops
-        eta = remaining / self._flop_rate if self._flop_rate else math.inf
-        self._mem_text = memory_text(line) or self._mem_text
-        head = f"{phase.name} step {line['phase_step']}/{phase.steps} (global {line['step']}/{self._global_total})"
-        fields = [
-            f"ETA {format_duration(eta)}",
-            f"loss {line['loss']:.4f}",
-            f"lr {line['lr']:.2e}",
-            f"grad {line['grad_norm']:.3g}",
-            f"{line['tflops']:.3g} TFLOPS, MFU {'n/a' if line['mfu'] is None else format(line['mfu'], '.1%')}",
-        ]
-        if self._mem_text:
-            fields.append(self._mem_text)
-        fields += [f"skipped {line['skipped_steps']}", f"{format_count(line['tokens'])} tokens"]
-        if line.get("loss_spikes"):
-            fields.insert(-1, f"spikes {line['loss_spikes']}")
-        if "loss_scale" in line:  # fp16: the dynamic loss scale and the overflow steps skipped so far
-            fields.insert(-1, f"scale {line['loss_scale']:g}, overflows {line['overflow_steps']}")
-        self.logger.step(head, " | ".join(fields), line["step"], self._global_total, show)
-
-    def _stop_flags(self, phase: Phase) -> torch.Tensor:
-        """This rank's stop request as ``[stop now, -(step named by the stop file)]``, all-reduced (max) over the
-        world so that every rank reads the same values: a file appearing mid-step cannot split the job.
-
-        Stop after SIGTERM, or as InternLM's ckpt.stop_file_path asks: after the step written in that file
-        (after this step, if it is empty). A collective: every rank calls it at the same (logging) steps.
-        """
-        path = phase.config.ckpt.stop_file_path
-        target = math.inf
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                text = f.read().strip()
-            if not text:
-                target = self.step
-            elif text.isdigit():
-                target = int(text)
-        flags = torch.tensor([1.0 if self._terminated else 0.0, -target], dtype=torch.float64, device=self.device)
-        if self.pc.world_size > 1:
-            all_reduce_(flags, dist.group.WORLD, op=dist.ReduceOp.MAX)
-        return flags
-
-    def _stop_decision(self, now: float, minus_target: float) -> bool:
-        """Whether to stop after this step, from the agreed `_stop_flags`; a stop file naming a later step is
-        remembered (``_stop_at``) and honoured at that step without another collective."""
-        target = -minus_target
-        if now > 0 or target <= self.step:
-            return True
-        if math.isfinite(target):
-            self._stop_at = int(target)
-        return self._stop_at is not None and self.step >= self._stop_at
-
-    def _stop(self, phase: Phase) -> None:
-        """End the run after a stop request (the checkpoint is saved)."""
-        self._clear_stop_file(phase)
-        self.logger.close_bar()
-        reason = "on a stop signal" if self._terminated else f"as asked by {phase.config.ckpt.stop_file_path}"
-        raise StopRequested(f"stopped after step {self.step} {reason}; rerun the same command to resume")
-
-    def _clear_stop_file(self, phase: Phase) -> None:
-        path = phase.config.ckpt.stop_file_path
-        if self.pc.rank == 0 and path and os.path.isfile(path) and not self._terminated:
-            os.remove(path)
-
-    def _to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
-        """The micro-batch's tensors on the device, plus ``docs``: its `PackedDocs` (device boundaries with the
-        loader's host-side values), shared by every chunk and layer that processes it."""
-        out = dict(micro_batch)
-        for key in _TENSOR_KEYS:
-            out[key] = micro_batch[key].to(self.device, non_blocking=True)
-        out["docs"] = PackedDocs(out["cu_seqlens"], micro_batch.get("cu_seqlens_list"), micro_batch.get("max_seqlen"))
-        return out
-
-    def _train_step(self, batch: List[Dict[str, Any]], schedule, lr: float, beta2: float, global_tokens: int):
-        """One optimizer update over this rank's micro-batches; returns the global ``(loss, step_result)`` without
-        a host sync: the loss is a device tensor, ``step_result`` what ``optimizer.step()`` returns (a
-        `StepResult`: ``grad_norm, skipped = step_result``, plus ``overflow`` / ``nonfinite`` / ``loss_scale``).
-
-        ``global_tokens`` is the number of label tokens of the whole global batch (a Python int from the
-        loader, the same on every rank): the loss normalisation needs no all-reduce. With fp16 the backward
-        pass takes ``loss_sum * loss_scale / global_tokens`` (the scale a device scalar; every pipeline schedule
-        forms the backward's loss on the last stage from this factor), the reported loss stays unscaled."""
-        scale = 1.0 / max(int(global_tokens), 1)
-        batch = [self._to_device(mb) for mb in batch]
-        self.optimizer.set_lr(lr)
-        self.optimizer.set_beta2(beta2)
-        self.optimizer.begin_step(len(batch))
-        loss_scale = getattr(self.optimizer, "loss_scale", None)  # fp16: the dynamic loss scale (device scalar)
-        backward_scale = scale if loss_scale is None else loss_scale * scale
-        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, backward_scale)
-        if kill_point("step", self.step + 1):  # tests only (INTERNLM_TEST_KILL_AT): kill -9 in the middle of a step
-            kill_now()
-        # the global loss before the update: a non-finite one skips it, as a non-finite gradient norm does
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
-        step_result = self.optimizer.step(skip=~torch.isfinite(loss_sum))
-        return loss_sum * scale, step_result
-
-    @torch.no_grad()
-    def _validate(self, valid_batches: List[Dict[str, Any]], schedule) -> float:
-        self.optimizer.sync_params()
-        local_tokens = sum(mb["label_tokens"] for mb in valid_batches)
-        tokens = _sum_over(torch.tensor(float(local_tokens), device=self.device), self.pc.dp_group)
-        batch = [self._to_device(mb) for mb in valid_batches]
-        if len(self.chunks) > 1 and len(batch) % self.pc.pp_size:
-            # the interleaved schedule runs micro-batches in groups of pp_size: pad with loss-free copies
-            padding = dict(batch[-1], labels=torch.full_like(batch[-1]["labels"], IGNORE_INDEX))
-            batch += [padding] * (self.pc.pp_size - len(batch) % self.pc.pp_size)
-        for chunk in self.chunks:
-            chunk.eval()
-        loss_sum = schedule.forward_backward(self.chunks, batch, self.loss_fn, 1.0, forward_only=True)
-        for chunk in self.chunks:
-            chunk.train()
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), self.pc.dp_group, self.pc.pp_group)
-        self.last_val_loss = float(loss_sum / tokens.clamp(min=1))
-        self.logger.log(dict(step=self.step, val_loss=self.last_val_loss))
-        self.logger.message(f"step {self.step}: validation loss {self.last_val_loss:.4f}")
-        return self.last_val_loss
-
-    def _save(self, phase: Phase, phase_step: int, loader, completed: bool) -> None:
-        if not phase.config.ckpt.enable_save_ckpt or not self.guard.may_save(self.step):  # none while unhealthy
-            return
-        self._finish_saves()  # the previous save, if still being written, completes first
-        self.optimizer.sync_params()
-        loader_state = loader.state_dict()
-        meta = dict(
-            version=2,
-            step=self.step,
-            tokens=self.tokens,
-            phase_index=phase.index,
-            phase_name=phase.name,
-            phase_step=phase_step,
-            phase_steps=phase.steps,
-            phase_completed=completed,
-            phase_tokens=self.history[-1]["tokens"],
-            phases=self.history,
-            config_file=phase.config_file,
-            layout=self.pc.layout.to_dict(),
-            model_config=self.model_config.to_dict(),
-            data=loader_state,
-            **self.guard.meta(),  # health and skip_batches
-        )
-        train_state = dict(loader=loader_state, history=self.history, **self.guard.state_dict())
-        async_save = phase.config.ckpt.async_save
-        path = self.ckpt.save(self.step, self.chunks, self.optimizer, train_state, meta, async_save=async_save)
-        self.last_checkpoint = path
-        if async_save:
-            self._ckpt_in_flight = self.ckpt  # completed by the next save, the end of training or a stop
-            self.logger.message(f"saving checkpoint {path} in the background")
-        else:
-            self.logger.message(f"saved checkpoint {path}")

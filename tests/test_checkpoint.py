@@ -110,9 +110,19 @@ def test_dp4_zero1_2_checkpoint_has_single_process_bytes_and_one_writer_per_file
     assert {record["writer"] for record in files.values()} == {0, 1, 2, 3}
     assert checkpoint_problems(dp4) == []
     assert meta["model_config"]["hidden_size"] == 64 and meta["data"]["steps"] == 3
-    # the zero1 shards tile the single process's optimizer state: same model, same fp32 masters
+    # the zero1 shards tile the single process's optimizer state: same model, same fp32 masters up to summation
+    # order. dp4 sums the four micro-batch gradients as (g0 + g1) + (g2 + g3), one process as ((g0 + g1) + g2) + g3;
+    # Adam amplifies the 1-ulp difference where a gradient is a near-cancelling sum (|g| near eps). Over 16 data
+    # orders (the sampler hashes the data path, so each pytest tmp dir draws other batches) 5 runs had elements
+    # beyond rtol=1e-4/atol=1e-6 (at most 3 elements, at most 5.7e-6 off); each run is bit-reproducible. Hence at
+    # most 16 such elements; a misplaced shard or a missing replica sum moves thousands.
+    outliers = {}
     for name, tensor in merge_model_checkpoint(single).items():
-        torch.testing.assert_close(merge_model_checkpoint(dp4, [name])[name], tensor, rtol=1e-4, atol=1e-6)
+        got = merge_model_checkpoint(dp4, [name])[name]
+        outside = ~torch.isclose(got, tensor, rtol=1e-4, atol=1e-6)
+        if outside.any():
+            outliers[name] = (int(outside.sum()), float((got - tensor).abs().max()))
+    assert sum(count for count, _ in outliers.values()) <= 16, outliers
 
     # resuming in the same layout, each rank opens only its own files (the replicas read their block's shard)
     for rank in range(4):

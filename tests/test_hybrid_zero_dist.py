@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from types import SimpleNamespace
 from typing import Any, Dict, List
 
@@ -253,3 +254,43 @@ def test_parameter_gathers_are_waited_for_per_bucket_by_the_modules_that_need_th
         assert result["launched"] == result["buckets"] > 2
         assert result["embedding_pending"] == 0 and result["others_pending"] > 0, result
         assert not result["pending_after_forward"]
+
+
+# ---------------------------------------------------------------------- timing independence
+SLOW = (0.02, 0.002)  # seconds a slowed rank sleeps before each forward and after each gradient hook
+
+
+def _timing_worker(rank: int, world: int, schedules: List[List[int]]) -> List[dict]:
+    """dp4 zero1=2 with both overlaps: train 3 steps once per schedule; in each, the listed ranks are slowed
+    (``SLOW``), so buckets launch, reduce-scatters complete and parameter gathers land at other moments."""
+    pc = make_context(rank, world, 1, 2)
+    results = []
+    for slow_ranks in schedules:
+        model = tiny_model()
+        opt = make_opt(model, pc, overlap_sync_grad=True, overlap_sync_param=True)
+        handles = []
+        if rank in slow_ranks:  # registered after the optimizer's hooks: runs once they have launched buckets
+            handles = [
+                p.register_post_accumulate_grad_hook(lambda _: time.sleep(SLOW[1]))
+                for p in model.parameters()
+                if p.requires_grad
+            ]
+            handles.append(model.register_forward_pre_hook(lambda *_: time.sleep(SLOW[0])))
+        norms = train_zero(model, opt, range(3), pc.dp_rank, pc.dp_size)
+        for handle in handles:
+            handle.remove()
+        results.append(dict(params=snapshot(model), norms=norms))
+        opt.close()
+    return results
+
+
+def test_results_do_not_depend_on_rank_timing():
+    """Asynchronous bucket reductions and parameter gathers give bit-identical parameters and norms whichever
+    ranks run late: every sum has a fixed order, and no buffer is read before its collective is waited for."""
+    schedules = [[], [0, 2], [1, 3], [3]]
+    for rank, results in enumerate(run_distributed(_timing_worker, 4, schedules)):
+        first = results[0]
+        for slow_ranks, result in zip(schedules[1:], results[1:]):
+            assert result["norms"] == first["norms"], (rank, slow_ranks)
+            for name, value in first["params"].items():
+                assert torch.equal(result["params"][name], value), (rank, slow_ranks, name)

@@ -497,11 +497,25 @@ def test_resume_under_other_layouts(tmp_path, demo_data):
     assert "to tp2 x pp2 x dp1" in out.stdout
     got = step_losses(other_dir)
     _assert_close_losses(ref, got, range(4, 7))
-    # the final parameters agree too (Adam amplifies summation-order noise on tiny gradients: 1e-4 absolute)
-    final_ref = merge_model_checkpoint(os.path.join(ref_dir, "checkpoints", "6"))
-    final_other = merge_model_checkpoint(os.path.join(other_dir, "checkpoints", "6"))
-    for name, tensor in final_ref.items():
+    # The final parameters agree too. Each layout is bit-reproducible, but steps 1-3 under dp2 x tp2 sum in
+    # another order than the reference, and Adam amplifies that noise where a gradient is a near-cancelling sum
+    # (|g| near eps: after one step a v_proj element already differed by 3% of an Adam step). Over 31 data orders
+    # (the sampler hashes the data path, so each pytest tmp dir draws other batches) the final parameters differed
+    # from the reference's by up to 1.35e-3 (one embedding element; 3 of 31 runs beyond the former atol=1e-4), but
+    # never in more than 2 elements, and the two resumes of the same checkpoint (one process, pp2 x tp2) by at most
+    # 2.8e-6. Hence: those two at the tight tolerance; the reference with at most 16 elements outside it (a
+    # misplaced shard or lost optimizer moments moves thousands).
+    final_ref, final_cut, final_other = (
+        merge_model_checkpoint(os.path.join(d, "checkpoints", "6")) for d in (ref_dir, cut_dir, other_dir)
+    )
+    outliers = {}
+    for name, tensor in final_cut.items():
         torch.testing.assert_close(final_other[name], tensor, rtol=1e-3, atol=1e-4)
+        ref_tensor = final_ref[name]
+        outside = ~torch.isclose(final_other[name], ref_tensor, rtol=1e-3, atol=1e-4)
+        if outside.any():
+            outliers[name] = (int(outside.sum()), float((final_other[name] - ref_tensor).abs().max()))
+    assert sum(count for count, _ in outliers.values()) <= 16, outliers
 
 
 def _two_phases(folder, demo, work_dir, phase2_parallel: str, phase2_micro_num: int):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start, command 1: install, then train the two-phase demo on CPU (about 3 minutes on 2 cores).
+# Quick start, command 1: install, then train the two-phase demo on CPU (about 4 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

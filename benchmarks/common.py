@@ -163,25 +163,11 @@ def hf_llama(model_config: Any, device: torch.device, attn_implementation: str =
     """transformers' LlamaForCausalLM of ``model_config``'s shape and dtype (needs ``pip install transformers``)."""
     import transformers
 
-    cfg = model_config
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_attention_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_base,
-        attention_bias=cfg.qkvo_bias,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        max_position_embeddings=cfg.max_position_embeddings,
-        attn_implementation=attn_implementation,
-        use_cache=False,
+        **{**model_config.to_hf(), "use_cache": False}, attn_implementation=attn_implementation
     )
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(cfg.dtype)
+        model = transformers.LlamaForCausalLM(hf_cfg).to(model_config.dtype)
     return model
 
 

@@ -30,6 +30,8 @@ import time
 import torch
 from common import HFStep, TrainerStep, format_table, machine_load, packed_batch, run_config
 
+from internlm.model.hf import to_hf_name
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +73,7 @@ def main() -> None:
         variants["ours compiled"] = TrainerStep(run_config(model, *shape, ["model.compile=True"]), device)
     reference = variants["ours eager"]
     hf = HFStep(reference.run.model_config, device)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in reference.chunks[0].state_dict().items()}
+    state = {to_hf_name(k): v for k, v in reference.chunks[0].state_dict().items()}
     hf.model.load_state_dict(state, strict=True)
     variants["transformers"] = hf
     mc = reference.run.model_config

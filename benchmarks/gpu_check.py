@@ -50,6 +50,7 @@ from common import (
 
 from internlm.kernels import dispatch
 from internlm.model import flash_attn_available
+from internlm.model.hf import to_hf_name
 from internlm.train.devices import peak_tflops
 
 FULL = dict(hidden=2048, layers=14, heads=16, vocab=103168, seq_len=4096, micro_bsz=1, micro_num=4, mean_doc=1024)
@@ -131,7 +132,7 @@ def main() -> None:
                 if variant == "transformers":
                     step_fn = HFStep(mc, device)
                     if initial is not None:
-                        state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in initial.items()}
+                        state = {to_hf_name(k): v for k, v in initial.items()}
                         step_fn.model.load_state_dict(state, strict=True)
 
                     def run_step():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from internlm.model import InternLM, InternLMConfig, packed_causal_attention
+from internlm.model.hf import to_hf_name
 
 
 def _set_backend(model: InternLM, backend: str) -> None:
@@ -137,25 +138,8 @@ def test_bf16_forward_and_backward():
 def _hf_llama(cfg: InternLMConfig, model: InternLM):
     """transformers' LlamaForCausalLM of the same shape and weights (InternLM = LLaMA with q/k/v/o biases)."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_attention_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_base,
-        rope_scaling=cfg.rope_scaling,
-        attention_bias=cfg.qkvo_bias,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        max_position_embeddings=cfg.max_position_embeddings,
-        attn_implementation="sdpa",
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=True)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa"))
+    hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()}, strict=True)
     return hf
 
 
@@ -180,7 +164,7 @@ def test_matches_hugging_face_llama():
     F.cross_entropy(packed, labels, reduction="sum").backward()
     F.cross_entropy(separate, labels, reduction="sum").backward()
     for name, param in model.named_parameters():
-        hf_param = hf.get_parameter(name if name == "lm_head.weight" else "model." + name)
+        hf_param = hf.get_parameter(to_hf_name(name))
         torch.testing.assert_close(param.grad, hf_param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 

@@ -10,6 +10,7 @@ from internlm.config import ConfigError, load_config
 from internlm.config.model_config import model_config_from
 from internlm.kernels import rotary_cos_sin
 from internlm.model import InternLM, InternLMConfig
+from internlm.model.hf import to_hf_name
 from test_model import _hf_llama
 
 
@@ -108,7 +109,7 @@ def test_labels_loss_equals_transformers():
     loss.backward()
     ref.backward()
     for name, param in model.named_parameters():
-        hf_param = hf.get_parameter(name if name == "lm_head.weight" else "model." + name)
+        hf_param = hf.get_parameter(to_hf_name(name))
         torch.testing.assert_close(param.grad, hf_param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     model.fuse_head_loss = True  # the trainer's head setting does not change the loss call
     torch.testing.assert_close(model(ids, labels=labels), ref, rtol=1e-6, atol=1e-6)

@@ -41,6 +41,24 @@ Rope = Tuple[torch.Tensor, torch.Tensor]
 """``(cos, sin)`` of `internlm.kernels.rotary_cos_sin`, each (tokens, head_dim / 2) fp32: one per forward."""
 
 
+def dynamic_rope(config: InternLMConfig) -> bool:
+    """Whether the rotary base depends on the forward's length (dynamic NTK scaling)."""
+    return config.rope_scaling is not None and config.rope_scaling["type"] == "dynamic"
+
+
+def rope_for(config: InternLMConfig, position_ids: torch.Tensor, seq_len: Optional[int] = None) -> Rope:
+    """``(cos, sin)`` of ``position_ids`` for ``config``'s rotary base and scaling; ``seq_len`` (the forward's
+    max position + 1, a host int) is read by dynamic scaling only."""
+    return rotary_cos_sin(
+        position_ids,
+        config.head_dim,
+        config.rope_base,
+        scaling=config.rope_scaling,
+        max_position_embeddings=config.max_position_embeddings,
+        seq_len=seq_len,
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -84,10 +102,8 @@ class Attention(nn.Module):
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
         h, kv, dt, bias = config.hidden_size, config.kv_dim, config.dtype, config.qkvo_bias
+        self.config = config  # rotary base and scaling
         self.head_dim = config.head_dim
-        self.rope_base = config.rope_base
-        self.rope_scaling = config.rope_scaling
-        self.max_position_embeddings = config.max_position_embeddings
         self.backend = config.attn_backend
         self.q_proj = nn.Linear(h, h, bias=bias, dtype=dt)
         self.k_proj = nn.Linear(h, kv, bias=bias, dtype=dt)
@@ -100,15 +116,7 @@ class Attention(nn.Module):
         or the position ids (a layer called on its own computes cos/sin itself). ``cache`` (generation only): this
         layer's `LayerKV`; the new keys/values join the cached ones and ``docs`` is unused."""
         if isinstance(rope, torch.Tensor):
-            seq_len = int(rope.max()) + 1 if self.rope_scaling and self.rope_scaling["type"] == "dynamic" else None
-            rope = rotary_cos_sin(
-                rope,
-                self.head_dim,
-                self.rope_base,
-                scaling=self.rope_scaling,
-                max_position_embeddings=self.max_position_embeddings,
-                seq_len=seq_len,
-            )
+            rope = rope_for(self.config, rope, int(rope.max()) + 1 if dynamic_rope(self.config) else None)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch_shape = q.shape[:-1]  # (B, S): under sequence parallelism the projections gathered the sequence
         q, k, v = (t.reshape(-1, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
@@ -233,7 +241,7 @@ class InternLM(nn.Module):
             max_seqlen = seq
         docs = cu_seqlens if isinstance(cu_seqlens, PackedDocs) else PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen)
         rope_len = None
-        if self._dynamic_rope():
+        if dynamic_rope(self.config):
             if given_max_seqlen is not None or position_ids is None:
                 rope_len = given_max_seqlen if given_max_seqlen is not None else docs.max_seqlen
             else:
@@ -241,28 +249,12 @@ class InternLM(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(docs.cu_seqlens, docs.total)
         # rotary angles once per forward, shared by every layer (and by the recomputation of checkpointed layers)
-        rope = self._rope(position_ids, rope_len)
+        rope = rope_for(self.config, position_ids, rope_len)
 
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         for layer in self.layers.values():
             h = layer(h, docs, rope, max_seqlen)
         return self._output(h, labels)
-
-    def _dynamic_rope(self) -> bool:
-        return self.config.rope_scaling is not None and self.config.rope_scaling["type"] == "dynamic"
-
-    def _rope(self, position_ids: torch.Tensor, seq_len: Optional[int]) -> Rope:
-        c = self.config
-        if c.rope_scaling is None:
-            return rotary_cos_sin(position_ids, c.head_dim, c.rope_base)
-        return rotary_cos_sin(
-            position_ids,
-            c.head_dim,
-            c.rope_base,
-            scaling=c.rope_scaling,
-            max_position_embeddings=c.max_position_embeddings,
-            seq_len=seq_len,
-        )
 
     def _output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> Union[torch.Tensor, HeadInput]:
         if self.norm is not None:
@@ -310,7 +302,7 @@ class InternLM(nn.Module):
         positions = cache.begin(seq, attention_mask, input_ids.device)
         if position_ids is None:
             position_ids = positions
-        rope = self._rope(position_ids, int(position_ids.max()) + 1 if self._dynamic_rope() else None)
+        rope = rope_for(self.config, position_ids, int(position_ids.max()) + 1 if dynamic_rope(self.config) else None)
         h = self.embed_tokens(input_ids)
         try:
             for name, layer in self.layers.items():

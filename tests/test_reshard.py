@@ -23,7 +23,7 @@ from internlm.model import InternLM, InternLMConfig
 from internlm.optim import HybridZeroOptimizer
 from internlm.optim.flat_buffer import BufferKey, FlatBuffer
 from internlm.optim.full_state import copy_overlap, merge_shard_states
-from internlm.optim.shard_state import StateValues, shard_state
+from internlm.optim.shard_state import StateValues, shard_ranks, shard_state
 from internlm.parallel import Layout, ParallelContext, TPShard, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks
 from internlm.train.checkpoint import (
@@ -306,15 +306,7 @@ class _RandomShard:
         self.buffers = [FlatBuffer(key, entries, pc.zero1_size, pc.zero1_rank) for key, entries in groups.items()]
         rand = [torch.rand(3, b.shard_numel, generator=gen) for b in self.buffers]
         self.values = StateValues([r[0] for r in rand], [(r[1], r[2]) for r in rand], 5, 1, 1e-3, (0.9, 0.95))
-        self.ranks = dict(
-            zero1_size=pc.zero1_size,
-            zero1_rank=pc.zero1_rank,
-            dp_size=pc.dp_size,
-            dp_rank=pc.dp_rank,
-            tp_size=pc.tp_size,
-            tp_rank=pc.tp_rank,
-            pp_size=pc.pp_size,
-        )
+        self.ranks = shard_ranks(pc)
 
     def state_dict(self, copy=True, device=None):
         return shard_state(self.ranks, self.buffers, self.values, copy=copy, device=device)

@@ -37,7 +37,7 @@ from .full_state import cut_full_state
 from .grad_norm import global_grad_norm
 from .grad_scaler import DynamicGradScaler
 from .grad_sync import GradReducer
-from .shard_state import StateValues, read_shard_state, shard_state
+from .shard_state import StateValues, read_shard_state, shard_ranks, shard_state
 from .step_result import StepResult
 
 
@@ -255,7 +255,7 @@ class HybridZeroOptimizer:
         Tensors are copies (onto ``device`` if given: a checkpoint's CPU snapshot); ``copy=False`` hands out
         the live tensors, for a caller that writes them before the next ``step()``.
         """
-        state = shard_state(self._ranks(), self.buffers, self._state_values(), copy=copy, device=device)
+        state = shard_state(shard_ranks(self.pc), self.buffers, self._state_values(), copy=copy, device=device)
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()  # the same on every rank
         return state
@@ -267,7 +267,7 @@ class HybridZeroOptimizer:
         Collective over the zero1 group: the restored master slices are gathered into the model parameters.
         """
         self.sync_params()
-        self._install_state(read_shard_state(state, self._ranks(), self.buffers), owned=False)
+        self._install_state(read_shard_state(state, shard_ranks(self.pc), self.buffers), owned=False)
         self._load_scaler(state.get("grad_scaler"))
         self._publish_params(async_op=False)
 
@@ -291,19 +291,6 @@ class HybridZeroOptimizer:
         the configured initial scale; a saved scale is ignored by a run without loss scaling)."""
         if self.grad_scaler is not None and saved is not None:
             self.grad_scaler.load_state_dict(saved)
-
-    def _ranks(self) -> Dict[str, int]:
-        """The group sizes and ranks a shard records."""
-        pc = self.pc
-        return dict(
-            zero1_size=pc.zero1_size,
-            zero1_rank=pc.zero1_rank,
-            dp_size=pc.dp_size,
-            dp_rank=pc.dp_rank,
-            tp_size=pc.tp_size,
-            tp_rank=pc.tp_rank,
-            pp_size=pc.pp_size,
-        )
 
     def _state_values(self) -> StateValues:
         """The current state (masters and moments are the live tensors, not copies)."""

@@ -84,6 +84,19 @@ def _buffer_meta(buffer: FlatBuffer) -> Dict[str, Any]:
     }
 
 
+def shard_ranks(pc: Any) -> Dict[str, int]:
+    """The group sizes and ranks a shard records (checked again when it is loaded)."""
+    return dict(
+        zero1_size=pc.zero1_size,
+        zero1_rank=pc.zero1_rank,
+        dp_size=pc.dp_size,
+        dp_rank=pc.dp_rank,
+        tp_size=pc.tp_size,
+        tp_rank=pc.tp_rank,
+        pp_size=pc.pp_size,
+    )
+
+
 def shard_state(
     ranks: Mapping[str, int],
     buffers: Sequence[FlatBuffer],

@@ -30,11 +30,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
-import torch.distributed as dist
-
 from internlm.config.step_ranges import SkipBatches
 
 from .checkpoint_files import META_FILE, checkpoint_healthy, complete_checkpoints, read_meta
+from .distributed import default_group_barrier
 from .initial_load import StartPlan
 
 
@@ -188,11 +187,6 @@ def newest_healthy_checkpoint(root: str, below: Optional[int] = None) -> Optiona
 
 
 # ---------------------------------------------------------------------------------------------- the trainer's side
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _steps_text(first: int, last: int) -> str:
     """``"5"`` or ``"5-7"`` (data.skip_batches syntax)."""
     return str(first) if first == last else f"{first}-{last}"
@@ -297,7 +291,7 @@ class HealthGuard:
         marked = first > 1 and (first - 1) in healthy_checkpoints(self.root)
         if marked and self.rank0:
             mark_unhealthy(suspect, f"its weights gave non-finite losses or gradient norms at steps {first}-{last}")
-        _barrier()
+        default_group_barrier()
         steps = _steps_words(first, last)
         if self.rollback:
             self._roll_back(max(first - 1, 1), last, below=first, why=f"{steps} skipped on non-finite values")
@@ -323,7 +317,7 @@ class HealthGuard:
         self.skip.add(first, last)
         if self.rank0:
             record_skip_batches(target, self.skip)
-        _barrier()
+        default_group_barrier()
         self.monitor.rollbacks += 1
         self.rollback_target = target
         self.message(

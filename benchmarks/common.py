@@ -16,7 +16,6 @@ import contextlib
 import gc
 import os
 import random
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -24,16 +23,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from internlm.config import RunConfig, load_run_config  # noqa: E402
-from internlm.kernels import kernel_backend  # noqa: E402
-from internlm.model import PackedDocs  # noqa: E402
-from internlm.parallel import ParallelContext  # noqa: E402
-from internlm.train.activation_checkpoint import compile_layers  # noqa: E402
-from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule  # noqa: E402
+from internlm.config import RunConfig, load_run_config
+from internlm.kernels import kernel_backend
+from internlm.model import PackedDocs
+from internlm.parallel import ParallelContext
+from internlm.train.activation_checkpoint import compile_layers
+from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
 
 IGNORE = -100
 

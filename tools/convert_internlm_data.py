@@ -9,12 +9,9 @@ DST, documents copied token for token (see internlm/data/internlm_format.py).
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internlm.data.internlm_format import convert_internlm_folder  # noqa: E402
+from internlm.data.internlm_format import convert_internlm_folder
 
 
 def main(argv=None) -> int:

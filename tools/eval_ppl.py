@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from typing import List, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from internlm.data.packing import IGNORE_INDEX, pack_window  # noqa: E402
-from internlm.model import HeadInput, InternLM  # noqa: E402
-from internlm.model.pretrained import find_tokenizer  # noqa: E402
+from internlm.data.packing import IGNORE_INDEX, pack_window
+from internlm.model import HeadInput, InternLM
+from internlm.model.pretrained import find_tokenizer
 
 
 class TextStream:

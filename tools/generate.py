@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional
 
+import torch
+
+from internlm.model import InternLM, generate
+from internlm.model.pretrained import find_tokenizer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-
-from internlm.model import InternLM, generate  # noqa: E402
-from internlm.model.pretrained import find_tokenizer  # noqa: E402
 
 DEMO_TOKENIZER = os.path.join("data_cache", "demo", "tokenizer.model")  # the demo's data.demo_cache_dir
 

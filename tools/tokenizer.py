@@ -9,12 +9,9 @@ The shard format is described in docs/data.md. ``tokenize_to_shards`` is re-expo
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internlm.data.tokenize_corpus import tokenize_to_shards  # noqa: E402
+from internlm.data.tokenize_corpus import tokenize_to_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:

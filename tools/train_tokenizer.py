@@ -7,13 +7,10 @@ writes ``tokenizers/my.model`` and ``tokenizers/my.vocab``. Inputs are read like
 """
 
 import argparse
-import os
 import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internlm.data.tokenizer import train_sentencepiece  # noqa: E402
+from internlm.data.tokenizer import train_sentencepiece
 
 
 def parse_args(argv=None) -> argparse.Namespace:

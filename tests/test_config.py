@@ -29,9 +29,12 @@ from internlm.config import (
     sections,
 )
 from internlm.config.docs import DOC_PATH, render_reference
-from internlm.config.schema import DATA, MODEL, ROOT, Section, iter_fields
+from internlm.config.keys import Section, spec_of
+from internlm.config.schema import ROOT, iter_fields
 from internlm.model.config import InternLMConfig
 from internlm.problems import Problem
+
+MODEL, DATA = spec_of(ModelSection), spec_of(DataSection)  # the schema sections read from the classes
 
 # an InternLM-style config in the shape of InternLM's configs/7B_sft.py (trimmed)
 INTERNLM_STYLE = """
@@ -274,6 +277,19 @@ def test_model_config_from_is_a_plain_mapping(tmp_path):
     del cfg.model["max_position_embeddings"]
     with pytest.raises(KeyError):  # no fallback of its own: the config must be resolved
         model_config_from(cfg)
+
+
+def test_model_keys_take_the_model_defaults():
+    # one default per key: a model-section key that is an InternLMConfig field has that field's default, but for
+    # the two the config resolves differently (training precision bf16; max_position_embeddings from data.seq_len)
+    for field in fields(InternLMConfig):
+        spec = MODEL.fields[CONFIG_KEY_OF_FIELD.get(field.name, field.name)]
+        if field.name == "dtype":
+            assert (spec.default, field.default) == ("torch.bfloat16", torch.float32)
+        elif field.name == "max_position_embeddings":
+            assert spec.default is None
+        else:
+            assert spec.default == field.default, field.name
 
 
 def test_preset_fills_renamed_keys(tmp_path):

@@ -1,4 +1,5 @@
-"""`load_config`: execute an InternLM-format config file, merge its ``_base_`` files, apply overrides.
+"""`load_config`: execute an InternLM-format config file, merge its ``_base_`` files, apply overrides;
+`load_run_config`: the same as a typed `RunConfig`.
 
 A config file is plain Python. Its top-level names form the config, except names starting with ``_``
 (but ``_base_``) and imported modules, functions and classes, which are helpers.
@@ -17,6 +18,7 @@ from .container import Config
 from .errors import ConfigError
 from .overrides import apply_overrides, parse_overrides, relabel
 from .resolve import resolve
+from .run_config import RunConfig
 
 _HELPER_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
 
@@ -120,3 +122,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     cfg = Config(resolved)
     cfg.source_files = files
     return cfg
+
+
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """`load_config` of ``path`` with ``overrides`` (``key.path=value`` strings), as a `RunConfig`."""
+    return RunConfig.from_config(load_config(path, overrides), path)

@@ -6,7 +6,8 @@ import ast
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError
-from .schema import Section, lookup
+from .keys import Section
+from .schema import lookup
 
 
 def parse_value(text: str) -> Any:

@@ -13,8 +13,9 @@ from typing import Any, Dict, Mapping
 from internlm.model.config import PRESETS
 
 from .errors import ConfigError
+from .keys import FIXED, Field, Section, type_name
 from .model_config import config_key
-from .schema import FIXED, MODEL, ROOT, Field, Section, is_constant, type_name
+from .schema import ROOT, is_constant, lookup
 from .validate import fill_derived, validate
 
 
@@ -76,7 +77,7 @@ def resolve_section(section: Section, raw: Any, path: str) -> Dict[str, Any]:
 def apply_preset(model: Mapping[str, Any]) -> Dict[str, Any]:
     """``model`` with the preset's values under every key it does not set itself."""
     out = dict(model)
-    name = check_value(MODEL.fields["preset"], out.get("preset"), "model.preset")
+    name = check_value(lookup("model.preset"), out.get("preset"), "model.preset")
     if name is None:
         return out
     if name not in PRESETS:

@@ -1,4 +1,4 @@
-"""`RunConfig`: a resolved config as one frozen, typed value, built once at launch.
+"""`RunConfig`: a resolved config as one frozen, typed value, built once at launch; the root of the key tree.
 
 run = load_run_config("configs/7B_sft.py", overrides=["parallel.tensor=2"])
 run.data.seq_len, run.parallel.tensor.size     # typed sections (internlm.config.sections)
@@ -10,27 +10,63 @@ dump_config(run.raw, path)                     # the resolved Config it was made
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from internlm.model.config import InternLMConfig
 
 from .container import Config
-from .loader import load_config
+from .keys import key, section, section_values
 from .model_config import model_config_from
-from .sections import RootSection, section_values
+from .sections import (
+    AdamSection,
+    Beta2SchedulerSection,
+    CkptSection,
+    DataSection,
+    GradScalerSection,
+    HealthSection,
+    HybridZeroOptimizerSection,
+    LossSection,
+    LRSchedulerSection,
+    ModelSection,
+    MonitorSection,
+    ParallelSection,
+    PhaseSection,
+    ProfileSection,
+)
 
 if TYPE_CHECKING:  # internlm.parallel imports torch.distributed machinery; load it only when a layout is asked
     from internlm.parallel.layout import Layout
 
 
+@section("", doc="Top-level names of a config file.", values=("raw", "file", "model_config"))
 @dataclasses.dataclass(frozen=True)
-class RunConfig(RootSection):
-    """Every top-level key of the schema as an attribute (sections as typed section objects), plus:
+class RunConfig:
+    """Every top-level key of a config file as an attribute (sections as typed section objects), plus:
 
     ``raw``: the resolved `Config` it was made from (what is dumped and fingerprinted; it keeps the free
     UPPER_CASE constants), ``file``: the config file, ``model_config``: the model's `InternLMConfig`.
     """
 
+    JOB_NAME: str = key("internlm", "run name")
+    work_dir: Optional[str] = key(None, "output folder; None resolves to work_dirs/{JOB_NAME}")
+    seed: int = key(1024, "seed of weights initialisation and data order")
+    model_type: str = key("INTERNLM", "model family; only INTERNLM", choices=("INTERNLM",))
+    cudnn_deterministic: bool = key(False, "torch.backends.cudnn.deterministic")
+    cudnn_benchmark: bool = key(False, "torch.backends.cudnn.benchmark")
+    model: ModelSection
+    data: DataSection
+    parallel: ParallelSection
+    adam: AdamSection
+    lr_scheduler: LRSchedulerSection
+    beta2_scheduler: Beta2SchedulerSection
+    hybrid_zero_optimizer: HybridZeroOptimizerSection
+    grad_scaler: GradScalerSection
+    loss: LossSection
+    ckpt: CkptSection
+    monitor: MonitorSection
+    profile: ProfileSection
+    health: HealthSection
+    phase: PhaseSection
     raw: Config = dataclasses.field(repr=False)
     file: str
     model_config: InternLMConfig
@@ -38,7 +74,7 @@ class RunConfig(RootSection):
     @classmethod
     def from_config(cls, cfg: Config, file: str) -> "RunConfig":
         """The typed view of ``cfg``, a resolved config from `load_config` of ``file``."""
-        return cls(**section_values(RootSection, cfg), raw=cfg, file=file, model_config=model_config_from(cfg))
+        return cls(**section_values(cls, cfg), raw=cfg, file=file, model_config=model_config_from(cfg))
 
     def layout(self, world_size: int) -> "Layout":
         """The parallel layout of this run on ``world_size`` processes (checked by `Layout.problems`)."""
@@ -54,9 +90,4 @@ class RunConfig(RootSection):
         )
 
 
-def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """`load_config` of ``path`` with ``overrides`` (``key.path=value`` strings), as a `RunConfig`."""
-    return RunConfig.from_config(load_config(path, overrides), path)
-
-
-__all__ = ["RunConfig", "load_run_config"]
+__all__ = ["RunConfig"]

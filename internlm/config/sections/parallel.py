@@ -1,0 +1,71 @@
+"""The ``parallel`` section: tensor, pipeline and ZeRO-1 sizes (an int stands for ``dict(size=int)``).
+
+Sizes are checked against the world size at launch (`internlm.parallel.layout.Layout.problems`), not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+from .. import compat
+from ..keys import EQUIVALENT, FIXED, key, section
+
+
+@section("parallel.tensor", shorthand="size")
+@dataclasses.dataclass(frozen=True)
+class TensorSection:
+    """tensor parallelism; an int means dict(size=int)"""
+
+    size: int = key(1, "tensor-parallel group size", minimum=1)
+    mode: str = key("mtp", "tensor-parallel mode; only 'mtp' (Megatron style)", choices=("mtp",))
+    sp: str = key(
+        "none",
+        "InternLM's sequence-parallel mode: 'none', or 'megatron' (sets parallel.sequence_parallel=True, "
+        "the Megatron style implemented here); 'flash-attn', 'intern' and 'flash' are rejected",
+        compat=EQUIVALENT,
+        normalize=compat.tensor_sp,
+    )
+    intern_overlap: bool = key(
+        False,
+        "InternLM compatibility; any value: it only tunes InternLM's 'intern' sp mode, which is rejected",
+        compat=EQUIVALENT,
+    )
+
+
+@section("parallel.pipeline", shorthand="size")
+@dataclasses.dataclass(frozen=True)
+class PipelineSection:
+    """pipeline parallelism; an int means dict(size=int)"""
+
+    size: int = key(1, "pipeline stages", minimum=1)
+    interleaved_overlap: bool = key(False, "overlap p2p communication in the interleaved schedule")
+
+
+@section("parallel.zero1", shorthand="size")
+@dataclasses.dataclass(frozen=True)
+class Zero1Section:
+    """ZeRO-1 optimizer-state sharding; an int means dict(size=int)"""
+
+    size: int = key(-1, "optimizer-state shard group size; <=0: the whole data-parallel group, 1: no sharding")
+    fsdp: bool = key(False, "InternLM's FSDP mode; only False", compat=FIXED)
+
+
+@section("parallel")
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    """Parallel layout. Sizes are checked against the world size at launch, not here."""
+
+    tensor: TensorSection
+    pipeline: PipelineSection
+    zero1: Zero1Section
+    sequence_parallel: bool = key(False, "shard activations along the sequence in tensor-parallel regions")
+    timeout_minutes: Union[int, float] = key(
+        30,
+        "timeout of every collective of the process groups (torch.distributed init_process_group and new_group) "
+        "and of checkpoint saves; raise it when a start-up or save outlasts it",
+        minimum=1,
+    )
+
+
+__all__ = ["ParallelSection", "TensorSection", "PipelineSection", "Zero1Section"]

@@ -1,20 +1,21 @@
-"""How a config key is declared: one field of a frozen dataclass per key, its rules beside it.
+"""How a config key is declared: one field of a frozen dataclass per key, its rules in its annotation.
 
     @section("data")
     @dataclasses.dataclass(frozen=True)
     class DataSection:
         \"\"\"Batch shape, run length and data sources.\"\"\"
 
-        seq_len: int = key(2048, "tokens per packed sequence", minimum=1)
-        total_steps: Optional[int] = key(None, "optimizer steps of this phase", minimum=1)
+        seq_len: Annotated[int, key(2048, "tokens per packed sequence", minimum=1)]
+        total_steps: Annotated[Optional[int], key(None, "optimizer steps of this phase", minimum=1)]
 
-The annotation is the type of the resolved value and, unless ``accepts`` widens it, what a config file may give;
-`key` keeps the default, doc and checks in the field's metadata. `section` reads every field back once into a
-`Section` of `Field`s (`spec_of`), the one description that validation (`internlm.config.resolve`), the typed
-sections and the key reference of docs/config.md (`internlm.config.docs`) all use.
+The type (``int``) is the type of the resolved value and, unless ``accepts`` widens it, what a config file may
+give; `key` holds the default, doc and checks. `section` reads every field back once into a `Section` of `Field`s
+(`spec_of`), the one description that validation (`internlm.config.resolve`), the typed sections and the key
+reference of docs/config.md (`internlm.config.docs`) all use.
 
-The dataclasses have no defaults of their own: an instance is built from a resolved config (`section_from`),
-which holds every key.
+Why ``Annotated`` and not ``= dataclasses.field(metadata=...)``: the dataclasses have no defaults of their own (an
+instance is built from a resolved config, `section_from`, which holds every key; the defaults are filled by
+`load_config`), and a type checker reads any ``= call(...)`` but ``dataclasses.field`` as a default.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ FIXED = "fixed"  # accepted only at InternLM's default value
 # what to use instead (the field's normalize, or internlm.config.compat.check_compat); docs/internlm_compat.md
 EQUIVALENT = "equivalent"
 
-_RULES = "internlm.config.key"  # the metadata entry `key` writes
 _SECTION = "__config_section__"  # the class attribute `section` writes
 
 
@@ -78,6 +78,21 @@ class Section:
     cls: Optional[type] = dataclasses.field(default=None, compare=False, repr=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """The rules of one key, as written at its field (`key`); `section` adds the types to make its `Field`."""
+
+    default: Any
+    doc: str
+    choices: Optional[Tuple[Any, ...]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    compat: Optional[str] = None
+    normalize: Optional[Callable[[Any], Any]] = None
+    default_text: Optional[str] = None
+    accepts: Optional[Tuple[type, ...]] = None
+
+
 def key(
     default: Any,
     doc: str,
@@ -89,22 +104,12 @@ def key(
     normalize: Optional[Callable[[Any], Any]] = None,
     default_text: Optional[str] = None,
     accepts: Optional[Tuple[type, ...]] = None,
-) -> Any:
-    """A dataclass field that is a config key: its default (filled by `load_config`, not by the dataclass), doc,
-    allowed values (``choices``, ``minimum``/``maximum``), InternLM ``compat`` mode and ``normalize`` function.
-    ``accepts``: the types a file may give when wider than the annotation (``torch.dtype`` for a str dtype)."""
-    rules = dict(
-        default=default,
-        doc=doc,
-        choices=choices,
-        minimum=minimum,
-        maximum=maximum,
-        compat=compat,
-        normalize=normalize,
-        default_text=default_text,
-        accepts=accepts,
-    )
-    return dataclasses.field(metadata={_RULES: rules})
+) -> Key:
+    """The rules of a config key, for its field's annotation (``Annotated[int, key(...)]``): its default (filled by
+    `load_config`, not by the dataclass), doc, allowed values (``choices``, ``minimum``/``maximum``), InternLM
+    ``compat`` mode and ``normalize`` function. ``accepts``: the types a file may give when wider than the field's
+    type (``torch.dtype`` for the str ``model.dtype``)."""
+    return Key(default, doc, choices, minimum, maximum, compat, normalize, default_text, accepts)
 
 
 def _types_of(hint: Any) -> Tuple[type, ...]:
@@ -114,32 +119,43 @@ def _types_of(hint: Any) -> Tuple[type, ...]:
 
 
 def section(
-    path: str, shorthand: Optional[str] = None, doc: Optional[str] = None, values: Tuple[str, ...] = ()
+    path: str, shorthand: Optional[str] = None, doc: Optional[str] = None, not_keys: Tuple[str, ...] = ()
 ) -> Callable[[Type[T]], Type[T]]:
     """Register a frozen dataclass as the config section at ``path`` ("parallel.tensor"; "" for the root).
 
-    Every field must be a `key`, a section class (whose path must be ``path.field``) or named in ``values``
-    (fields that are not config keys: `RunConfig`'s ``raw``, ``file``, ``model_config``). ``doc``: the section's
-    text in docs/config.md; by default the class docstring, joined onto one line (and kept as ``__doc__``).
+    Every field is a key (``Annotated[type, key(...)]``), a section class (whose path must be ``path.field``) or
+    named in ``not_keys`` (`RunConfig`'s ``raw``, ``file``, ``model_config``). ``doc``: the section's text in
+    docs/config.md; by default the class docstring, joined onto one line (and kept as ``__doc__``).
     """
 
     def register(cls: Type[T]) -> Type[T]:
         if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__name__}: decorate a frozen dataclass with @section")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         fields: Dict[str, Union[Field, Section]] = {}
         for field in dataclasses.fields(cls):
             hint = hints[field.name]
-            if _RULES in field.metadata:
-                rules = dict(field.metadata[_RULES])
-                accepts = rules.pop("accepts")
-                fields[field.name] = Field(types=accepts or _types_of(hint), **rules)
+            rules = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Key)]
+            if rules:
+                rule = rules[0]
+                types = rule.accepts or _types_of(typing.get_args(hint)[0])
+                fields[field.name] = Field(
+                    types,
+                    rule.default,
+                    rule.doc,
+                    rule.choices,
+                    rule.minimum,
+                    rule.maximum,
+                    rule.compat,
+                    rule.normalize,
+                    rule.default_text,
+                )
             elif is_section_class(hint):
                 child = spec_of(hint)
                 if child.path != (f"{path}.{field.name}" if path else field.name):
                     raise TypeError(f"{cls.__name__}.{field.name}: {hint.__name__} is the section {child.path!r}")
                 fields[field.name] = child
-            elif field.name not in values:
+            elif field.name not in not_keys:
                 raise TypeError(f"{cls.__name__}.{field.name} is neither a key() nor a config section")
         text = doc if doc is not None else " ".join(inspect.cleandoc(cls.__doc__ or "").split())
         if doc is None:
@@ -200,12 +216,15 @@ def section_values(cls: type, mapping: Mapping[str, Any]) -> Dict[str, Any]:
 def section_from(cls_or_section: Union[Type[T], Section], mapping: Mapping[str, Any]) -> T:
     """An instance of a section class (or of the class of a `Section`) from a resolved section dict."""
     cls = cls_or_section.cls if isinstance(cls_or_section, Section) else cls_or_section
+    if cls is None:
+        raise TypeError("a Section made by hand has no class; use one read by @section (spec_of)")
     return cls(**section_values(cls, mapping))
 
 
 __all__ = [
     "Field",
     "Section",
+    "Key",
     "key",
     "section",
     "spec_of",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, cast
 
 from internlm.model.config import PRESETS
 
@@ -77,7 +77,7 @@ def resolve_section(section: Section, raw: Any, path: str) -> Dict[str, Any]:
 def apply_preset(model: Mapping[str, Any]) -> Dict[str, Any]:
     """``model`` with the preset's values under every key it does not set itself."""
     out = dict(model)
-    name = check_value(lookup("model.preset"), out.get("preset"), "model.preset")
+    name = check_value(cast(Field, lookup("model.preset")), out.get("preset"), "model.preset")
     if name is None:
         return out
     if name not in PRESETS:

@@ -7,10 +7,8 @@ run.layout(world_size)                         # the parallel Layout
 dump_config(run.raw, path)                     # the resolved Config it was made from
 """
 
-from __future__ import annotations
-
 import dataclasses
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 from internlm.model.config import InternLMConfig
 
@@ -38,7 +36,7 @@ if TYPE_CHECKING:  # internlm.parallel imports torch.distributed machinery; load
     from internlm.parallel.layout import Layout
 
 
-@section("", doc="Top-level names of a config file.", values=("raw", "file", "model_config"))
+@section("", doc="Top-level names of a config file.", not_keys=("raw", "file", "model_config"))
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every top-level key of a config file as an attribute (sections as typed section objects), plus:
@@ -47,12 +45,12 @@ class RunConfig:
     UPPER_CASE constants), ``file``: the config file, ``model_config``: the model's `InternLMConfig`.
     """
 
-    JOB_NAME: str = key("internlm", "run name")
-    work_dir: Optional[str] = key(None, "output folder; None resolves to work_dirs/{JOB_NAME}")
-    seed: int = key(1024, "seed of weights initialisation and data order")
-    model_type: str = key("INTERNLM", "model family; only INTERNLM", choices=("INTERNLM",))
-    cudnn_deterministic: bool = key(False, "torch.backends.cudnn.deterministic")
-    cudnn_benchmark: bool = key(False, "torch.backends.cudnn.benchmark")
+    JOB_NAME: Annotated[str, key("internlm", "run name")]
+    work_dir: Annotated[Optional[str], key(None, "output folder; None resolves to work_dirs/{JOB_NAME}")]
+    seed: Annotated[int, key(1024, "seed of weights initialisation and data order")]
+    model_type: Annotated[str, key("INTERNLM", "model family; only INTERNLM", choices=("INTERNLM",))]
+    cudnn_deterministic: Annotated[bool, key(False, "torch.backends.cudnn.deterministic")]
+    cudnn_benchmark: Annotated[bool, key(False, "torch.backends.cudnn.benchmark")]
     model: ModelSection
     data: DataSection
     parallel: ParallelSection

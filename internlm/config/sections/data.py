@@ -1,9 +1,7 @@
 """The ``data`` section: batch shape, run length and data sources."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Annotated, Any, Dict, Mapping, Optional, Union
 
 from .. import compat
 from ..keys import EQUIVALENT, NoneType, key, section
@@ -37,90 +35,125 @@ def _mixture(value: Any) -> Any:
 class DataSection:
     """Batch shape, run length and data sources."""
 
-    seq_len: int = key(2048, "tokens per packed sequence", minimum=1)
-    micro_num: int = key(1, "micro-batches per optimizer step (gradient accumulation)", minimum=1)
-    micro_bsz: int = key(1, "packed sequences per micro-batch", minimum=1)
-    valid_micro_num: int = key(4, "micro-batches per validation run", minimum=1)
-    valid_every: int = key(0, "validate every this many steps; 0: only at the end", minimum=0)
-    valid_ratio: float = key(
-        0.02, "fraction of train_folder held out for validation when valid_folder is None", minimum=0, maximum=1
-    )
-    valid_max_samples: int = key(64, "cap on held-out validation sequences", minimum=1)
-    total_steps: Optional[int] = key(None, "optimizer steps of this phase", minimum=1)
-    total_tokens: Optional[int] = key(
-        None,
-        "token budget of this phase; steps = ceil(total_tokens / (global batch sequences * seq_len))",
-        minimum=1,
-        normalize=_whole_tokens,
-        accepts=(int, float, NoneType),
-    )
-    train_folder: Union[str, Dict[str, float], None] = key(
-        None, "tokenized data folder, or a mixture dict {folder: weight}", normalize=_mixture
-    )
-    block_seqs: int = key(
-        1024,
-        "sequences per shuffle block of a source; a seq_len change between phases skips at most the rest of one block",
-        minimum=1,
-    )
-    valid_folder: Optional[str] = key(
-        None, "tokenized validation folder; None holds out valid_ratio of the training data"
-    )
-    tokenizer_path: Optional[str] = key(None, "SentencePiece model file (used for demo data and sampling)")
-    prepare_demo_data: bool = key(False, "build the demo corpus and tokenizer into demo_cache_dir and train on it")
-    demo_cache_dir: str = key("data_cache/demo", "where the demo corpus and tokenizer are built")
-    pack_sample_into_one: bool = key(
-        False,
-        "InternLM compatibility; only False, what this framework does: documents are packed with their "
-        "boundaries kept (attention and positions restart at each document)",
-        compat=EQUIVALENT,
-        normalize=compat.pack_sample_into_one,
-    )
-    skip_batches: str = key(
-        "",
-        "global steps whose batches are drawn and dropped, not trained on (InternLM's key and syntax): "
-        "'5-10,20' skips steps 5 to 10 and 20, numbered as in metrics.jsonl (from 1); merged with the steps a "
-        "checkpoint records (health.rollback), so a resume keeps skipping them",
-        normalize=canonical_step_ranges,
-    )
-    rampup_batch_size: str = key(
-        "",
-        "InternLM compatibility; only '' (no batch-size ramp-up: one phase config per batch size)",
-        compat=EQUIVALENT,
-        normalize=compat.rampup_batch_size,
-    )
-    min_length: int = key(
-        0,
-        "InternLM compatibility; only 0 (no document is dropped at training time; "
-        "tools/convert_internlm_data.py --min-length drops short documents when converting)",
-        minimum=0,
-        compat=EQUIVALENT,
-        normalize=compat.min_length,
-    )
-    empty_cache_and_diag_interval: int = key(
-        10,
-        "InternLM compatibility; any value: in InternLM it only schedules CUDA cache release and slow-device "
-        "diagnostics, which change nothing that is trained (step times are in metrics.jsonl)",
-        compat=EQUIVALENT,
-    )
-    diag_outlier_ratio: float = key(
-        1.1,
-        "InternLM compatibility; any value: the threshold of InternLM's slow-device diagnostics (see "
-        "empty_cache_and_diag_interval), no effect on training",
-        compat=EQUIVALENT,
-    )
-    num_worker: int = key(
-        4,
-        "InternLM compatibility; any value: the number of loader worker processes never changes which batches "
-        "are trained, and memory-mapped shards are read in the training process",
-        minimum=0,
-        compat=EQUIVALENT,
-    )
-    type: str = key(
-        "tokenized",
-        "InternLM compatibility; only 'tokenized' (pre-tokenized shards, what this framework reads)",
-        compat=EQUIVALENT,
-        normalize=compat.data_type,
-    )
+    seq_len: Annotated[int, key(2048, "tokens per packed sequence", minimum=1)]
+    micro_num: Annotated[int, key(1, "micro-batches per optimizer step (gradient accumulation)", minimum=1)]
+    micro_bsz: Annotated[int, key(1, "packed sequences per micro-batch", minimum=1)]
+    valid_micro_num: Annotated[int, key(4, "micro-batches per validation run", minimum=1)]
+    valid_every: Annotated[int, key(0, "validate every this many steps; 0: only at the end", minimum=0)]
+    valid_ratio: Annotated[
+        float,
+        key(0.02, "fraction of train_folder held out for validation when valid_folder is None", minimum=0, maximum=1),
+    ]
+    valid_max_samples: Annotated[int, key(64, "cap on held-out validation sequences", minimum=1)]
+    total_steps: Annotated[Optional[int], key(None, "optimizer steps of this phase", minimum=1)]
+    total_tokens: Annotated[
+        Optional[int],
+        key(
+            None,
+            "token budget of this phase; steps = ceil(total_tokens / (global batch sequences * seq_len))",
+            minimum=1,
+            normalize=_whole_tokens,
+            accepts=(int, float, NoneType),
+        ),
+    ]
+    train_folder: Annotated[
+        Union[str, Dict[str, float], None],
+        key(None, "tokenized data folder, or a mixture dict {folder: weight}", normalize=_mixture),
+    ]
+    block_seqs: Annotated[
+        int,
+        key(
+            1024,
+            "sequences per shuffle block of a source; a seq_len change between phases skips at most the rest of "
+            "one block",
+            minimum=1,
+        ),
+    ]
+    valid_folder: Annotated[
+        Optional[str], key(None, "tokenized validation folder; None holds out valid_ratio of the training data")
+    ]
+    tokenizer_path: Annotated[Optional[str], key(None, "SentencePiece model file (used for demo data and sampling)")]
+    prepare_demo_data: Annotated[
+        bool, key(False, "build the demo corpus and tokenizer into demo_cache_dir and train on it")
+    ]
+    demo_cache_dir: Annotated[str, key("data_cache/demo", "where the demo corpus and tokenizer are built")]
+    pack_sample_into_one: Annotated[
+        bool,
+        key(
+            False,
+            "InternLM compatibility; only False, what this framework does: documents are packed with their "
+            "boundaries kept (attention and positions restart at each document)",
+            compat=EQUIVALENT,
+            normalize=compat.pack_sample_into_one,
+        ),
+    ]
+    skip_batches: Annotated[
+        str,
+        key(
+            "",
+            "global steps whose batches are drawn and dropped, not trained on (InternLM's key and syntax): "
+            "'5-10,20' skips steps 5 to 10 and 20, numbered as in metrics.jsonl (from 1); merged with the steps a "
+            "checkpoint records (health.rollback), so a resume keeps skipping them",
+            normalize=canonical_step_ranges,
+        ),
+    ]
+    rampup_batch_size: Annotated[
+        str,
+        key(
+            "",
+            "InternLM compatibility; only '' (no batch-size ramp-up: one phase config per batch size)",
+            compat=EQUIVALENT,
+            normalize=compat.rampup_batch_size,
+        ),
+    ]
+    min_length: Annotated[
+        int,
+        key(
+            0,
+            "InternLM compatibility; only 0 (no document is dropped at training time; "
+            "tools/convert_internlm_data.py --min-length drops short documents when converting)",
+            minimum=0,
+            compat=EQUIVALENT,
+            normalize=compat.min_length,
+        ),
+    ]
+    empty_cache_and_diag_interval: Annotated[
+        int,
+        key(
+            10,
+            "InternLM compatibility; any value: in InternLM it only schedules CUDA cache release and slow-device "
+            "diagnostics, which change nothing that is trained (step times are in metrics.jsonl)",
+            compat=EQUIVALENT,
+        ),
+    ]
+    diag_outlier_ratio: Annotated[
+        float,
+        key(
+            1.1,
+            "InternLM compatibility; any value: the threshold of InternLM's slow-device diagnostics (see "
+            "empty_cache_and_diag_interval), no effect on training",
+            compat=EQUIVALENT,
+        ),
+    ]
+    num_worker: Annotated[
+        int,
+        key(
+            4,
+            "InternLM compatibility; any value: the number of loader worker processes never changes which batches "
+            "are trained, and memory-mapped shards are read in the training process",
+            minimum=0,
+            compat=EQUIVALENT,
+        ),
+    ]
+    type: Annotated[
+        str,
+        key(
+            "tokenized",
+            "InternLM compatibility; only 'tokenized' (pre-tokenized shards, what this framework reads)",
+            compat=EQUIVALENT,
+            normalize=compat.data_type,
+        ),
+    ]
 
 
 __all__ = ["DataSection"]

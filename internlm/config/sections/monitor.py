@@ -1,9 +1,7 @@
 """What a run reports: the ``monitor`` (logging), ``profile`` (torch.profiler traces) and ``health`` sections."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Annotated, Any, Dict, Optional
 
 from .. import compat
 from ..keys import EQUIVALENT, key, section
@@ -14,28 +12,37 @@ from ..keys import EQUIVALENT, key, section
 class MonitorSection:
     """Logging."""
 
-    tensorboard: bool = key(True, "write TensorBoard scalars under {work_dir}/tensorboard")
-    log_every: int = key(
-        1,
-        "read the step metrics back from the device every this many steps (the one host sync of the step "
-        "loop), then write every step's metrics.jsonl line and TensorBoard scalars (with the peak memory since "
-        "the previous read) and refresh the progress bar, or print a plain step line when stdout is not a "
-        "terminal; the stop request (ckpt.stop_file_path, SIGTERM) is agreed on at these steps too, and training "
-        "health (the health section) is decided there",
-        minimum=1,
-    )
-    peak_tflops: Optional[float] = key(
-        None,
-        "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure, measured on CPU",
-        minimum=0,
-    )
-    alert: Dict[str, Any] = key(
-        {},
-        "InternLM compatibility (Feishu alerts): accepted with no address set (enable_feishu_alert False or "
-        "feishu_alert_address None, light_monitor_address None); a webhook or heartbeat address is rejected",
-        compat=EQUIVALENT,
-        normalize=compat.alert,
-    )
+    tensorboard: Annotated[bool, key(True, "write TensorBoard scalars under {work_dir}/tensorboard")]
+    log_every: Annotated[
+        int,
+        key(
+            1,
+            "read the step metrics back from the device every this many steps (the one host sync of the step "
+            "loop), then write every step's metrics.jsonl line and TensorBoard scalars (with the peak memory since "
+            "the previous read) and refresh the progress bar, or print a plain step line when stdout is not a "
+            "terminal; the stop request (ckpt.stop_file_path, SIGTERM) is agreed on at these steps too, and training "
+            "health (the health section) is decided there",
+            minimum=1,
+        ),
+    ]
+    peak_tflops: Annotated[
+        Optional[float],
+        key(
+            None,
+            "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure, measured on CPU",
+            minimum=0,
+        ),
+    ]
+    alert: Annotated[
+        Dict[str, Any],
+        key(
+            {},
+            "InternLM compatibility (Feishu alerts): accepted with no address set (enable_feishu_alert False or "
+            "feishu_alert_address None, light_monitor_address None); a webhook or heartbeat address is rejected",
+            compat=EQUIVALENT,
+            normalize=compat.alert,
+        ),
+    ]
 
 
 @section("profile")
@@ -44,13 +51,16 @@ class ProfileSection:
     """torch.profiler traces of a few steps (Chrome trace JSON, for Perfetto or TensorBoard), written under
     {work_dir}/profile; see README.md."""
 
-    start_step: Optional[int] = key(None, "first global step to profile; None: profiling is off", minimum=1)
-    end_step: Optional[int] = key(None, "last global step to profile; None: start_step", minimum=1)
-    memory: bool = key(
-        False,
-        "also record memory: allocations in the trace and, on CUDA, a memory snapshot "
-        "(torch.cuda.memory._dump_snapshot, viewable at pytorch.org/memory_viz)",
-    )
+    start_step: Annotated[Optional[int], key(None, "first global step to profile; None: profiling is off", minimum=1)]
+    end_step: Annotated[Optional[int], key(None, "last global step to profile; None: start_step", minimum=1)]
+    memory: Annotated[
+        bool,
+        key(
+            False,
+            "also record memory: allocations in the trace and, on CUDA, a memory snapshot "
+            "(torch.cuda.memory._dump_snapshot, viewable at pytorch.org/memory_viz)",
+        ),
+    ]
 
 
 @section("health")
@@ -61,28 +71,40 @@ class HealthSection:
     optimizer change; an fp16 overflow the loss scaler absorbs is routine and not counted here); while the last
     step read back was skipped no checkpoint is saved. See docs/troubleshooting.md."""
 
-    max_skipped_steps: int = key(
-        3,
-        "stop the run (exit code 3) when this many steps in a row were skipped on a non-finite loss or gradient "
-        "norm; 0: never stop",
-        minimum=0,
-    )
-    spike_factor: float = key(
-        2.0,
-        "a loss above spike_factor * (mean of the previous spike_window losses) is a spike: logged, counted "
-        "(metrics loss_spikes); 0: no spike detection",
-        minimum=0,
-    )
-    spike_window: int = key(
-        100,
-        "steps in the moving average of the loss (non-skipped, non-spike steps); detection starts once it is full",
-        minimum=1,
-    )
-    rollback: bool = key(
-        False,
-        "on a spike, or on max_skipped_steps skipped steps in a row, reload the newest healthy checkpoint before "
-        "the offending steps and skip their batches (recorded as data.skip_batches in later checkpoints)",
-    )
+    max_skipped_steps: Annotated[
+        int,
+        key(
+            3,
+            "stop the run (exit code 3) when this many steps in a row were skipped on a non-finite loss or gradient "
+            "norm; 0: never stop",
+            minimum=0,
+        ),
+    ]
+    spike_factor: Annotated[
+        float,
+        key(
+            2.0,
+            "a loss above spike_factor * (mean of the previous spike_window losses) is a spike: logged, counted "
+            "(metrics loss_spikes); 0: no spike detection",
+            minimum=0,
+        ),
+    ]
+    spike_window: Annotated[
+        int,
+        key(
+            100,
+            "steps in the moving average of the loss (non-skipped, non-spike steps); detection starts once it is full",
+            minimum=1,
+        ),
+    ]
+    rollback: Annotated[
+        bool,
+        key(
+            False,
+            "on a spike, or on max_skipped_steps skipped steps in a row, reload the newest healthy checkpoint before "
+            "the offending steps and skip their batches (recorded as data.skip_batches in later checkpoints)",
+        ),
+    ]
 
 
 __all__ = ["MonitorSection", "ProfileSection", "HealthSection"]

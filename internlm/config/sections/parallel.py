@@ -3,10 +3,8 @@
 Sizes are checked against the world size at launch (`internlm.parallel.layout.Layout.problems`), not here.
 """
 
-from __future__ import annotations
-
 import dataclasses
-from typing import Union
+from typing import Annotated, Union
 
 from .. import compat
 from ..keys import EQUIVALENT, FIXED, key, section
@@ -17,20 +15,26 @@ from ..keys import EQUIVALENT, FIXED, key, section
 class TensorSection:
     """tensor parallelism; an int means dict(size=int)"""
 
-    size: int = key(1, "tensor-parallel group size", minimum=1)
-    mode: str = key("mtp", "tensor-parallel mode; only 'mtp' (Megatron style)", choices=("mtp",))
-    sp: str = key(
-        "none",
-        "InternLM's sequence-parallel mode: 'none', or 'megatron' (sets parallel.sequence_parallel=True, "
-        "the Megatron style implemented here); 'flash-attn', 'intern' and 'flash' are rejected",
-        compat=EQUIVALENT,
-        normalize=compat.tensor_sp,
-    )
-    intern_overlap: bool = key(
-        False,
-        "InternLM compatibility; any value: it only tunes InternLM's 'intern' sp mode, which is rejected",
-        compat=EQUIVALENT,
-    )
+    size: Annotated[int, key(1, "tensor-parallel group size", minimum=1)]
+    mode: Annotated[str, key("mtp", "tensor-parallel mode; only 'mtp' (Megatron style)", choices=("mtp",))]
+    sp: Annotated[
+        str,
+        key(
+            "none",
+            "InternLM's sequence-parallel mode: 'none', or 'megatron' (sets parallel.sequence_parallel=True, "
+            "the Megatron style implemented here); 'flash-attn', 'intern' and 'flash' are rejected",
+            compat=EQUIVALENT,
+            normalize=compat.tensor_sp,
+        ),
+    ]
+    intern_overlap: Annotated[
+        bool,
+        key(
+            False,
+            "InternLM compatibility; any value: it only tunes InternLM's 'intern' sp mode, which is rejected",
+            compat=EQUIVALENT,
+        ),
+    ]
 
 
 @section("parallel.pipeline", shorthand="size")
@@ -38,8 +42,8 @@ class TensorSection:
 class PipelineSection:
     """pipeline parallelism; an int means dict(size=int)"""
 
-    size: int = key(1, "pipeline stages", minimum=1)
-    interleaved_overlap: bool = key(False, "overlap p2p communication in the interleaved schedule")
+    size: Annotated[int, key(1, "pipeline stages", minimum=1)]
+    interleaved_overlap: Annotated[bool, key(False, "overlap p2p communication in the interleaved schedule")]
 
 
 @section("parallel.zero1", shorthand="size")
@@ -47,8 +51,10 @@ class PipelineSection:
 class Zero1Section:
     """ZeRO-1 optimizer-state sharding; an int means dict(size=int)"""
 
-    size: int = key(-1, "optimizer-state shard group size; <=0: the whole data-parallel group, 1: no sharding")
-    fsdp: bool = key(False, "InternLM's FSDP mode; only False", compat=FIXED)
+    size: Annotated[
+        int, key(-1, "optimizer-state shard group size; <=0: the whole data-parallel group, 1: no sharding")
+    ]
+    fsdp: Annotated[bool, key(False, "InternLM's FSDP mode; only False", compat=FIXED)]
 
 
 @section("parallel")
@@ -59,13 +65,16 @@ class ParallelSection:
     tensor: TensorSection
     pipeline: PipelineSection
     zero1: Zero1Section
-    sequence_parallel: bool = key(False, "shard activations along the sequence in tensor-parallel regions")
-    timeout_minutes: Union[int, float] = key(
-        30,
-        "timeout of every collective of the process groups (torch.distributed init_process_group and new_group) "
-        "and of checkpoint saves; raise it when a start-up or save outlasts it",
-        minimum=1,
-    )
+    sequence_parallel: Annotated[bool, key(False, "shard activations along the sequence in tensor-parallel regions")]
+    timeout_minutes: Annotated[
+        Union[int, float],
+        key(
+            30,
+            "timeout of every collective of the process groups (torch.distributed init_process_group and new_group) "
+            "and of checkpoint saves; raise it when a start-up or save outlasts it",
+            minimum=1,
+        ),
+    ]
 
 
 __all__ = ["ParallelSection", "TensorSection", "PipelineSection", "Zero1Section"]

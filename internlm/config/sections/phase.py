@@ -1,9 +1,7 @@
 """The ``phase`` section: what a phase of a multi-phase run (one config file each, one work_dir) starts afresh."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import Optional
+from typing import Annotated, Optional
 
 from ..keys import key, section
 
@@ -13,9 +11,9 @@ from ..keys import key, section
 class PhaseSection:
     """Training phase: one config file per phase of a multi-phase run sharing a work_dir."""
 
-    name: Optional[str] = key(None, "phase name; None resolves to the config file's stem")
-    reset_optimizer: bool = key(False, "start this phase with fresh optimizer state")
-    reset_data: bool = key(False, "start this phase at the beginning of its data")
+    name: Annotated[Optional[str], key(None, "phase name; None resolves to the config file's stem")]
+    reset_optimizer: Annotated[bool, key(False, "start this phase with fresh optimizer state")]
+    reset_data: Annotated[bool, key(False, "start this phase at the beginning of its data")]
 
 
 __all__ = ["PhaseSection"]

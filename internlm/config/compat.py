@@ -2,7 +2,7 @@
 
 Every key of InternLM's own configs either works as it does there or is rejected at start-up with one line
 naming what to use instead (docs/internlm_compat.md has the key-by-key table). The single-key checks below are
-the ``normalize`` functions of their schema fields (`internlm.config.schema`, ``compat=EQUIVALENT``); the
+the ``normalize`` functions of their keys (`internlm.config.sections`, ``compat=EQUIVALENT``); the
 checks that need another key are in `check_compat`, called from `internlm.config.validate.validate`.
 """
 

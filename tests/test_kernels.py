@@ -268,6 +268,8 @@ def test_chunked_ce_float64_and_frozen_weight():
 
 def _vocab_parallel_worker(rank, world_size, backends):
     """gloo on CPU tensors: the Triton variant runs through the interpreter (on CPU-only machines)."""
+    from internlm.parallel.cross_entropy import vocab_shard
+
     results = {}
     for name in backends:
         if name == "triton":
@@ -281,9 +283,8 @@ def _vocab_parallel_worker(rank, world_size, backends):
             shard = w.chunk(world_size)[rank].clone().requires_grad_()
             hidden = h.clone().requires_grad_()
             with kernel_backend(name):
-                loss = chunked_linear_cross_entropy(
-                    hidden, shard, labels, label_smoothing=eps, chunk_tokens=7, group=dist.group.WORLD
-                )
+                vocab = vocab_shard(dist.group.WORLD, shard.shape[0])
+                loss = chunked_linear_cross_entropy(hidden, shard, labels, label_smoothing=eps, chunk_tokens=7, shard=vocab)
             loss.backward()
             dist.all_reduce(hidden.grad)  # what the tensor region's backward does with the partial d hidden
             results[name, eps] = (

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from internlm.data import build_train_loader
-from internlm.data.packing import IGNORE_INDEX
+from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig, PackedDocs, attention
 from internlm.parallel import ParallelContext
 from internlm.train.cli import load_phases

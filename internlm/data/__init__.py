@@ -26,7 +26,6 @@ _EXPORTS = {
     "TokenStream": "stream",
     "source_key": "stream",
     "tokenize_to_shards": "tokenize_corpus",
-    "IGNORE_INDEX": "packing",
     "PackedSequence": "packing",
     "pack_window": "packing",
     "collate": "packing",

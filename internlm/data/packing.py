@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from internlm.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -7,19 +7,20 @@ that is also the fallback (CPU, no triton, unsupported dtype or shape); `dispatc
     cos, sin = rotary_cos_sin(position_ids, head_dim, base)  # once per forward, shared by every layer
     q = apply_rotary(q, cos, sin)                            # q: (tokens, heads, head_dim)
     a = swiglu(gate, up)                                     # F.silu(gate) * up
-    loss_sum = chunked_linear_cross_entropy(hidden, lm_head.weight, labels, label_smoothing=eps, group=tp_group)
+    loss_sum = chunked_linear_cross_entropy(hidden, lm_head.weight, labels, label_smoothing=eps)  # shard=: vocab split
 
-See docs/kernels.md for the formulas, the dispatch rules and the integration plan.
+See docs/kernels.md for the formulas, the dispatch rules and the integration plan. No kernel knows a process group:
+a vocab-split head passes a `VocabShard` whose ``combine`` (`internlm.parallel.cross_entropy`) does the collective.
 """
 
-from .cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, default_chunk_tokens
+from .cross_entropy import VocabShard, chunked_linear_cross_entropy, default_chunk_tokens
 from .dispatch import current_backend, kernel_backend, set_backend
 from .rmsnorm import rms_norm
 from .rotary import apply_rotary, rotary_cos_sin
 from .swiglu import swiglu
 
 __all__ = [
-    "IGNORE_INDEX",
+    "VocabShard",
     "apply_rotary",
     "chunked_linear_cross_entropy",
     "current_backend",

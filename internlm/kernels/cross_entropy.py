@@ -5,8 +5,9 @@
     F.cross_entropy(hidden @ weight.T, labels, reduction="sum", label_smoothing=eps, ignore_index=ignore_index)
 
 (fp32 loss). For every chunk of ``chunk_tokens`` tokens the forward computes logits x = h @ W^T in the input dtype,
-the per-token statistics (all-reduced over ``group`` when ``weight`` is a vocab shard, as in
-`internlm.parallel.cross_entropy`: one MAX of the local maxima, one SUM of the stacked rescaled sums)
+the per-token statistics of this process's vocab rows (``ce_stats``: local max m, sum exp(x - m), label logit,
+sum x), combines them over the vocab shards when ``weight`` is one (`VocabShard.combine`, supplied by
+`internlm.parallel.cross_entropy`, which all-reduces them: this module knows no process group), and takes
 
     M = max_v x_v,   S = sum_v exp(x_v - M),   lse = M + log S,   X = sum_v x_v
     loss = (1 - eps) (lse - x_label) + eps (lse - X / V)       (0 for labels == ignore_index)
@@ -20,10 +21,11 @@ Only d hidden (tokens, H) and d W (V_local, H) are kept for the autograd backwar
 incoming gradient. Peak extra memory: those two plus one (chunk_tokens, V_local) logits buffer in the input
 dtype (Triton path; the eager fallback adds one fp32 copy of it) instead of several (tokens, V) fp32 tensors.
 
-Vocab parallel: ``weight`` holds rows [rank V/T, (rank + 1) V/T) of the full head, ``hidden`` is the same on every
-rank of ``group`` and ``labels`` are global ids. The loss is the full loss on every rank; d hidden is this rank's
-partial sum (sum_v over its own rows), so ``hidden`` must enter through the tensor region whose backward
-all-reduces (``enter_region`` / ``copy_to_tensor_region``, as the column-parallel lm_head does); d W is local.
+Vocab shards: ``weight`` holds rows [start, start + V_local) of a head of ``total`` rows (`VocabShard`),
+``hidden`` is the same on every shard and ``labels`` are global ids. After ``combine`` the loss is the full loss
+on every shard; d hidden is this shard's partial sum (sum_v over its own rows), so the caller must sum it over the
+shards in the backward (`internlm.parallel.fused_head_loss` lets ``hidden`` enter the tensor region, as the
+column-parallel lm_head does); d W is local.
 
 ``d W`` accumulates chunk by chunk in ``weight``'s dtype (one rounding per chunk in bf16, as Liger-Kernel does).
 Labels must be in [0, V) or ``ignore_index`` (not checked: checking would synchronise with the device).
@@ -31,14 +33,15 @@ Labels must be in [0, V) or ``ignore_index`` (not checked: checking would synchr
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
-import torch.distributed as dist
+
+from internlm.labels import IGNORE_INDEX
 
 from .dispatch import TRITON_DTYPES, acc_dtype, load_triton, use_triton
 
-IGNORE_INDEX = -100
 CHUNK_BYTES = 256 * 2**20  # default: the largest power-of-two chunk whose fp32 logits fit in this
 
 
@@ -72,15 +75,24 @@ def ce_grad_eager_(logits, local_label, lse, scale, label_smoothing: float, voca
     return logits
 
 
-def _combine(stats, group, world: int, vocab_total: int, label_smoothing: float, valid: torch.Tensor):
-    """Per-token loss and log-sum-exp of a chunk from its local statistics (all-reduced over ``group``)."""
-    m, sum_exp, x_label, sum_x = stats.unbind(0)
-    if world > 1:
-        global_max = m.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        sums = torch.stack([sum_exp * torch.exp(m - global_max), x_label, sum_x])
-        dist.all_reduce(sums, group=group)  # one collective for all per-token sums
-        m, (sum_exp, x_label, sum_x) = global_max, sums.unbind(0)
+Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""Per-token ``(m, sum exp(x - m), x_label, sum x)`` of a chunk, each (rows,) fp32 (the rows of `ce_stats_eager`)."""
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """``weight`` holds rows [``start``, ``start`` + V_local) of a head of ``total`` rows; ``combine`` turns the
+    shard's `Stats` of a chunk into those of the full vocabulary (M = max of the m's, S = sum of the sums rescaled
+    to M, the label logit and sum x summed): the caller's collective, called once per chunk on every shard."""
+
+    start: int
+    total: int
+    combine: Callable[[Stats], Stats]
+
+
+def _token_loss(stats: Stats, vocab_total: int, label_smoothing: float, valid: torch.Tensor):
+    """Per-token loss and log-sum-exp of a chunk from its full-vocabulary statistics."""
+    m, sum_exp, x_label, sum_x = stats
     lse = m + sum_exp.log()
     loss = lse - x_label
     if label_smoothing > 0:
@@ -88,14 +100,12 @@ def _combine(stats, group, world: int, vocab_total: int, label_smoothing: float,
     return loss.masked_fill(~valid, 0.0), lse
 
 
-def _linear_cross_entropy(hidden, weight, labels, group, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw):
+def _linear_cross_entropy(hidden, weight, labels, shard, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw):
     """Loss (0-dim, fp32) and, when asked, d hidden and d weight for an incoming gradient of 1."""
     size = hidden.shape[-1]
     hidden2d, labels1d = hidden.reshape(-1, size), labels.reshape(-1).long()
-    world = 1 if group is None else dist.get_world_size(group)
-    rank = 0 if group is None else dist.get_rank(group)
     vocab_local = weight.shape[0]
-    vocab_total, vocab_start = vocab_local * world, rank * vocab_local
+    vocab_total, vocab_start = (vocab_local, 0) if shard is None else (shard.total, shard.start)
     chunk = chunk_tokens or default_chunk_tokens(vocab_local)
     kernels = (
         load_triton()
@@ -114,8 +124,10 @@ def _linear_cross_entropy(hidden, weight, labels, group, ignore_index, label_smo
         valid = lab != ignore_index
         local = lab - vocab_start
         local = torch.where(valid & (local >= 0) & (local < vocab_local), local, -1)
-        stats = stats_fn(logits, local, label_smoothing > 0)
-        token_loss, lse = _combine(stats, group, world, vocab_total, label_smoothing, valid)
+        stats = stats_fn(logits, local, label_smoothing > 0).unbind(0)
+        if shard is not None:
+            stats = shard.combine(stats)
+        token_loss, lse = _token_loss(stats, vocab_total, label_smoothing, valid)
         loss += token_loss.sum()
         if need_dh or need_dw:
             grad_fn(logits, local, lse, valid.to(lse.dtype), label_smoothing, vocab_total)
@@ -129,9 +141,9 @@ def _linear_cross_entropy(hidden, weight, labels, group, ignore_index, label_smo
 
 class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, group, ignore_index, label_smoothing, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, shard, ignore_index, label_smoothing, chunk_tokens):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        args = (group, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw)
+        args = (shard, ignore_index, label_smoothing, chunk_tokens, need_dh, need_dw)
         loss, dh, dw = _linear_cross_entropy(hidden, weight, labels, *args)
         # saved like any activation (saved_tensors_hooks see them); autograd frees them after the backward
         ctx.save_for_backward(dh, dw)
@@ -157,13 +169,14 @@ def chunked_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     chunk_tokens: Optional[int] = None,
-    group: Optional[Any] = None,
+    shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
     """fp32 SUM over tokens of the cross-entropy of ``hidden @ weight.T`` (see the module docstring).
 
     hidden: (..., H); weight: (V_local, H), same dtype; labels: hidden's leading shape, global ids.
     chunk_tokens: tokens per chunk (default `default_chunk_tokens`: fp32 chunk logits of at most 256 MiB).
-    group: tensor-parallel group over which ``weight`` is split along the vocab, or None.
+    shard: where ``weight``'s rows lie in a vocab-split head and how the shards' statistics combine
+    (`VocabShard`; `internlm.parallel.fused_head_loss` builds it for a tensor group), or None for a whole head.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on token dims")
@@ -175,7 +188,9 @@ def chunked_linear_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    args = (group, ignore_index, float(label_smoothing), chunk_tokens)
+    if shard is not None and not 0 <= shard.start <= shard.total - weight.shape[0]:
+        raise ValueError(f"vocab shard rows [{shard.start}, +{weight.shape[0]}) lie outside a head of {shard.total}")
+    args = (shard, ignore_index, float(label_smoothing), chunk_tokens)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, labels, *args)
     return _linear_cross_entropy(hidden, weight, labels, *args, False, False)[0]
@@ -183,7 +198,8 @@ def chunked_linear_cross_entropy(
 
 __all__ = [
     "ChunkedLinearCrossEntropyFunction",
-    "IGNORE_INDEX",
+    "Stats",
+    "VocabShard",
     "ce_grad_eager_",
     "ce_stats_eager",
     "chunked_linear_cross_entropy",

@@ -13,8 +13,14 @@ using the softmax kept from the forward. Tokens whose label is ``ignore_index`` 
 
 `make_loss_fn` also takes the `HeadInput` that a model chunk with ``fuse_head_loss`` returns (the trainer's default,
 ``model.fused_loss``): the head and the loss then run fused and chunked over tokens
-(`internlm.kernels.chunked_linear_cross_entropy`, the same math, vocab parallel over the tensor group), so neither
-the (tokens, V / T) logits nor their fp32 copies ever exist.
+(`internlm.kernels.chunked_linear_cross_entropy`, the same math), so neither the (tokens, V / T) logits nor their
+fp32 copies ever exist. The kernel knows no process group: `vocab_shard` hands it this rank's rows and
+`combine_vocab_stats`, the per-chunk reduction over the tensor group (the two collectives above, on the local
+statistics m, sum exp(x - m), x_label, sum x):
+
+    M = MAX_ranks m,   (S, x_label, X) = SUM_ranks (sum exp(x - m) * exp(m - M), x_label, sum x)
+
+Both vocab-parallel losses reduce through `_global_max_` and `_global_sums_`, the only collectives here.
 """
 
 from __future__ import annotations
@@ -25,14 +31,45 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from internlm.data.packing import IGNORE_INDEX
-from internlm.kernels import chunked_linear_cross_entropy
+from internlm.kernels import VocabShard, chunked_linear_cross_entropy
+from internlm.kernels.cross_entropy import Stats
+from internlm.labels import IGNORE_INDEX
 from internlm.model import HeadInput
 
 from .comm import all_reduce_, group_rank, group_size
 from .pipeline.steps import LossFn
 from .process_groups import ParallelContext
 from .tensor_parallel import ColumnParallelLinear, enter_region
+
+
+def _global_max_(x: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    """Per-token max over the vocab shards, in place (a no-op for one rank)."""
+    all_reduce_(x, group, dist.ReduceOp.MAX)
+    return x
+
+
+def _global_sums_(stacked: torch.Tensor, group: Optional[Any]) -> torch.Tensor:
+    """Per-token sums over the vocab shards, in place: one collective for all the stacked sums."""
+    all_reduce_(stacked, group)
+    return stacked
+
+
+def combine_vocab_stats(stats: Stats, group: Any) -> Stats:
+    """The full-vocabulary `Stats` of a chunk from this rank's (see the module docstring); every rank gets them."""
+    m, sum_exp, x_label, sum_x = stats
+    global_max = _global_max_(m.clone(), group)
+    sums = _global_sums_(torch.stack([sum_exp * torch.exp(m - global_max), x_label, sum_x]), group)
+    sum_exp, x_label, sum_x = sums.unbind(0)
+    return global_max, sum_exp, x_label, sum_x
+
+
+def vocab_shard(group: Any, vocab_local: int) -> VocabShard:
+    """This rank's `VocabShard` of a head split over ``group`` in pieces of ``vocab_local`` rows (rank order)."""
+    return VocabShard(
+        start=group_rank(group) * vocab_local,
+        total=group_size(group) * vocab_local,
+        combine=lambda stats: combine_vocab_stats(stats, group),
+    )
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -44,8 +81,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         vocab_start = group_rank(group) * vocab_local
 
         # softmax is shift invariant: subtract the global max for a stable exp
-        logits_max = z.max(dim=-1).values
-        all_reduce_(logits_max, group, dist.ReduceOp.MAX)
+        logits_max = _global_max_(z.max(dim=-1).values, group)
         z = z - logits_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
 
         local_label = labels - vocab_start
@@ -57,8 +93,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = [z_label, exp_z.sum(dim=-1)]
         if label_smoothing > 0:
             stats.append(z.sum(dim=-1))
-        stats = torch.stack(stats)
-        all_reduce_(stats, group)  # one collective for all per-token sums
+        stats = _global_sums_(torch.stack(stats), group)
         log_z = stats[1].log()
         loss = log_z - stats[0]
         if label_smoothing > 0:
@@ -109,17 +144,18 @@ def fused_head_loss(output: HeadInput, labels: torch.Tensor, label_smoothing: fl
     A column-parallel head (vocab split over its tensor group) first lets the hidden states enter the tensor
     region as its own forward would (copy, or all-gather along the sequence under sequence parallelism; the
     backward all-reduces / reduce-scatters the partial d hidden), then the chunked loss all-reduces its per-token
-    statistics over the group. Every tensor rank returns the same value.
+    statistics over the group (`vocab_shard`). Every tensor rank returns the same value.
     """
-    head, hidden, group = output.head, output.hidden, None
+    head, hidden, shard = output.head, output.hidden, None
     if getattr(head, "bias", None) is not None:
         raise ValueError("the fused head + loss supports an lm_head without bias only")
     if isinstance(head, ColumnParallelLinear):
         if head.input_region:
             hidden = enter_region(hidden, head.group, head.sequence_parallel)
-        group = head.group if group_size(head.group) > 1 else None
+        if group_size(head.group) > 1:
+            shard = vocab_shard(head.group, head.weight.shape[0])
     return chunked_linear_cross_entropy(
-        hidden, head.weight, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, group=group
+        hidden, head.weight, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, shard=shard
     )
 
 
@@ -149,4 +185,11 @@ def make_loss_fn(pc: ParallelContext, label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
-__all__ = ["LossFn", "fused_head_loss", "vocab_parallel_cross_entropy", "make_loss_fn"]
+__all__ = [
+    "LossFn",
+    "combine_vocab_stats",
+    "fused_head_loss",
+    "make_loss_fn",
+    "vocab_parallel_cross_entropy",
+    "vocab_shard",
+]

@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from internlm.data.packing import IGNORE_INDEX
+from internlm.labels import IGNORE_INDEX
 from internlm.model import PackedDocs
 from internlm.parallel import all_reduce_
 

@@ -71,14 +71,33 @@ def test_kv_cache_logits_equal_full_recompute():
         ids[i, longest - len(r) :], mask[i, longest - len(r) :] = r, 1
     cache = KVCache(3, 4)  # too small on purpose: the buffers grow
     with torch.no_grad():
-        pieces = [model(ids, attention_mask=mask, cache=cache)]
-        pieces += [model(new[:, i : i + 1], cache=cache) for i in range(2)]
-        pieces.append(model(new[:, 2:], cache=cache))
+        pieces = [model.decode(ids, cache, attention_mask=mask)]
+        pieces += [model.decode(new[:, i : i + 1], cache) for i in range(2)]
+        pieces.append(model.decode(new[:, 2:], cache))
         cached = torch.cat(pieces, dim=1)
         for i, r in enumerate(rows):
             full = model(torch.cat([r, new[i]])[None])[0]
             torch.testing.assert_close(cached[i, longest - len(r) :], full, rtol=1e-5, atol=1e-5)
     assert cache.length == longest + 6 and cache.seen.tolist() == [len(r) + 6 for r in rows]
+
+
+def test_generate_through_trainer_wrappers(monkeypatch):
+    """A model whose layers the trainer wrapped (whole-layer recomputation) generates through the layers' ``decode``,
+    which the wrappers leave alone: the same tokens, and no checkpoint wrapper runs."""
+    from internlm.train import activation_checkpoint
+
+    torch.manual_seed(5)
+    model = InternLM(_tiny())
+    plain = generate(model, PROMPTS, max_new_tokens=6, temperature=0)
+    assert activation_checkpoint.apply_activation_checkpointing(model, True) == model.config.num_layers
+
+    def wrapped(*args, **kwargs):
+        raise AssertionError("generation went through a checkpoint wrapper")
+
+    monkeypatch.setattr(activation_checkpoint, "checkpoint", wrapped)
+    assert generate(model, PROMPTS, max_new_tokens=6, temperature=0) == plain
+    with pytest.raises(AssertionError, match="checkpoint wrapper"):  # the training forward is the wrapped one
+        model(torch.tensor([PROMPTS[0]]))
 
 
 def test_eos_stops_each_row():

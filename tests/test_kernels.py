@@ -284,7 +284,9 @@ def _vocab_parallel_worker(rank, world_size, backends):
             hidden = h.clone().requires_grad_()
             with kernel_backend(name):
                 vocab = vocab_shard(dist.group.WORLD, shard.shape[0])
-                loss = chunked_linear_cross_entropy(hidden, shard, labels, label_smoothing=eps, chunk_tokens=7, shard=vocab)
+                loss = chunked_linear_cross_entropy(
+                    hidden, shard, labels, label_smoothing=eps, chunk_tokens=7, shard=vocab
+                )
             loss.backward()
             dist.all_reduce(hidden.grad)  # what the tensor region's backward does with the partial d hidden
             results[name, eps] = (

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig, modeling
-from internlm.model.modeling import init_tile_shape
+from internlm.model.init import init_tile_shape
 from internlm.parallel import Layout, init_parallel_context, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks
 from internlm.train import distributed as train_distributed

@@ -38,13 +38,31 @@ def flash_attn_available() -> bool:
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Pick a backend: flash-attn for fp16/bf16 CUDA tensors when it is installed, else torch sdpa."""
+BACKENDS = ("auto", "flash", "sdpa", "reference")
+
+
+def resolve_backend(
+    requested: str,
+    device: Union[torch.device, str],
+    dtype: torch.dtype = torch.bfloat16,
+    flash_installed: Optional[bool] = None,
+) -> str:
+    """The attention backend a run uses: the one rule for the model, the banner and the planner.
+
+    ``auto`` is flash-attn for fp16/bf16 tensors on a CUDA ``device`` when flash-attn is installed, else torch sdpa;
+    any other name is kept, after checking that ``flash`` can run. ``flash_installed`` (default: whether this process
+    imports flash-attn) lets a planner ask about another machine, e.g. ``resolve_backend(mc.attn_backend, "cuda",
+    mc.dtype, flash_installed=True)`` for a GPU run with flash-attn. Raises ValueError for an unknown name and
+    RuntimeError when ``flash`` cannot run (not installed, or not a 16-bit dtype).
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; use auto, flash, sdpa or reference")
+    installed = flash_attn_available() if flash_installed is None else flash_installed
     if requested == "auto":
-        usable = flash_attn_available() and device.type == "cuda" and dtype in _FLASH_DTYPES
+        usable = installed and torch.device(device).type == "cuda" and dtype in _FLASH_DTYPES
         return "flash" if usable else "sdpa"
     if requested == "flash":
-        if not flash_attn_available():
+        if not installed:
             raise RuntimeError("attn_backend='flash' needs the flash-attn package: pip install flash-attn")
         if dtype not in _FLASH_DTYPES:
             raise RuntimeError(
@@ -266,6 +284,4 @@ def packed_causal_attention(
         return flash_attention(q, k, v, cu_seqlens, max_seqlen)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, cu_seqlens)
-    if backend == "reference":
-        return reference_attention(q, k, v, cu_seqlens)
-    raise ValueError(f"unknown attention backend {backend!r}; use auto, flash, sdpa or reference")
+    return reference_attention(q, k, v, cu_seqlens)

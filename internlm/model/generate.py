@@ -5,7 +5,9 @@
 
 Prompts are left-padded into one (B, P) batch with an attention mask; each row's positions count its own tokens
 (`internlm.model.kv_cache`), so a row is generated as if it were alone. The prompt runs once, then every step feeds
-one token per row and reuses the cached keys/values. Each step picks, from the fp32 logits z of a row's last token:
+one token per row and reuses the cached keys/values (`InternLM.decode`: a model whose layers the trainer wrapped
+for checkpointing or compilation generates through the same unwrapped path). Each step picks, from the fp32
+logits z of a row's last token:
 
     temperature == 0: argmax z (greedy; transformers' ``do_sample=False``)
     else: z / temperature -> keep the top_k largest -> keep the smallest set of most likely tokens whose probability
@@ -22,7 +24,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .kv_cache import KVCache
-from .modeling import HeadInput, InternLM
+from .modeling import InternLM
 
 Prompts = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -45,19 +47,6 @@ def filter_logits(
         drop[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, index, drop), float("-inf"))
     return logits
-
-
-def _last_logits(model: InternLM, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """(B, V) fp32 logits of each row's last token; only those rows of hidden states go through the head."""
-    fused = model.fuse_head_loss
-    model.fuse_head_loss = True
-    try:
-        out = model(ids, attention_mask=mask, cache=cache)
-    finally:
-        model.fuse_head_loss = fused
-    if isinstance(out, HeadInput):
-        return out.head(out.hidden[:, -1]).float()
-    return out[:, -1].float()  # a chunk without lm_head cannot sample; kept for a model that returns logits
 
 
 @torch.no_grad()
@@ -102,7 +91,8 @@ def generate(
     try:
         step_ids, step_mask = ids.to(device), mask.to(device)
         for _ in range(max_new_tokens):
-            logits = _last_logits(model, step_ids, step_mask, cache).cpu()
+            # (B, V) fp32 logits of each row's last token: `InternLM.decode`, the path no trainer wrapper touches
+            logits = model.decode(step_ids, cache, attention_mask=step_mask, last_only=True)[:, -1].float().cpu()
             if temperature <= 0:
                 next_ids = logits.argmax(-1)
             else:

@@ -2,7 +2,7 @@
 
 A `KVCache` holds, for a batch of B rows, the rotated keys and the values of every token the model has seen, one
 (B, kv_heads, T, head_dim) buffer pair per layer, and which of the T slots hold real tokens (``valid``: padding
-slots are never attended to). A forward with ``cache=`` appends its S new tokens at slots [T0, T0 + S):
+slots are never attended to). An `InternLM.decode` call appends its S new tokens at slots [T0, T0 + S):
 
     query i of row b (slot T0 + i) attends key slot t  iff  t <= T0 + i  and  valid[b, t]
 
@@ -37,7 +37,7 @@ class LayerKV:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for ``model(new_ids, cache=cache, attention_mask=mask)``.
+    """Keys and values of the tokens seen so far, for ``model.decode(new_ids, cache, attention_mask=mask)``.
 
     ``batch_size`` rows; ``max_len`` slots are reserved up front (the buffers grow, by doubling, when a forward
     needs more). ``length`` is the number of slots filled (T0), ``seen`` (B,) the real tokens of each row.

@@ -17,24 +17,33 @@ computed once per forward and shared by every layer, SwiGLU): Triton on GPUs, th
 elsewhere, with the same values as the formulas written here (`apply_rotary`, ``F.silu(gate) * up``). With
 ``fuse_head_loss`` the chunk holding ``lm_head`` returns a `HeadInput` instead of logits, for a loss that applies
 the head chunk by chunk (`internlm.kernels.chunked_linear_cross_entropy`): the full logits never exist.
+
+Two paths run through the layers, each a method of its own:
+
+* ``forward`` (``model(ids, cu_seqlens=..., labels=...)``): packed training and scoring. It is what the pipeline
+  steps call and what the trainer's wrappers wrap: activation checkpointing and ``torch.compile``
+  (`internlm.train.activation_checkpoint`) replace ``forward`` on layer *instances*, nothing else.
+* ``decode`` (``model.decode(ids, cache, attention_mask)``): the generation step over a `KVCache`, padded rows.
+  Every level has its own ``decode`` (`InternLM`, `DecoderLayer`, `Attention`), which no wrapper replaces, so a
+  trainer's wrapped chunk generates with the plain eager layers without reaching around its wrappers (the norms
+  and the MLP are shared by both paths; a recomputed MLP under ``model.checkpoint="mlp"`` is exact without grad).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from internlm.kernels import IGNORE_INDEX, chunked_linear_cross_entropy, rms_norm, rotary_cos_sin, swiglu
 from internlm.kernels import apply_rotary as rotate
+from internlm.kernels import chunked_linear_cross_entropy, rms_norm, rotary_cos_sin, swiglu
+from internlm.labels import IGNORE_INDEX
 
 from .attention import PackedDocs, packed_causal_attention, positions_from_cu_seqlens
 from .config import InternLMConfig
+from .init import init_weights
 from .kv_cache import KVCache, LayerKV, cached_attention
 
 Rope = Tuple[torch.Tensor, torch.Tensor]
@@ -111,20 +120,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h, h, bias=bias, dtype=dt)
         self.core = AttentionCore()
 
-    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None, cache: Optional[LayerKV] = None):
-        """x: (B, S, H); docs: the batch's `PackedDocs` (or a cu_seqlens tensor); rope: this forward's (cos, sin),
-        or the position ids (a layer called on its own computes cos/sin itself). ``cache`` (generation only): this
-        layer's `LayerKV`; the new keys/values join the cached ones and ``docs`` is unused."""
+    def _rotated_qkv(self, x: torch.Tensor, rope: Union[Rope, torch.Tensor]):
+        """q, k, v as (tokens, heads, head_dim), q and k rotated, and the (B, S) of ``x``'s tokens."""
         if isinstance(rope, torch.Tensor):
             rope = rope_for(self.config, rope, int(rope.max()) + 1 if dynamic_rope(self.config) else None)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         batch_shape = q.shape[:-1]  # (B, S): under sequence parallelism the projections gathered the sequence
         q, k, v = (t.reshape(-1, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
-        q, k = rotate(q, *rope), rotate(k, *rope)
-        if cache is not None:
-            return self.o_proj(cached_attention(q, k, v, batch_shape, cache))
+        return rotate(q, *rope), rotate(k, *rope), v, batch_shape
+
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """x: (B, S, H); docs: the batch's `PackedDocs` (or a cu_seqlens tensor); rope: this forward's (cos, sin),
+        or the position ids (a layer called on its own computes cos/sin itself)."""
+        q, k, v, batch_shape = self._rotated_qkv(x, rope)
         out = self.core(q, k, v, docs, self.backend, max_seqlen)
         return self.o_proj(out.reshape(*batch_shape, -1))
+
+    def decode(self, x: torch.Tensor, rope: Rope, cache: LayerKV) -> torch.Tensor:
+        """The generation step: x (B, S, H) of new tokens attend to this layer's cached keys/values (`LayerKV`)
+        and their own, which join the cache."""
+        q, k, v, batch_shape = self._rotated_qkv(x, rope)
+        return self.o_proj(cached_attention(q, k, v, batch_shape, cache))
 
 
 class SwiGLU(nn.Module):
@@ -141,6 +157,9 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + Attention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)). ``forward`` is the training path (the one the
+    trainer's checkpoint / compile wrappers replace per instance), ``decode`` the generation step (never wrapped)."""
+
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config.dtype)
@@ -148,11 +167,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, config.dtype)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen=None, cache: Optional[LayerKV] = None):
-        if cache is None:
-            x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen, cache=cache)
+    def forward(self, x, docs, rope: Union[Rope, torch.Tensor], max_seqlen: Optional[int] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), docs, rope, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x: torch.Tensor, rope: Rope, cache: LayerKV) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -177,13 +197,14 @@ class InternLM(nn.Module):
 
     ``model(input_ids, labels=labels)`` -> the mean next-token cross-entropy (a scalar), as transformers' causal LMs
     compute it: ``labels`` has the shape of ``input_ids`` and is shifted inside (token t predicts labels[t + 1]),
-    tokens labelled -100 are left out: loss = sum_t CE(logits[t], labels[t + 1]) / #(labels[1:] != -100).
+    tokens labelled IGNORE_INDEX (-100) are left out:
+    loss = sum_t CE(logits[t], labels[t + 1]) / #(labels[1:] != -100).
 
-    Padded batches and generation: ``attention_mask`` (B, S) (1 real token, 0 padding) and/or ``cache`` (a
-    `KVCache`, whose keys/values the new tokens join): see `internlm.model.kv_cache` and `internlm.model.generate`.
+    Generation and padded batches: ``model.decode(input_ids, cache, attention_mask)`` (a `KVCache`, whose keys/values
+    the new tokens join): see `internlm.model.kv_cache` and `internlm.model.generate`.
 
     ``fuse_head_loss`` (default False; the trainer sets it on the chunk holding the head unless
-    ``model.fused_loss=False``): return a `HeadInput` instead of the logits.
+    ``model.fused_loss=False``): ``forward`` returns a `HeadInput` instead of the logits.
     """
 
     fuse_head_loss: bool = False
@@ -210,8 +231,6 @@ class InternLM(nn.Module):
         max_seqlen: Optional[int] = None,
         cu_seqlens_list: Optional[Sequence[int]] = None,
         labels: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
     ) -> Union[torch.Tensor, HeadInput]:
         """input_ids: (B, S) token ids, or (B, S, hidden) hidden states on a pipeline stage without embedding.
 
@@ -226,17 +245,12 @@ class InternLM(nn.Module):
         with ``cu_seqlens_list``), else max(position_ids) + 1 (one device sync); unused without dynamic scaling.
         """
         batch, seq = input_ids.shape[0], input_ids.shape[1]
-        device = input_ids.device
-        if cache is not None or attention_mask is not None:
-            if cu_seqlens is not None:
-                raise ValueError("attention_mask / cache take a padded (batch, seq) input, not packed cu_seqlens")
-            return self._forward_padded(input_ids, attention_mask, position_ids, cache, labels)
         given_max_seqlen = max_seqlen
         if cu_seqlens is None:
             if self.embed_tokens is None:
                 # hidden states may be sequence-sharded (sequence parallelism): the length is not S here
                 raise ValueError("a model chunk without embedding needs cu_seqlens for its hidden-state input")
-            cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
+            cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, device=input_ids.device, dtype=torch.int32)
             cu_seqlens_list = list(range(0, (batch + 1) * seq, seq))
             max_seqlen = seq
         docs = cu_seqlens if isinstance(cu_seqlens, PackedDocs) else PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen)
@@ -254,18 +268,13 @@ class InternLM(nn.Module):
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         for layer in self.layers.values():
             h = layer(h, docs, rope, max_seqlen)
-        return self._output(h, labels)
-
-    def _output(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> Union[torch.Tensor, HeadInput]:
         if self.norm is not None:
             h = self.norm(h)
         if labels is not None:
             return self.causal_lm_loss(h, labels)
-        if self.lm_head is not None:
-            if self.fuse_head_loss:
-                return HeadInput(h, self.lm_head)
-            h = self.lm_head(h)
-        return h
+        if self.lm_head is None:
+            return h
+        return HeadInput(h, self.lm_head) if self.fuse_head_loss else self.lm_head(h)
 
     def causal_lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next token from the final (normed) hidden states (B, S, H) and ``labels``
@@ -282,18 +291,22 @@ class InternLM(nn.Module):
         loss_sum = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
         return loss_sum / (targets != IGNORE_INDEX).sum()
 
-    def _forward_padded(
+    def decode(
         self,
         input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        position_ids: Optional[torch.Tensor],
-        cache: Optional[KVCache],
-        labels: Optional[torch.Tensor],
-    ) -> Union[torch.Tensor, HeadInput]:
-        """A (B, S) batch whose rows may hold padding (``attention_mask``), appended to ``cache`` when given (a
-        one-forward cache otherwise). Default positions count each row's real tokens (`KVCache.begin`)."""
-        if self.embed_tokens is None or input_ids.dim() != 2:
-            raise ValueError("attention_mask / cache need token ids (batch, seq) and the chunk holding embed_tokens")
+        cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, S, V) of a (B, S) batch of new tokens appended to ``cache`` (a one-call cache when None);
+        ``last_only``: of each row's last token only, (B, 1, V) (the head skips the others).
+
+        ``attention_mask`` (B, S): 1 real token, 0 padding (rows are left-padded); default positions count each
+        row's real tokens (`KVCache.begin`). Runs every layer's ``decode``, which no trainer wrapper replaces.
+        """
+        if self.embed_tokens is None or self.lm_head is None or input_ids.dim() != 2:
+            raise ValueError("decode needs token ids (batch, seq) and a whole model (embed_tokens ... lm_head)")
         batch, seq = input_ids.shape
         if cache is None:
             cache = KVCache(batch, seq)
@@ -306,11 +319,11 @@ class InternLM(nn.Module):
         h = self.embed_tokens(input_ids)
         try:
             for name, layer in self.layers.items():
-                # the class's forward: eager, past the trainer's per-instance checkpoint / torch.compile wrappers
-                h = type(layer).forward(layer, h, None, rope, None, cache=cache.layer(name))
+                h = layer.decode(h, rope, cache.layer(name))
         finally:
             cache.end()
-        return self._output(h, labels)
+        h = self.norm(h)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     @classmethod
     def from_pretrained(
@@ -324,86 +337,8 @@ class InternLM(nn.Module):
 
         return from_pretrained(cls, path, dtype=dtype, device=device, step=step)
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0, shards: Optional[Mapping[str, Any]] = None) -> int:
-        """InternLM initialisation: normal(0, init_std) for weights, init_std / sqrt(2 * num_layers) for
-        the output projections (o_proj, down_proj), ones for norms, zeros for biases. Returns the number of
-        random values drawn (the work done: proportional to the parameters this process holds).
-
-        Values do not depend on which parameters, or which pieces of them, a process holds: a weight's *full*
-        tensor is cut into fixed tiles (`init_tile_shape`, a function of the full shape only) and each tile is
-        drawn from its own generator seeded by (seed, parameter name, tile index). ``shards`` maps a parameter
-        name to its placement when the model is a tensor-parallel shard (`internlm.parallel.param_shards`; any
-        object with ``global_shape`` and, when split, ``dim``/``rank``/``size``/``is_split``): the parameter
-        draws only the tiles its piece covers and keeps the covered part, so every layout starts from exactly
-        the single-device weights at a cost proportional to its shard (tensor pieces of a power-of-two split
-        up to 16 cover whole tiles for the shipped shapes; other splits draw the few tiles they cut).
-        """
-        shards = shards or {}
-        std = self.config.init_std
-        out_std = std / math.sqrt(2.0 * self.config.num_layers)
-        drawn = 0
-        for name, param in self.named_parameters():
-            shard = shards.get(name)
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                full_shape = tuple(shard.global_shape) if shard is not None else tuple(param.shape)
-                region = [(0, n) for n in full_shape]
-                if shard is not None and getattr(shard, "is_split", False):
-                    local = full_shape[shard.dim] // shard.size
-                    region[shard.dim] = (shard.rank * local, (shard.rank + 1) * local)
-                if tuple(hi - lo for lo, hi in region) != tuple(param.shape):
-                    raise ValueError(f"{name}: shape {list(param.shape)} is not its piece {region} of {full_shape}")
-                scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                drawn += tiled_normal_(param, full_shape, region, (seed, name), scale)
-        return drawn
-
-
-# A weight's full tensor is cut, along each dimension of size S, into g tiles of S / g: g is the largest power of
-# two <= _INIT_MAX_TILES dividing S with tiles of at least _INIT_MIN_TILE. Tensor-parallel pieces (S / tp for a
-# power-of-two tp <= 16) then cover whole tiles, e.g. 640 x 640 tiles for hidden 10240.
-_INIT_MAX_TILES = 16
-_INIT_MIN_TILE = 16
-
-
-def init_tile_shape(full_shape: Sequence[int]) -> Tuple[int, ...]:
-    """The tile shape of the block-wise initialisation of a tensor of ``full_shape`` (layout independent)."""
-    tile = []
-    for size in full_shape:
-        g = 1
-        while 2 * g <= _INIT_MAX_TILES and size % (2 * g) == 0 and size // (2 * g) >= _INIT_MIN_TILE:
-            g *= 2
-        tile.append(size // g)
-    return tuple(tile)
-
-
-def _tile_seed(key: Tuple[int, str], index: Tuple[int, ...]) -> int:
-    text = f"{key[0]}/{key[1]}/{','.join(map(str, index))}".encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
-def tiled_normal_(
-    out: torch.Tensor,
-    full_shape: Sequence[int],
-    region: Sequence[Tuple[int, int]],
-    key: Tuple[int, str],
-    std: float,
-) -> int:
-    """Fill ``out`` with the piece ``region`` (``[(start, stop)]`` per dimension) of a normal(0, std) tensor of
-    ``full_shape`` whose tiles (`init_tile_shape`) are drawn from generators seeded by (``key``, tile index).
-    Draws only the tiles the region touches; returns the number of values drawn."""
-    tile = init_tile_shape(full_shape)
-    spans = [range(lo // t, (hi - 1) // t + 1) if hi > lo else range(0) for (lo, hi), t in zip(region, tile)]
-    drawn = 0
-    for index in itertools.product(*spans):
-        starts = [i * t for i, t in zip(index, tile)]
-        gen = torch.Generator().manual_seed(_tile_seed(key, index))
-        block = torch.empty(tile).normal_(0.0, std, generator=gen)
-        drawn += block.numel()
-        src = tuple(slice(max(lo, a) - a, min(hi, a + t) - a) for (lo, hi), a, t in zip(region, starts, tile))
-        dst = tuple(slice(max(lo, a) - lo, min(hi, a + t) - lo) for (lo, hi), a, t in zip(region, starts, tile))
-        out[dst].copy_(block[src])
-    return drawn
+        """InternLM's initial weights, the same values in every parallel layout (`internlm.model.init`: normal
+        tiles seeded by (seed, name, tile)); ``shards``: this rank's tensor-parallel pieces. Returns the number of
+        random values drawn."""
+        return init_weights(self, self.config.init_std, self.config.num_layers, seed, shards)

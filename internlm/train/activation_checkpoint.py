@@ -4,7 +4,8 @@ checkpointing (recomputation) and ``torch.compile``.
 `build_model_chunks` applies them to every model chunk after tensor parallelism and initialisation:
 `apply_activation_checkpointing` (``model.checkpoint``), then `compile_layers` (``model.compile``), which compiles
 the code inside the checkpoint wrappers, so a recomputation reruns the compiled graphs. Both wrap methods of the
-module instances in place: parameter names, state dicts and checkpoints do not change.
+module instances in place: parameter names, state dicts and checkpoints do not change. They wrap ``forward`` only
+(the training path): generation runs the layers' ``decode`` (`internlm.model.modeling`), which stays eager.
 """
 
 from __future__ import annotations

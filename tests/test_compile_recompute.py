@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from internlm.config import load_run_config
+from internlm.labels import IGNORE_INDEX
 from internlm.model import HeadInput, PackedDocs, positions_from_cu_seqlens
 from internlm.parallel import ParallelContext
 from internlm.train.activation_checkpoint import is_recomputed
@@ -51,7 +52,7 @@ def _loss_and_grads(folder: str, overrides: Sequence[str] = (), steps: int = 1) 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (1, BOUNDS[-1]), generator=gen)
     labels = torch.randint(0, 256, (1, BOUNDS[-1]), generator=gen)
-    labels[0, torch.tensor(BOUNDS[1:]) - 1] = -100  # the last token of every document takes no loss
+    labels[0, torch.tensor(BOUNDS[1:]) - 1] = IGNORE_INDEX  # the last token of every document takes no loss
     cu = torch.tensor(BOUNDS, dtype=torch.int32)
     positions = positions_from_cu_seqlens(cu, BOUNDS[-1])[None]
     for _ in range(steps):  # a second step runs the compiled graphs from their cache

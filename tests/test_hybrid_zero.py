@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig
 from internlm.optim import BufferKey, HybridZeroOptimizer
 from internlm.optim.flat_buffer import ALIGN, FlatBuffer, lane_order
@@ -61,19 +62,21 @@ def global_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234 + step)
     ids = torch.randint(0, VOCAB, (GLOBAL_BSZ, SEQ), generator=gen)
     labels = torch.randint(0, VOCAB, (GLOBAL_BSZ, SEQ), generator=gen)
-    labels[torch.rand(GLOBAL_BSZ, SEQ, generator=gen) < 0.25] = -100
+    labels[torch.rand(GLOBAL_BSZ, SEQ, generator=gen) < 0.25] = IGNORE_INDEX
     return ids, labels
 
 
 def backward_step(model, step: int, dp_rank: int, dp_size: int, micro_num: int, loss_scale: float = 1.0) -> None:
     """This rank's micro-batches of global batch ``step``; each backward of loss_sum / global_tokens."""
     ids, labels = global_batch(step)
-    global_tokens = int((labels != -100).sum())  # what the all-reduce of per-rank token counts gives
+    global_tokens = int((labels != IGNORE_INDEX).sum())  # what the all-reduce of per-rank token counts gives
     rows = GLOBAL_BSZ // dp_size
     ids, labels = ids[dp_rank * rows : (dp_rank + 1) * rows], labels[dp_rank * rows : (dp_rank + 1) * rows]
     for mb_ids, mb_labels in zip(ids.chunk(micro_num), labels.chunk(micro_num)):
         logits = model(mb_ids).float()
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), mb_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, VOCAB), mb_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         (loss * loss_scale / global_tokens).backward()
 
 

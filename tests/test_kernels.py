@@ -33,6 +33,7 @@ from internlm.kernels import (
     rotary_cos_sin,
     swiglu,
 )
+from internlm.labels import IGNORE_INDEX
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -204,7 +205,7 @@ def ce_case(tokens=37, hidden=16, vocab=96, dtype=torch.float32, seed=4, shape=N
     h = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
     w = (torch.randn(vocab, hidden, generator=gen) * 0.5).to(device, dtype)
     labels = torch.randint(0, vocab, (tokens,), generator=gen)
-    labels[::5] = -100
+    labels[::5] = IGNORE_INDEX
     if shape is not None:
         h, labels = h.reshape(*shape, hidden), labels.reshape(shape)
     return h, w, labels.to(device)

@@ -193,3 +193,20 @@ def test_generate_with_fused_head():
     model.fuse_head_loss = True
     assert isinstance(model(torch.randint(0, 256, (1, 4))), HeadInput)
     assert len(generate(model, [1, 2, 3], max_new_tokens=4, seed=0)) == 7
+
+
+def test_resolve_backend_is_one_rule():
+    """`resolve_backend` decides "auto" for the model, the banner and a planner asking about another machine."""
+    from internlm.model.attention import resolve_backend
+
+    assert resolve_backend("auto", "cuda", torch.bfloat16, flash_installed=True) == "flash"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32, flash_installed=True) == "sdpa"
+    assert resolve_backend("auto", "cpu", torch.bfloat16, flash_installed=True) == "sdpa"
+    assert resolve_backend("auto", "cuda", torch.float16, flash_installed=False) == "sdpa"
+    assert resolve_backend("reference", "cpu", torch.float32) == "reference"
+    with pytest.raises(RuntimeError, match="needs the flash-attn package"):
+        resolve_backend("flash", "cuda", torch.bfloat16, flash_installed=False)
+    with pytest.raises(RuntimeError, match="fp16/bf16 only"):
+        resolve_backend("flash", "cuda", torch.float32, flash_installed=True)
+    with pytest.raises(ValueError, match="unknown attention backend 'xla'"):
+        resolve_backend("xla", "cpu")

@@ -9,6 +9,7 @@ import torch
 from internlm.config import ConfigError, load_config
 from internlm.config.model_config import model_config_from
 from internlm.kernels import rotary_cos_sin
+from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig
 from internlm.model.hf import to_hf_name
 from test_model import _hf_llama
@@ -100,8 +101,8 @@ def test_labels_loss_equals_transformers():
     hf = _hf_llama(cfg, model)
     ids = torch.randint(0, 256, (3, 14))
     labels = ids.clone()
-    labels[0, :5] = -100
-    labels[2, 9:] = -100
+    labels[0, :5] = IGNORE_INDEX
+    labels[2, 9:] = IGNORE_INDEX
     loss = model(ids, labels=labels)
     ref = hf(ids, labels=labels).loss
     assert loss.dim() == 0

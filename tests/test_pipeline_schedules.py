@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distributed_utils import run_distributed
+from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig, positions_from_cu_seqlens
 from internlm.parallel.pipeline import (
     InterleavedSchedule,
@@ -51,7 +52,7 @@ def _micro_batches(num):
         cu = torch.tensor([0, *cuts, SEQ], dtype=torch.int32)
         ids = torch.randint(0, 256, (1, SEQ), generator=gen)
         labels = torch.roll(ids, -1, dims=1)
-        labels[0, cu[1:].long() - 1] = -100
+        labels[0, cu[1:].long() - 1] = IGNORE_INDEX
         out.append(
             dict(
                 input_ids=ids,
@@ -66,12 +67,12 @@ def _micro_batches(num):
 
 def _loss_fn(logits, labels):
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
 def _loss_scale(micro_batches):
-    return 1.0 / sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+    return 1.0 / sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
 
 
 def _reference(num_layers, micro_num):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_utils import run_distributed
+from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import (
     ColumnParallelLinear,
@@ -61,7 +62,7 @@ def _batch():
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 256, (1, SEQ), generator=gen)
     labels = torch.randint(0, 256, (1, SEQ), generator=gen)
-    labels[0, CU_SEQLENS[1:] - 1] = -100  # last token of every document
+    labels[0, CU_SEQLENS[1:] - 1] = IGNORE_INDEX  # last token of every document
     return ids, labels
 
 
@@ -167,7 +168,7 @@ def _cross_entropy_case(rank, tp):
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(20, 256, generator=gen) * 3
     labels = torch.randint(0, 256, (20,), generator=gen)
-    labels[[3, 7, 15]] = -100
+    labels[[3, 7, 15]] = IGNORE_INDEX
     upstream = torch.rand(20, generator=gen)  # a non-uniform gradient of the per-token loss
     out = {}
     for eps in (0.0, SMOOTHING):
@@ -312,7 +313,7 @@ def test_single_process_loss_and_no_group_cross_entropy():
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
     labels = torch.randint(0, 32, (2, 9), generator=gen)
-    labels[0, 4] = -100
+    labels[0, 4] = IGNORE_INDEX
     for eps in (0.0, 0.2):
         got = make_loss_fn(ParallelContext.single(), eps)(logits, labels)
         want = F.cross_entropy(logits.reshape(-1, 32), labels.reshape(-1), reduction="sum", label_smoothing=eps)

@@ -25,12 +25,11 @@ import torch.nn.functional as F
 
 from internlm.config import RunConfig, load_run_config
 from internlm.kernels import kernel_backend
+from internlm.labels import IGNORE_INDEX
 from internlm.model import PackedDocs
 from internlm.parallel import ParallelContext
 from internlm.train.activation_checkpoint import compile_layers
 from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-
-IGNORE = -100
 
 CONFIG = """
 JOB_NAME = "benchmark"
@@ -86,7 +85,7 @@ def packed_batch(
         n_tokens = micro_bsz * seq_len
         ids = torch.randint(0, vocab, (1, n_tokens), generator=gen)
         labels = torch.roll(ids, -1, dims=1)
-        labels[0, torch.tensor(bounds[1:]) - 1] = IGNORE  # no label after a document's last token
+        labels[0, torch.tensor(bounds[1:]) - 1] = IGNORE_INDEX  # no label after a document's last token
         cu = torch.tensor(bounds, dtype=torch.int32)
         mb = dict(
             input_ids=ids.to(device),
@@ -95,7 +94,7 @@ def packed_batch(
             cu_seqlens_list=bounds,
             position_ids=torch.cat(positions)[None].to(device),
             max_seqlen=max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
-            label_tokens=int((labels != IGNORE).sum()),
+            label_tokens=int((labels != IGNORE_INDEX).sum()),
         )
         mb["docs"] = PackedDocs(mb["cu_seqlens"], bounds, mb["max_seqlen"])
         out.append(mb)
@@ -214,7 +213,7 @@ class HFStep:
                 attention_mask=inputs["attention_mask"],
             ).logits
             loss = F.cross_entropy(
-                logits.float().flatten(0, 1), inputs["labels"].flatten(), ignore_index=IGNORE, reduction="sum"
+                logits.float().flatten(0, 1), inputs["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             (loss * scale).backward()
             total += loss.detach()

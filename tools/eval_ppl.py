@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from internlm.data.packing import IGNORE_INDEX, pack_window
+from internlm.data.packing import pack_window
+from internlm.labels import IGNORE_INDEX
 from internlm.model import HeadInput, InternLM
 from internlm.model.pretrained import find_tokenizer
 

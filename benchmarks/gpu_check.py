@@ -19,7 +19,7 @@ so its peak memory is its own):
 Every variant starts from the same weights (the first-step losses are printed and must agree to bf16 rounding).
 Columns: tokens/s over ``--steps`` timed steps after ``--warmup`` (compilation happens there), model TFLOP/s per
 device (``InternLMConfig.flops_per_token``: recomputation never counted), MFU against the device's dense bf16
-peak (`internlm.train.devices.peak_tflops`; ``--peak-tflops`` overrides; n/a when unknown), peak memory allocated
+peak (`internlm.planning.peak_tflops`; ``--peak-tflops`` overrides; n/a when unknown), peak memory allocated
 (CUDA), and which kernel backends ran. A variant that fails prints its error and the run goes on; variants left
 when ``--budget`` seconds have passed are skipped.
 
@@ -51,7 +51,7 @@ from common import (
 from internlm.kernels import dispatch
 from internlm.model import flash_attn_available
 from internlm.model.hf import to_hf_name
-from internlm.train.devices import peak_tflops
+from internlm.planning import peak_tflops
 
 FULL = dict(hidden=2048, layers=14, heads=16, vocab=103168, seq_len=4096, micro_bsz=1, micro_num=4, mean_doc=1024)
 SMOKE = dict(hidden=64, layers=2, heads=4, vocab=512, seq_len=128, micro_bsz=1, micro_num=2, mean_doc=32)

@@ -109,3 +109,16 @@ def test_lower_packages_do_not_import_config_or_trainer():
         if target.startswith(("internlm.config", "internlm.train"))
     )
     assert bad == []
+
+
+def test_planning_does_not_import_the_trainer():
+    graph = import_graph()
+    assert any(module.startswith("internlm.planning") for module in graph)
+    bad = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if module.startswith("internlm.planning")
+        for target in targets
+        if target.startswith("internlm.train")
+    )
+    assert bad == []

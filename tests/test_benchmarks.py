@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from internlm.train import devices
+from internlm.planning import devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ import pytest
 
 from internlm.train.cli import load_phases, main
 from internlm.train.metrics import MetricsLogger, format_bytes, format_count, format_duration
-from internlm.train.plan import resume_plan
+from internlm.train.start_point import resume_point_text
 from train_utils import REPO, read_metrics, write_base, write_phase
 
 STEPS = 6
@@ -155,15 +155,15 @@ def test_profile_trace(piped_run):
     assert "profiling steps 2..3" in piped_run.out
 
 
-def test_resume_plan(piped_run, tmp_path):
+def test_resume_point_text(piped_run, tmp_path):
     _, phases = load_phases(["--config", piped_run.config, "--set", f"data.total_steps={STEPS}"])
-    text, index = resume_plan(phases)
+    text, index = resume_point_text(phases)
     checkpoint = os.path.join(piped_run.work_dir, "checkpoints", "6")
     assert (text, index) == (f"checkpoint {checkpoint} (step 6): all 1 phase(s) are complete, nothing to do", 1)
     root = str(tmp_path / "checkpoints")
     shutil.copytree(os.path.join(piped_run.work_dir, "checkpoints", "3"), os.path.join(root, "3"))
     sets = [f"data.total_steps={STEPS}", f"ckpt.save_ckpt_folder={root}"]
-    text, index = resume_plan(load_phases(["--config", piped_run.config, "--set", *sets])[1])
+    text, index = resume_point_text(load_phases(["--config", piped_run.config, "--set", *sets])[1])
     expected = f"resumes from checkpoint {root}/3 (step 3): phase 1 'p1' step 4 (global step 4)"
     assert (text, index) == (expected, 0)
 

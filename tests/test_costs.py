@@ -1,10 +1,10 @@
-"""Step communication and checkpoint size formulas (internlm/train/costs.py) on hand-checked cases."""
+"""Step communication, checkpoint size and parameter-count formulas (internlm/planning) on hand-checked cases."""
 
 import pytest
 
 from internlm.model import InternLMConfig
 from internlm.parallel import Layout
-from internlm.train.costs import checkpoint_bytes, stage_params, step_communication
+from internlm.planning import checkpoint_bytes, most_loaded_stage_params, step_communication
 
 
 def test_tensor_pipeline_and_data_bytes():
@@ -12,22 +12,22 @@ def test_tensor_pipeline_and_data_bytes():
         hidden_size=64, num_layers=4, num_attention_heads=4, vocab_size=256, multiple_of=32, dtype="bf16"
     )
     layout = Layout.create(16, tensor=2, pipeline=2, zero1=2, num_chunks=2, sequence_parallel=True)  # data 4
-    c = step_communication(mc, layout, micro_bsz=1, seq_len=8, micro_num=4, recompute=False)
+    c = step_communication(mc, layout, micro_bsz=1, seq_len=8, micro_num=4, checkpoint=False)
     n_bytes = 1 * 8 * 64 * 2
     assert c.tensor == pytest.approx(4 * (2 * 8 * 0.5 * n_bytes + 2 * 0.5 * n_bytes))  # 2 layers per stage
     assert c.pipeline == pytest.approx(2 * 2 * 4 * n_bytes / 2)  # SP: S/T-sharded hidden states
-    params = stage_params(mc, 2) / 2
+    params = most_loaded_stage_params(mc, layout)  # one tensor rank of the most loaded stage
     assert c.data_gradients == pytest.approx(0.5 * 4 * params + 2 * 0.5 * 4 * params / 2)  # 2 replicas
     assert c.data_params == pytest.approx(0.5 * 2 * params)
     assert sum(c.by_link().values()) == pytest.approx(c.tensor + c.pipeline + c.data)
-    again = step_communication(mc, layout, micro_bsz=1, seq_len=8, micro_num=4, recompute=True)
+    again = step_communication(mc, layout, micro_bsz=1, seq_len=8, micro_num=4, checkpoint=True)
     assert again.tensor > c.tensor and again.data == c.data  # recomputation repeats only the forward collectives
 
 
 def test_single_device_sends_nothing_and_checkpoint_size():
     mc = InternLMConfig.preset("internlm-tiny")
-    c = step_communication(mc, Layout.single(), micro_bsz=2, seq_len=16, micro_num=2, recompute=True)
+    c = step_communication(mc, Layout.single(), micro_bsz=2, seq_len=16, micro_num=2, checkpoint=True)
     assert (c.tensor, c.pipeline, c.data) == (0.0, 0.0, 0.0)
-    assert stage_params(mc, 1) == mc.num_params()
+    assert most_loaded_stage_params(mc, Layout.single()) == mc.num_params()
     size = checkpoint_bytes(mc)
     assert size["optimizer"] == 12 * mc.num_params() and size["total"] == size["model"] + size["optimizer"]

@@ -1,4 +1,4 @@
-"""The memory model (internlm/train/memory.py) against measurement on the CPU.
+"""The memory model (internlm/planning/activations.py, memory.py) against measurement on the CPU.
 
 1. Activations: the bytes the model says one micro-batch saves for backward vs the unique storages caught by
    ``torch.autograd.graph.saved_tensors_hooks`` during a forward and the loss (parameters excluded; a recomputed
@@ -31,13 +31,9 @@ from distributed_utils import run_distributed
 from internlm.config import load_run_config
 from internlm.model import PackedDocs
 from internlm.parallel import ParallelContext, init_parallel_context
+from internlm.planning import checkpointed_layer_count, memory_per_device, stage_memory
+from internlm.planning.activations import activation_bytes_per_micro_batch
 from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from internlm.train.memory import (
-    activation_bytes_per_micro_batch,
-    checkpointed_layers,
-    memory_per_device,
-    stage_memory,
-)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +154,7 @@ def measure_saved(run, pc: ParallelContext) -> int:
     elif setting == "mlp":
         recomputed = [layer.mlp for layer in layers]
     else:
-        recomputed = layers[: checkpointed_layers(setting, len(layers))]
+        recomputed = layers[: checkpointed_layer_count(setting, len(layers))]
     handles = [module.register_forward_pre_hook(keep_inputs) for module in recomputed]
     mb = _micro_batch(run, seed=1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -366,7 +362,8 @@ def test_model_formulas_by_hand():
     """Per-layer bytes of a bf16 MHA layer without tensor parallelism, and the scaling with T and SP."""
     from internlm.model import InternLMConfig
     from internlm.parallel import Layout
-    from internlm.train.memory import head_memory, layer_activation_bytes, schedule_events
+    from internlm.parallel.pipeline import schedule_order
+    from internlm.planning.activations import head_memory, layer_activation_bytes
 
     mc = InternLMConfig(
         hidden_size=64, num_layers=4, num_attention_heads=4, vocab_size=256, multiple_of=32, dtype="bf16"
@@ -386,9 +383,9 @@ def test_model_formulas_by_hand():
     fused = head_memory(mc, n)  # one chunk (all 100 tokens) of bf16 logits and its fp32 working copy
     assert fused.transient == (2 + 4) * n * 256 and fused.saved == 2 * n * h + 4 * n + 2 * n * h + 2 * 256 * h
     # 1F1B: stage 0 of 4 holds min(4, m) micro-batches
-    events = schedule_events(4, 0, 1, 8)
+    events = schedule_order(4, 0, 1, 8)
     held = peak = 0
-    for kind, _ in events:
+    for kind, _, _ in events:
         held += 1 if kind == "F" else -1
         peak = max(peak, held)
     assert peak == 4

@@ -142,13 +142,30 @@ class Layout:
         return out
 
     # ------------------------------------------------------------------ text and records
-    def describe(self) -> str:
-        """E.g. ``tp2+sp x pp1 x dp2 (zero1 2, 1 chunk, 4 ranks)``."""
+    def describe(self, style: str = "ranks") -> str:
+        """The layout as text; every layout line the framework prints comes from here, in one of three styles:
+
+        ``ranks`` (banner, logs): ``tp2+sp x pp1 x dp2 (zero1 2, 1 chunk, 4 ranks)``;
+        ``sentence`` (``--dry-run``): ``4 devices = tensor 2 x pipeline 1 (chunks 1) x data 2; zero1 2; sequence
+        parallel True``; ``compact`` (planner tables): ``tp2+sp pp1 dp2 zero1=2``, `` x2 chunks`` after pp when
+        interleaved.
+        """
         chunks, world = self.num_chunks, self.world_size
-        return (
-            f"tp{self.tensor}{'+sp' if self.sequence_parallel else ''} x pp{self.pipeline} x dp{self.data} "
-            f"(zero1 {self.zero1}, {chunks} chunk{'s' if chunks != 1 else ''}, {world} rank{'s' if world != 1 else ''})"
-        )
+        sp = "+sp" if self.sequence_parallel else ""
+        if style == "ranks":
+            return (
+                f"tp{self.tensor}{sp} x pp{self.pipeline} x dp{self.data} (zero1 {self.zero1}, "
+                f"{chunks} chunk{'s' if chunks != 1 else ''}, {world} rank{'s' if world != 1 else ''})"
+            )
+        if style == "sentence":
+            return (
+                f"{world} device{'s' if world != 1 else ''} = tensor {self.tensor} x pipeline {self.pipeline} (chunks "
+                f"{chunks}) x data {self.data}; zero1 {self.zero1}; sequence parallel {self.sequence_parallel}"
+            )
+        if style == "compact":
+            interleaved = f" x{chunks} chunks" if chunks > 1 else ""
+            return f"tp{self.tensor}{sp} pp{self.pipeline}{interleaved} dp{self.data} zero1={self.zero1}"
+        raise ValueError(f"Layout.describe: unknown style {style!r}; use 'ranks', 'sentence' or 'compact'")
 
     def to_dict(self) -> Dict[str, Any]:
         """The record kept in a checkpoint's meta.json."""

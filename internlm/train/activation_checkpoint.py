@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-Checkpoint = Union[bool, float, str, None]
-
-SELECTIVE = ("attn", "mlp")
+from internlm.planning.recompute import SELECTIVE, Checkpoint, checkpointed_layer_count
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -37,16 +34,6 @@ def _recompute(module: nn.Module) -> None:
 def is_recomputed(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return isinstance(forward, types.MethodType) and forward.__func__ is _checkpointed_forward
-
-
-def checkpointed_layer_count(setting: Checkpoint, layers: int) -> int:
-    """Layers of a chunk recomputed whole: all for True, none for False/None and the selective modes, else
-    ``round(setting * layers)`` (InternLM's fraction: the first layers of the chunk)."""
-    if setting is True:
-        return layers
-    if setting is False or setting is None or isinstance(setting, str):
-        return 0
-    return int(round(float(setting) * layers))
 
 
 def apply_activation_checkpointing(model: nn.Module, setting: Checkpoint) -> int:
@@ -96,4 +83,4 @@ def compile_layers(model: nn.Module, **options) -> int:
     return len(layers)
 
 
-__all__ = ["SELECTIVE", "apply_activation_checkpointing", "checkpointed_layer_count", "compile_layers"]
+__all__ = ["apply_activation_checkpointing", "compile_layers"]

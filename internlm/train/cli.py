@@ -147,9 +147,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from .plan import print_plan
+        from .dry_run import print_dry_run
 
-        print_plan(phases, args.throughput)
+        print_dry_run(phases, args.throughput)
         return 0
     from .run import EXIT_ABORTED, run_training
 

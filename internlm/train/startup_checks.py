@@ -6,8 +6,8 @@ run with exit status 2 and one line naming the file or key and what to do (docs/
 prints. The checks, in order:
 
 - the checkpoint folder: writable (a probe file is created and removed), free space >= one checkpoint
-  (`costs.checkpoint_bytes`: weights + fp32 master and Adam moments), no ``<step>/`` folder holding files without
-  meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
+  (`internlm.planning.checkpoint_bytes`: weights + fp32 master and Adam moments), no ``<step>/`` folder holding
+  files without meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
   spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded;
 - every phase's data: the loaders are built (each shard's .bin.meta read, sizes and document tables checked),
@@ -23,10 +23,10 @@ import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from internlm.config import ConfigError, RunConfig
+from internlm.planning import checkpoint_bytes
 
 from .checkpoint_files import META_FILE, complete_checkpoints, read_meta
 from .checkpoint_verify import checkpoint_problems
-from .costs import checkpoint_bytes
 from .errors import BadInputError, CheckpointError
 from .initial_load import check_start_plan
 from .lock import WorkDirLock

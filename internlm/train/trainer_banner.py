@@ -31,10 +31,10 @@ class BannerMixin:
             return
         from internlm.model.attention import resolve_backend
 
-        from .plan import resume_plan
+        from .start_point import resume_point_text
 
         mc = self.model_config
-        start, next_index = resume_plan(self.phases)
+        start, next_index = resume_point_text(self.phases)
         layout = self.phases[min(next_index, len(self.phases) - 1)].layout
         try:
             attention = resolve_backend(mc.attn_backend, self.device, mc.dtype)

@@ -12,7 +12,7 @@ See docs/pipeline.md.
 from .interleaved import InterleavedSchedule
 from .p2p import Exchange, PipelineP2P, ring_neighbours
 from .partition import build_pipeline_chunks, partition_layers, pipeline_problems
-from .schedules import NoPipelineSchedule, OneFOneBSchedule, build_schedule
+from .schedules import NoPipelineSchedule, OneFOneBSchedule, build_schedule, schedule_order
 
 __all__ = [
     "partition_layers",
@@ -25,4 +25,5 @@ __all__ = [
     "OneFOneBSchedule",
     "InterleavedSchedule",
     "build_schedule",
+    "schedule_order",
 ]

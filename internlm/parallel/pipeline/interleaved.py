@@ -33,6 +33,41 @@ from .p2p import Exchange, PipelineP2P
 from .steps import LossFn, as_stage_input, backward_step, chunk_device, forward_step
 
 
+def interleaved_forward_position(k: int, pp_size: int, num_chunks: int) -> Tuple[int, int]:
+    """(chunk, micro-batch index) of forward virtual step k (the module docstring's order)."""
+    group, pos = divmod(k, pp_size * num_chunks)
+    return pos // pp_size, group * pp_size + pos % pp_size
+
+
+def interleaved_backward_position(k: int, pp_size: int, num_chunks: int) -> Tuple[int, int]:
+    """(chunk, micro-batch index) of backward virtual step k: chunks in reverse order."""
+    chunk, index = interleaved_forward_position(k, pp_size, num_chunks)
+    return num_chunks - 1 - chunk, index
+
+
+def interleaved_warmup(pp_size: int, pp_rank: int, num_chunks: int, total: int, forward_only: bool = False) -> int:
+    """Warm-up forward virtual steps of rank ``pp_rank`` out of ``total``: min(total, 2 (pp - r - 1) + (V - 1) pp)."""
+    if forward_only:
+        return total
+    return min(total, 2 * (pp_size - pp_rank - 1) + (num_chunks - 1) * pp_size)
+
+
+def interleaved_order(
+    pp_size: int, pp_rank: int, num_chunks: int, micro_num: int, forward_only: bool = False
+) -> List[Tuple[str, int, int]]:
+    """``("F" or "B", chunk, micro-batch index)`` in the order `InterleavedSchedule.forward_backward` runs them on
+    ``pp_rank``: warm-up forwards, then forward step ``w + i`` and backward step ``i``, then the last backwards."""
+    total = micro_num * num_chunks
+    warmup = interleaved_warmup(pp_size, pp_rank, num_chunks, total, forward_only)
+    order = [("F", *interleaved_forward_position(k, pp_size, num_chunks)) for k in range(warmup)]
+    for i in range(total - warmup):
+        order.append(("F", *interleaved_forward_position(warmup + i, pp_size, num_chunks)))
+        order.append(("B", *interleaved_backward_position(i, pp_size, num_chunks)))
+    if not forward_only:
+        order += [("B", *interleaved_backward_position(k, pp_size, num_chunks)) for k in range(total - warmup, total)]
+    return order
+
+
 class InterleavedSchedule:
     """Interleaved 1F1B; ``forward_backward`` takes this rank's ``num_chunks`` chunks in chunk order."""
 
@@ -52,18 +87,14 @@ class InterleavedSchedule:
     # ------------------------------------------------------------------ virtual step order
     def forward_position(self, k: int) -> Tuple[int, int]:
         """(chunk, micro-batch index) of forward virtual step k."""
-        group, pos = divmod(k, self.pp_size * self.num_chunks)
-        return pos // self.pp_size, group * self.pp_size + pos % self.pp_size
+        return interleaved_forward_position(k, self.pp_size, self.num_chunks)
 
     def backward_position(self, k: int) -> Tuple[int, int]:
         """(chunk, micro-batch index) of backward virtual step k: chunks in reverse order."""
-        chunk, index = self.forward_position(k)
-        return self.num_chunks - 1 - chunk, index
+        return interleaved_backward_position(k, self.pp_size, self.num_chunks)
 
     def warmup_steps(self, total: int, forward_only: bool) -> int:
-        if forward_only:
-            return total
-        return min(total, 2 * (self.pp_size - self.pp_rank - 1) + (self.num_chunks - 1) * self.pp_size)
+        return interleaved_warmup(self.pp_size, self.pp_rank, self.num_chunks, total, forward_only)
 
     def _is_first(self, chunk: int) -> bool:
         return self.pp_rank == 0 and chunk == 0

@@ -12,14 +12,36 @@ return value is this rank's summed unscaled loss (fp32 scalar; zero on stages wi
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .interleaved import InterleavedSchedule
+from .interleaved import InterleavedSchedule, interleaved_order
 from .p2p import PipelineP2P
 from .steps import LossFn, as_stage_input, backward_step, chunk_device, forward_step
+
+
+def one_f_one_b_warmup(pp_size: int, pp_rank: int, micro_num: int, forward_only: bool = False) -> int:
+    """Warm-up forwards of 1F1B stage ``pp_rank``: min(pp_size - r - 1, m) (all m when ``forward_only``)."""
+    return micro_num if forward_only else min(pp_size - pp_rank - 1, micro_num)
+
+
+def schedule_order(
+    pp_size: int, pp_rank: int, num_chunks: int, micro_num: int, forward_only: bool = False
+) -> List[Tuple[str, int, int]]:
+    """``("F" or "B", model chunk, micro-batch index)`` in the order the schedule `build_schedule` picks runs them
+    on ``pp_rank`` (no pipeline, 1F1B or interleaved 1F1B). A pure function of the sizes: the memory planner
+    (`internlm.planning.memory`) replays it."""
+    if pp_size == 1:
+        return [op for i in range(micro_num) for op in (("F", 0, i), ("B", 0, i))[: 1 if forward_only else 2]]
+    if num_chunks > 1:
+        return interleaved_order(pp_size, pp_rank, num_chunks, micro_num, forward_only)
+    warmup = one_f_one_b_warmup(pp_size, pp_rank, micro_num, forward_only)
+    order = [("F", 0, i) for i in range(warmup)]
+    for i in range(micro_num - warmup):
+        order += [("F", 0, warmup + i), ("B", 0, i)]
+    return order + ([] if forward_only else [("B", 0, i) for i in range(micro_num - warmup, micro_num)])
 
 
 def _single_chunk(model_chunks: List[nn.Module]) -> nn.Module:
@@ -87,7 +109,7 @@ class OneFOneBSchedule:
         first, last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
         p2p = self.p2p
         num = len(micro_batches)
-        warmup = num if forward_only else min(self.pp_size - self.pp_rank - 1, num)
+        warmup = one_f_one_b_warmup(self.pp_size, self.pp_rank, num, forward_only)
         steady = num - warmup
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
         inputs, outputs = deque(), deque()  # activations in flight, oldest first

@@ -5,13 +5,16 @@ ranks sends 2 (g-1)/g n, an all-gather or reduce-scatter of n bytes in total (g-
 pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b bytes, T = tensor size:
 
     tensor    per layer and micro-batch 8 (T-1)/T N b (2 collectives forward, 2 backward, with or without
-              sequence parallelism), 12 (T-1)/T N b with full recomputation (the forward runs twice); plus the
-              embedding and the head input, 2 (T-1)/T N b each, on the stages that hold them
+              sequence parallelism), 12 (T-1)/T N b with full recomputation (the forward runs twice; a fraction f
+              of the layers recomputed: 8 + 4 f), 10 (T-1)/T N b with the MLP recomputed (``"mlp"``: its
+              all-reduce again; 9 under sequence parallelism, its reduce-scatter; the gather sits in the norm),
+              8 with attention's core recomputed (``"attn"``: no collective inside); plus the embedding and the
+              head input, 2 (T-1)/T N b each, on the stages that hold them
     pipeline  per micro-batch and model chunk one activation forward and one gradient backward, N b each
               (N b / T under sequence parallelism, which keeps hidden states S/T-sharded between stages)
-    data      P parameters per device, z = zero1, r = data / zero1 replicas: fp32 gradient reduce-scatter in the
-              zero1 group (z-1)/z 4 P, all-reduce of the owned shard across replicas 2 (r-1)/r 4 P/z, and the
-              all-gather of the updated parameters (z-1)/z b P
+    data      P parameters per device (`most_loaded_stage_params`), z = zero1, r = data / zero1 replicas: fp32
+              gradient reduce-scatter in the zero1 group (z-1)/z 4 P, all-reduce of the owned shard across
+              replicas 2 (r-1)/r 4 P/z, and the all-gather of the updated parameters (z-1)/z b P
 
 Tensor groups are neighbours (inside a node: NVLink); data-parallel and pipeline neighbours stride by the
 tensor size and so, with tensor = GPUs per node, sit on other nodes (the network).
@@ -23,19 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict
 
-
-def dtype_bytes(dtype: Any) -> int:
-    """2 for 16-bit dtypes, 4 otherwise (fp32)."""
-    return 2 if "16" in str(dtype) else 4
-
-
-def stage_params(model_config: Any, pipeline: int) -> float:
-    """Parameters of the most loaded pipeline stage: its share of the layers plus the embedding or the head."""
-    mc = model_config
-    embedding = mc.vocab_size * mc.hidden_size
-    per_layer = (mc.num_params(include_embedding=False) - mc.hidden_size - embedding) / mc.num_layers
-    layers = math.ceil(mc.num_layers / pipeline)
-    return layers * per_layer + (embedding if pipeline > 1 else 2 * embedding + mc.hidden_size)
+from .params import dtype_bytes, most_loaded_stage_params
+from .recompute import Checkpoint, checkpointed_layer_count
 
 
 @dataclass(frozen=True)
@@ -57,9 +49,10 @@ class StepCommunication:
 
 
 def step_communication(
-    model_config: Any, layout: Any, micro_bsz: int, seq_len: int, micro_num: int, recompute: bool
+    model_config: Any, layout: Any, micro_bsz: int, seq_len: int, micro_num: int, checkpoint: Checkpoint = False
 ) -> StepCommunication:
-    """Bytes sent per device per step; see the module docstring for the formulas."""
+    """Bytes sent per device per step; see the module docstring for the formulas. ``checkpoint`` is
+    ``model.checkpoint`` (the recomputed forwards repeat their collectives)."""
     mc = model_config
     b = dtype_bytes(mc.dtype)
     t, pp, z = layout.tensor, layout.pipeline, layout.zero1
@@ -67,11 +60,19 @@ def step_communication(
     n_bytes = micro_bsz * seq_len * mc.hidden_size * b
     ring = (t - 1) / t
     layers = math.ceil(mc.num_layers / pp)
-    per_layer = (12 if recompute else 8) * ring * n_bytes
-    tensor = micro_num * (layers * per_layer + 2 * ring * n_bytes)  # + embedding or head input
+
+    def tensor_bytes(collectives: float) -> float:  # ``collectives`` x (T-1)/T N b per layer, + embedding or head
+        return micro_num * (layers * collectives * ring * n_bytes + 2 * ring * n_bytes)
+
+    fraction = checkpointed_layer_count(checkpoint, mc.num_layers) / mc.num_layers
+    tensor = tensor_bytes(12 if fraction >= 1.0 else 8)
+    if 0 < fraction < 1:
+        tensor += fraction * (tensor_bytes(12) - tensor)
+    elif checkpoint == "mlp":
+        tensor = tensor_bytes(9 if layout.sequence_parallel else 10)
     message = n_bytes / t if layout.sequence_parallel else n_bytes
     pipeline = 2 * layout.num_chunks * micro_num * message if pp > 1 else 0.0
-    params = stage_params(mc, pp) / t
+    params = most_loaded_stage_params(mc, layout)
     gradients = (z - 1) / z * 4 * params + 2 * (replicas - 1) / replicas * 4 * params / z
     gather = (z - 1) / z * b * params
     return StepCommunication(tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather)
@@ -88,4 +89,4 @@ def checkpoint_bytes(model_config: Any) -> Dict[str, float]:
     return out
 
 
-__all__ = ["StepCommunication", "step_communication", "checkpoint_bytes", "stage_params", "dtype_bytes"]
+__all__ = ["StepCommunication", "step_communication", "checkpoint_bytes"]

@@ -91,12 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         batch_args = dict(micro_bsz=run.data.micro_bsz, micro_num=run.data.micro_num, seq_len=run.data.seq_len)
         checkpoint: Checkpoint = run.model.checkpoint
+        fused_loss = run.model.fused_loss
         source = f"{args.config}"
     else:
         mc = InternLMConfig.preset(args.preset, dtype="bf16")
         layout_args = dict(tensor=1, pipeline=1, zero1=-1, chunks=1, sp=False)
         batch_args = dict(micro_bsz=1, micro_num=8, seq_len=mc.max_position_embeddings)
-        checkpoint = False
+        checkpoint, fused_loss = False, True
         source = f"preset {args.preset} (bf16)"
     for key in layout_args:
         if getattr(args, key) is not None:
@@ -125,12 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     else:
         print()
-        print_estimate(mc, estimate(mc, layout, batch, checkpoint, hardware, attn_backend), hardware, args.usable,
-                       attn_backend)  # fmt: skip
+        given = estimate(mc, layout, batch, checkpoint, hardware, attn_backend, fused_loss)
+        print_estimate(mc, given, hardware, args.usable, attn_backend)
     if args.recommend:
         global_sequences = layout.data * batch.micro_bsz * batch.micro_num
         estimates = [
-            estimate(mc, cand, cand_batch, ck, hardware, attn_backend)
+            estimate(mc, cand, cand_batch, ck, hardware, attn_backend, fused_loss)
             for cand, cand_batch in candidate_layouts(
                 mc, args.devices, global_sequences, batch.micro_bsz, batch.seq_len, args.gpus_per_node
             )

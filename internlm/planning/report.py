@@ -47,7 +47,9 @@ def print_estimate(model_config: Any, e: Estimate, hardware: Hardware, usable: f
     print(f"parameters per device (pipeline rank {e.pipeline_rank}, the most loaded): {e.params / 1e9:,.3f}B")
     cols = [("as given", e.checkpoint), ("no checkpointing", False), ("checkpoint=True", True)]
     mems = [
-        peak_stage(mc, layout, batch.micro_bsz, batch.seq_len, batch.micro_num, ck, attn_backend).as_dict()
+        peak_stage(
+            mc, layout, batch.micro_bsz, batch.seq_len, batch.micro_num, ck, attn_backend, e.fused_loss
+        ).as_dict()
         for _, ck in cols
     ]
     print(f"\nmemory per device (GiB; {device.name}: {device.memory_gib:.1f} GiB, fits below {usable:.0%}):")

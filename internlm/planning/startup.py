@@ -19,7 +19,7 @@ from torch import nn
 from internlm.model import InternLM, InternLMConfig
 from internlm.parallel import TPShard
 
-from .params import most_loaded_stage_params
+from .params import layer_params, most_loaded_stage_params
 
 # the measurement behind the start-up estimate initialises about this many parameters (at least one tensor)
 _PROBE_PARAMS = 40_000_000
@@ -76,9 +76,8 @@ def _rank0_piece(model: InternLM, tensor: int) -> Dict[str, TPShard]:
 def measure_startup(mc: InternLMConfig, tensor: int, seed: int = 0) -> StartupProbe:
     """Time building decoder layers of ``mc``'s width on the meta device, cutting them to tensor rank 0's piece
     of ``tensor``, materialising them on the CPU and initialising them (`InternLM.init_weights`)."""
-    h, f, kv = mc.hidden_size, mc.intermediate_size, mc.kv_dim
-    per_layer = (2 * h * h + 2 * h * kv + 3 * h * f) / tensor
-    layers = max(1, min(mc.num_layers, int(_PROBE_PARAMS // per_layer)))
+    h = mc.hidden_size
+    layers = max(1, min(mc.num_layers, int(_PROBE_PARAMS // layer_params(mc, tensor))))
     probe_config = replace(mc, num_layers=layers)
     started = time.perf_counter()
     with torch.device("meta"):  # the first build of a process pays a one-time set-up: measured apart

@@ -75,6 +75,7 @@ class Estimate:
     params: int  # parameters one device of that rank holds
     times: Dict[str, float]
     comm: StepCommunication
+    fused_loss: bool = True  # model.fused_loss, as the memory was counted
 
     @property
     def step(self) -> float:
@@ -145,11 +146,16 @@ def estimate(
     checkpoint: Checkpoint,
     hardware: Hardware,
     attn_backend: Optional[str] = None,
+    fused_loss: bool = True,
 ) -> Estimate:
-    """Memory (`peak_stage`) and step time (`step_time`) of one layout, batch and ``model.checkpoint`` setting."""
-    stage = peak_stage(model_config, layout, batch.micro_bsz, batch.seq_len, batch.micro_num, checkpoint, attn_backend)
+    """Memory (`peak_stage`) and step time (`step_time`) of one layout, batch and ``model.checkpoint`` setting
+    (``fused_loss``: ``model.fused_loss``)."""
+    b = batch
+    stage = peak_stage(model_config, layout, b.micro_bsz, b.seq_len, b.micro_num, checkpoint, attn_backend, fused_loss)
     times, comm = step_time(model_config, layout, batch, checkpoint, hardware)
-    return Estimate(layout, batch, checkpoint, stage.as_dict(), stage.pipeline_rank, stage.params, times, comm)
+    return Estimate(
+        layout, batch, checkpoint, stage.as_dict(), stage.pipeline_rank, stage.params, times, comm, fused_loss
+    )
 
 
 __all__ = ["Batch", "Hardware", "Estimate", "recomputed_forward_share", "step_time", "estimate"]

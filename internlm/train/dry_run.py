@@ -12,6 +12,7 @@ import os
 from typing import Dict, List, Optional
 
 from internlm.planning import (
+    PLANNER_DEVICES,
     StartupProbe,
     measure_startup,
     memory_per_device,
@@ -25,10 +26,11 @@ from .metrics import format_bytes, format_count, format_duration
 from .phases import Phase
 from .start_point import resume_point_text
 
-# Throughput assumed when none is given or measured: 40% MFU on a 312 TFLOP/s (A100/A800-class) device,
+# Throughput assumed when none is given or measured: 40% MFU on an A100 (312 TFLOP/s, the device table's figure),
 # the hardware InternLM was trained on.
-_ASSUMED_PEAK_TFLOPS = 312.0
+_ASSUMED_PEAK_TFLOPS = PLANNER_DEVICES["a100-80gb"].peak_tflops
 _ASSUMED_MFU = 0.4
+_ASSUMED_TEXT = f"assumed {_ASSUMED_MFU:.0%} MFU of {_ASSUMED_PEAK_TFLOPS:g} TFLOP/s"
 
 
 def _measured_tgs(work_dir: str) -> Optional[float]:
@@ -78,7 +80,7 @@ def print_dry_run(phases: List[Phase], throughput: Optional[float] = None) -> No
     for phase in phases:
         config = phase.config
         tgs = throughput or measured
-        source = "given" if throughput else ("measured" if measured else "assumed 40% MFU of 312 TFLOP/s")
+        source = "given" if throughput else ("measured" if measured else _ASSUMED_TEXT)
         if tgs is None:
             tgs = _ASSUMED_MFU * _ASSUMED_PEAK_TFLOPS * 1e12 / mc.flops_per_token(config.data.seq_len)
         tokens = phase.steps * phase.tokens_per_step
@@ -93,7 +95,13 @@ def print_dry_run(phases: List[Phase], throughput: Optional[float] = None) -> No
         )
         weight_sum = sum(mixture.values()) or 1.0
         mem = memory_per_device(
-            mc, phase.layout, config.data.micro_bsz, config.data.seq_len, config.data.micro_num, config.model.checkpoint
+            mc,
+            phase.layout,
+            config.data.micro_bsz,
+            config.data.seq_len,
+            config.data.micro_num,
+            config.model.checkpoint,
+            fused_loss=config.model.fused_loss,
         )
         print(f"\nphase {phase.index + 1} {phase.name!r} ({phase.config_file})")
         layout = phase.layout.describe("sentence")

@@ -20,15 +20,12 @@ in flight).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internlm.model import PRESETS, InternLMConfig  # noqa: E402
-from internlm.parallel.layout import Layout  # noqa: E402
-from internlm.planning import (  # noqa: E402
+from internlm.model import PRESETS, InternLMConfig
+from internlm.parallel.layout import Layout
+from internlm.planning import (
     PLANNER_DEVICES,
     Batch,
     Checkpoint,
@@ -38,7 +35,7 @@ from internlm.planning import (  # noqa: E402
     parse_checkpoint,
     planned_attn_backend,
 )
-from internlm.planning.report import print_estimate, print_header, print_ranking  # noqa: E402
+from internlm.planning.report import print_estimate, print_header, print_ranking
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,7 +11,7 @@ from typing import Dict, List, Set
 import internlm
 
 ROOT = os.path.dirname(os.path.abspath(internlm.__file__))
-LOWER = ("internlm.model", "internlm.data", "internlm.parallel", "internlm.optim")
+LOWER = ("internlm.model", "internlm.data", "internlm.parallel", "internlm.optim", "internlm.checkpoint")
 
 
 def _module_name(path: str) -> str:

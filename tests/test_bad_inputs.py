@@ -16,7 +16,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from internlm.train.checkpoint import complete_checkpoints
+from internlm.checkpoint import complete_checkpoints
 from internlm.train.cli import main
 from internlm.train.lock import LOCK_FILE
 from train_utils import REPO, run_train, step_losses, write_base

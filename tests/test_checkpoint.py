@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from internlm.parallel import Layout
-from internlm.train.checkpoint import (
+from internlm.checkpoint import (
     DAMAGED_SUFFIX,
     META_FILE,
-    CheckpointManager,
     checkpoint_problems,
     complete_checkpoints,
     file_writers,
-    latest_verified_checkpoint,
     merge_model_checkpoint,
     read_meta,
 )
+from internlm.checkpoint.manager import CheckpointManager
+from internlm.checkpoint.verify import latest_verified_checkpoint
+from internlm.parallel import Layout
 from internlm.train.run import EXIT_STOPPED
 from test_hybrid_zero import make_opt, tiny_model, train_zero
 from train_utils import request_stop, run_train, step_losses, write_base

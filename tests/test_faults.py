@@ -1,4 +1,4 @@
-"""Fault injection: a training process killed with SIGKILL at a controlled point (`internlm.train.faults`:
+"""Fault injection: a training process killed with SIGKILL at a controlled point (`internlm.faults`:
 during a save, during a metrics append, one rank of two in the middle of a step), then the same command rerun:
 its losses equal an uninterrupted run's, and no checkpoint or metrics line of the killed attempt survives
 half-written."""
@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from internlm.train.checkpoint import checkpoint_problems, complete_checkpoints
-from internlm.train.faults import KILL_ENV
+from internlm.checkpoint import checkpoint_problems, complete_checkpoints
+from internlm.faults import KILL_ENV
 from internlm.train.lock import LOCK_FILE
 from train_utils import run_train, step_losses, write_base
 

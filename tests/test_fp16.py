@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from internlm.checkpoint import merge_model_checkpoint
 from internlm.optim import DynamicGradScaler, HybridZeroOptimizer
 from internlm.optim.full_state import ShardedFullState
 from internlm.parallel import ParallelContext
-from internlm.train.checkpoint import merge_model_checkpoint
 from train_utils import read_metrics, run_train, write_base
 
 

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import internlm.train.trainer as trainer_module
+from internlm.checkpoint import complete_checkpoints, read_meta
+from internlm.checkpoint.manager import CheckpointManager
 from internlm.config import ConfigError
-from internlm.train.checkpoint import CheckpointManager, complete_checkpoints, read_meta
 from internlm.train.health import HealthMonitor, UnhealthyStop, mark_unhealthy
 from internlm.train.metrics import MetricsLogger
 from internlm.train.run import EXIT_UNHEALTHY

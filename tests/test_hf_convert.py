@@ -15,10 +15,9 @@ import sys
 import pytest
 import torch
 
+from internlm.checkpoint import CheckpointReader, merge_model_checkpoint, model_file, read_meta
 from internlm.model import InternLM, InternLMConfig
-from internlm.model.checkpoint_reader import CheckpointReader, model_file
 from internlm.model.hf import config_values_from_hf, parse_size, plan_shards
-from internlm.train.checkpoint import merge_model_checkpoint, read_meta
 from train_utils import REPO, run_train, step_losses, write_base
 
 sys.path.insert(0, os.path.join(REPO, "tools"))

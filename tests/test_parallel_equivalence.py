@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from internlm.train.checkpoint import merge_model_checkpoint
+from internlm.checkpoint import merge_model_checkpoint
 from train_utils import read_metrics, run_train, write_base
 
 STEPS = 10

@@ -1,4 +1,4 @@
-"""`InternLM.from_pretrained` (internlm/model/pretrained.py, checkpoint_reader.py) and tools/eval_ppl.py.
+"""`InternLM.from_pretrained` (internlm/model/pretrained.py, internlm/checkpoint/reader.py) and tools/eval_ppl.py.
 
 On the tp2 x pp2 run of tests/test_hf_convert.py: every way of naming a checkpoint (work_dir, checkpoints folder,
 step folder, ``step=``) and the exported HF folder load the same weights; no random init runs; a damaged newest
@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from internlm.checkpoint import find_checkpoint, merge_model_checkpoint, model_file
 from internlm.model import InternLM
-from internlm.model.checkpoint_reader import find_checkpoint, model_file
-from internlm.train.checkpoint import merge_model_checkpoint
 from test_hf_convert import exported, tp2pp2_run  # noqa: F401  (session fixtures)
 from train_utils import REPO
 

@@ -19,6 +19,22 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
+from internlm.checkpoint import (
+    FileWriter,
+    commit_checkpoint,
+    files_table,
+    merge_model_checkpoint,
+    optim_file,
+    read_meta,
+)
+from internlm.checkpoint.manager import CheckpointManager
+from internlm.checkpoint.reshard import (
+    load_model_resharded,
+    load_optimizer_resharded,
+    merge_optimizer_checkpoint,
+    sharded_optimizer_state,
+    trainable_names,
+)
 from internlm.model import InternLM, InternLMConfig
 from internlm.optim import HybridZeroOptimizer
 from internlm.optim.flat_buffer import BufferKey, FlatBuffer
@@ -26,22 +42,6 @@ from internlm.optim.full_state import copy_overlap, merge_shard_states
 from internlm.optim.shard_state import StateValues, shard_ranks, shard_state
 from internlm.parallel import Layout, ParallelContext, TPShard, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks
-from internlm.train.checkpoint import (
-    CheckpointManager,
-    commit_checkpoint,
-    files_table,
-    merge_model_checkpoint,
-    optim_file,
-    read_meta,
-)
-from internlm.train.checkpoint_io import FileWriter
-from internlm.train.reshard import (
-    load_model_resharded,
-    load_optimizer_resharded,
-    merge_optimizer_checkpoint,
-    sharded_optimizer_state,
-    trainable_names,
-)
 from internlm.train.run import EXIT_STOPPED
 from test_hybrid_zero import HYPER, make_opt, max_rel_error, reference_run, snapshot, tiny_model, train_zero
 from test_hybrid_zero_dist import Quadratic, make_context

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from internlm.train.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta
+from internlm.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta
 from internlm.train.run import EXIT_STOPPED
 from train_utils import read_metrics, request_stop, run_train, step_losses, write_base, write_phase
 
@@ -45,7 +45,7 @@ def test_exact_resume_and_metrics(tmp_path, demo_data):
 
 
 def test_interrupted_crash_leaves_no_complete_checkpoint(tmp_path):
-    from internlm.train.checkpoint import latest_checkpoint
+    from internlm.checkpoint import latest_checkpoint
 
     root = tmp_path / "checkpoints"
     (root / ".tmp-9").mkdir(parents=True)  # what a crash during a save leaves

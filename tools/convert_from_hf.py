@@ -6,7 +6,7 @@
 
 ``--output`` becomes one checkpoint folder in the format of docs/checkpoint.md: ``model_tp0_pp0.pt`` (a
 one-process layout; training under any layout reshards it on load), ``meta.json`` (version 2, step 0, the model
-config, the layout and the file's size and CRC-32, written through the trainer's own writers) and the
+config, the layout and the file's size and CRC-32, written by `internlm.checkpoint.convert`) and the
 ``tokenizer.model`` when the HF folder has one. Tensors keep their dtype and bits (ours -> HF -> ours is exact).
 The weights are read one file at a time and written once (the model is held once, never twice).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
@@ -23,11 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from internlm.checkpoint import is_checkpoint  # noqa: E402
+from internlm.checkpoint.convert import write_full_checkpoint  # noqa: E402
 from internlm.model import InternLM, InternLMConfig  # noqa: E402
 from internlm.model.hf import is_hf_folder, iter_hf_tensors  # noqa: E402
-from internlm.parallel import Layout  # noqa: E402
-from internlm.train.checkpoint import META_FILE, commit_checkpoint, model_file  # noqa: E402
-from internlm.train.checkpoint_io import write_file  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def convert(hf: str, output: str) -> str:
     if not is_hf_folder(hf):
         raise SystemExit(f"--hf {hf}: not a Hugging Face model folder (config.json and weight files)")
-    if os.path.exists(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE)):
+    if os.path.exists(output) and os.listdir(output) and not is_checkpoint(output):
         raise SystemExit(f"--output {output} exists and is not a checkpoint: choose a new folder")
     config = InternLMConfig.from_hf(hf)
     with torch.device("meta"):
@@ -57,24 +55,10 @@ def convert(hf: str, output: str) -> str:
     if missing:
         raise SystemExit(f"{hf}: {len(missing)} tensors missing, e.g. {', '.join(missing[:5])}")
     state = {name: state[name] for name in expected}  # the model's own order
-    tmp = os.path.abspath(output).rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    name = model_file(0, 0)
-    record = write_file({"chunks": [state], "tp_shards": [{n: None for n in state}]}, os.path.join(tmp, name))
-    del state
     tokenizer = os.path.join(hf, "tokenizer.model")
-    if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
-    meta = dict(
-        version=2,
-        step=0,
-        tokens=0,
-        source=dict(hf=os.path.abspath(hf)),
-        layout=Layout.create(1).to_dict(),
-        model_config=config.to_dict(),
-    )
-    commit_checkpoint(tmp, output, meta, {name: dict(record, writer=0)})
+    extra = [tokenizer] if os.path.isfile(tokenizer) else []
+    write_full_checkpoint(output, state, config.to_dict(), dict(hf=os.path.abspath(hf)), extra)
+    del state
     print(
         f"imported {hf} ({len(expected)} tensors, {config.num_params() / 1e6:.1f}M parameters, "
         f"{str(config.dtype).replace('torch.', '')}) into {output} in {time.perf_counter() - start:.1f} s"

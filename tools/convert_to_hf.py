@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internlm.model.checkpoint_reader import CheckpointReader, find_checkpoint  # noqa: E402
+from internlm.checkpoint import CheckpointReader, find_checkpoint  # noqa: E402
 from internlm.model.config import parse_dtype  # noqa: E402
 from internlm.model.hf import (  # noqa: E402
     SAFE_INDEX,
@@ -31,7 +31,7 @@ from internlm.model.hf import (  # noqa: E402
     write_hf_tokenizer,
     write_hf_weights,
 )
-from internlm.model.pretrained import find_tokenizer  # noqa: E402
+from internlm.model.pretrained import checkpoint_config, find_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def convert(args: argparse.Namespace) -> str:
     folder = find_checkpoint(args.checkpoint, args.step)
     reader = CheckpointReader(folder)
-    config = reader.config
+    config = checkpoint_config(reader)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     tokenizer = args.tokenizer or find_tokenizer(folder)
     if args.tokenizer and not os.path.isfile(args.tokenizer):

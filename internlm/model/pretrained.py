@@ -2,8 +2,8 @@
 
 The model is built on the meta device (no memory, no initialisation), its storage allocated uninitialised on the
 target device (``to_empty``), and each weight copied into place as it is read: one tensor at a time from the
-memory-mapped checkpoint files (`CheckpointReader`) or the HF weight files (`iter_hf_tensors`), so the model is
-never resident twice.
+memory-mapped checkpoint files (`internlm.checkpoint.reader.CheckpointReader`, which picks the step and returns
+the recorded config as a dict) or the HF weight files (`iter_hf_tensors`), so the model is never resident twice.
 
     model = InternLM.from_pretrained("work_dirs/demo")                 # newest verified checkpoint of a run
     model = InternLM.from_pretrained("work_dirs/demo", step=200)       # a given step
@@ -21,7 +21,9 @@ from typing import Iterable, Optional, Tuple, Type, TypeVar, Union
 import torch
 from torch import nn
 
-from .checkpoint_reader import CheckpointReader, find_checkpoint
+from internlm.checkpoint.files import META_FILE
+from internlm.checkpoint.reader import CheckpointReader, find_checkpoint, recorded_config_files
+
 from .config import InternLMConfig, parse_dtype
 from .hf import is_hf_folder, iter_hf_tensors
 
@@ -38,10 +40,19 @@ def resolve_source(path: Union[str, os.PathLike], step: Optional[int] = None) ->
     return "checkpoint", find_checkpoint(path, step)
 
 
+def checkpoint_config(reader: CheckpointReader) -> InternLMConfig:
+    """The `InternLMConfig` recorded in a checkpoint's meta.json (``model_config``)."""
+    recorded = reader.model_config
+    try:
+        return InternLMConfig.from_dict(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {reader.path}: {META_FILE} model_config: {exc}") from None
+
+
 def load_config(path: Union[str, os.PathLike], step: Optional[int] = None) -> InternLMConfig:
     """The model config of a checkpoint (its meta.json) or HF folder (its config.json)."""
     kind, folder = resolve_source(path, step)
-    return InternLMConfig.from_hf(folder) if kind == "hf" else CheckpointReader(folder).config
+    return InternLMConfig.from_hf(folder) if kind == "hf" else checkpoint_config(CheckpointReader(folder))
 
 
 @torch.no_grad()
@@ -81,7 +92,7 @@ def from_pretrained(
         tensors: Iterable[Tuple[str, torch.Tensor]] = iter_hf_tensors(folder)
     else:
         reader = CheckpointReader(folder)
-        config = reader.config
+        config = checkpoint_config(reader)
         tensors = reader.iter_tensors()
     if dtype is not None:
         config = dataclasses.replace(config, dtype=parse_dtype(dtype))
@@ -118,15 +129,11 @@ def find_tokenizer(path: Union[str, os.PathLike], step: Optional[int] = None) ->
     own = os.path.join(folder, "tokenizer.model")
     if os.path.isfile(own) or kind == "hf":
         return own if os.path.isfile(own) else None
-    meta = CheckpointReader(folder).meta
-    work_dir = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
-    candidates = [os.path.join(work_dir, f"config_{meta.get('phase_name')}.py"), meta.get("config_file")]
-    candidates += [phase.get("file") for phase in reversed(meta.get("phases") or [])]
-    for config_file in candidates:
-        found = _literal_tokenizer_path(config_file) if config_file else None
+    for config_file in recorded_config_files(folder):
+        found = _literal_tokenizer_path(config_file)
         if found and os.path.isfile(found):
             return found
     return None
 
 
-__all__ = ["find_tokenizer", "from_pretrained", "load_config", "load_tensors", "resolve_source"]
+__all__ = ["checkpoint_config", "find_tokenizer", "from_pretrained", "load_config", "load_tensors", "resolve_source"]

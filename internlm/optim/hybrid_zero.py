@@ -273,7 +273,7 @@ class HybridZeroOptimizer:
 
     def load_full_state(self, full: Any) -> None:
         """Restore from a layout-independent full state: a lazy `ShardedFullState` over a checkpoint's
-        memory-mapped shards (``internlm.train.reshard.load_optimizer_resharded``) or a materialised dict
+        memory-mapped shards (``internlm.checkpoint.reshard.load_optimizer_resharded``) or a materialised dict
         (``merge_optimizer_checkpoint``). For every buffer, the owned slice of each parameter's fp32 master,
         ``exp_avg`` and ``exp_avg_sq`` within the parameter's own tensor shard is copied straight into this
         optimizer's master slices and new moment tensors; then the counters, lr and betas.

@@ -18,7 +18,7 @@ all-gather and reduce-scatter (`all_gather_into`, `reduce_scatter_into`), which 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -211,7 +211,34 @@ def reduce_scatter_to_sequence_region(x: torch.Tensor, group: Optional[Any], dim
     return x if group_size(group) == 1 else _ReduceScatterToSequenceRegion.apply(x, group, dim)
 
 
+# ------------------------------------------------------------ the default group (checkpoint saves, health checks)
+def default_group_rank() -> Tuple[int, int]:
+    """``(rank, world size)`` in the default group; ``(0, 1)`` when no process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_group_barrier() -> None:
+    """A barrier over the default group (nothing with one process)."""
+    if default_group_rank()[1] > 1:
+        dist.barrier()
+
+
+def default_group_all_gather(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order (the default group; its timeout applies)."""
+    world = default_group_rank()[1]
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 __all__ = [
+    "default_group_all_gather",
+    "default_group_barrier",
+    "default_group_rank",
     "SEQ_DIM",
     "group_size",
     "group_rank",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -51,27 +51,3 @@ def init_distributed(timeout: Optional[timedelta] = None) -> Launch:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------- the default group (checkpoint saves / checks)
-def default_group_rank() -> Tuple[int, int]:
-    """``(rank, world size)`` in the default group; ``(0, 1)`` when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def default_group_barrier() -> None:
-    """A barrier over the default group (nothing with one process)."""
-    if default_group_rank()[1] > 1:
-        dist.barrier()
-
-
-def default_group_all_gather(obj: Any) -> List[Any]:
-    """``obj`` of every rank, in rank order (the default group; its timeout applies)."""
-    world = default_group_rank()[1]
-    if world == 1:
-        return [obj]
-    out: List[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out

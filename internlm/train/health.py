@@ -23,17 +23,16 @@ checkpoint whose weights produced the skipped steps). Resume, rollback and pruni
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
+from internlm.checkpoint import checkpoint_healthy, complete_checkpoints, read_meta, rewrite_meta
 from internlm.config.step_ranges import SkipBatches
+from internlm.parallel.comm import default_group_barrier
 
-from .checkpoint_files import META_FILE, checkpoint_healthy, complete_checkpoints, read_meta
-from .distributed import default_group_barrier
 from .initial_load import StartPlan
 
 
@@ -152,7 +151,7 @@ def mark_unhealthy(path: str, reason: str) -> None:
     atomically; it is not among the files its checksums cover). Rank 0 only."""
     meta = read_meta(path)
     meta["health"] = dict(meta.get("health") or {}, healthy=False, reason=reason)
-    _rewrite_meta(path, meta)
+    rewrite_meta(path, meta)
 
 
 def record_skip_batches(path: str, skip: SkipBatches) -> None:
@@ -160,17 +159,7 @@ def record_skip_batches(path: str, skip: SkipBatches) -> None:
     keeps skipping the offending steps even when no later checkpoint is saved). Rank 0 only."""
     meta = read_meta(path)
     meta["skip_batches"] = str(skip)
-    _rewrite_meta(path, meta)
-
-
-def _rewrite_meta(path: str, meta: Mapping[str, Any]) -> None:
-    target = os.path.join(path, META_FILE)
-    tmp = target + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    rewrite_meta(path, meta)
 
 
 def healthy_checkpoints(root: str, below: Optional[int] = None) -> List[int]:

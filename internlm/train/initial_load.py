@@ -14,21 +14,16 @@ setting of 'load_ckpt_info'"):
 3. Otherwise ``ckpt.load_ckpt_folder`` (ours): model weights only, when no checkpoint is resumed
    (``load_ckpt_info`` takes precedence over it, as in InternLM).
 
-Any layout works: our checkpoints are resharded on load (`internlm.train.reshard`); a Hugging Face folder's full
-tensors are cut into this rank's tensor shards with the same `copy_overlap` arithmetic (`load_full_weights`).
+This module decides where each part comes from (the trainer's precedence); the loading itself is the checkpoint
+package's: any layout works, our checkpoints are resharded on load and a Hugging Face folder's full tensors are
+cut into this rank's tensor shards by the same arithmetic (`internlm.checkpoint.reshard`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
-
-import torch
-from torch import nn
-
-from internlm.optim.full_state import copy_overlap
-from internlm.parallel import TPShard, param_shards
+from typing import Any, Mapping, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -136,45 +131,4 @@ def start_text(ckpt: Any) -> str:
     return f", initial weights from {ckpt.load_ckpt_folder}" if ckpt.load_ckpt_folder else ""
 
 
-@torch.no_grad()
-def load_full_weights(
-    tensors: Iterable[Tuple[str, torch.Tensor]], model_chunks: Sequence[nn.Module], source: str
-) -> None:
-    """Copy full (unsharded) tensors, given one at a time as ``(our name, tensor)``, into this rank's chunks: each
-    local tensor of that name takes the part of the full tensor its `TPShard` covers (``copy_overlap``, as
-    resharding does), cast to its dtype; names this rank does not hold (other pipeline stages) are skipped.
-    Raises KeyError / ValueError naming ``source`` and the tensor when one is missing or misshapen."""
-    local: Dict[str, list] = {}
-    for index, chunk in enumerate(model_chunks):
-        shards = param_shards(chunk)
-        for name, tensor in chunk.state_dict(keep_vars=True).items():
-            local.setdefault(name, []).append((index, tensor, shards.get(name) or TPShard.replicated(tensor.shape)))
-    filled = set()
-    for name, full in tensors:
-        for index, tensor, shard in local.get(name, ()):
-            if tuple(full.shape) != tuple(shard.global_shape):
-                raise ValueError(
-                    f"{source}: {name} has shape {list(full.shape)}, this model needs {list(shard.global_shape)} "
-                    f"(model chunk {index}); the model keys differ from the folder's config"
-                )
-            data = tensor.data
-            flat = torch.empty(data.numel(), dtype=full.dtype)
-            copied = copy_overlap(flat, shard, 0, full.reshape(-1), TPShard.replicated(full.shape), 0)
-            if copied != data.numel():
-                raise ValueError(f"{source}: {name}: {copied} of {data.numel()} elements found")
-            data.copy_(flat.view(data.shape))
-            filled.add(name)
-    missing = sorted(set(local) - filled)
-    if missing:
-        raise KeyError(f"{source} lacks {len(missing)} tensors this model needs: {', '.join(missing[:8])}")
-
-
-def load_hf_weights(path: str, model_chunks: Sequence[nn.Module]) -> None:
-    """Load a Hugging Face folder (``ckpt_type="hf"``) into this rank's chunks: its tensors in our names, streamed
-    one at a time by `internlm.model.hf.iter_hf_tensors`, cut into the tensor shards (`load_full_weights`)."""
-    from internlm.model.hf import iter_hf_tensors
-
-    load_full_weights(iter_hf_tensors(path), model_chunks, f"Hugging Face folder {path}")
-
-
-__all__ = ["StartPlan", "plan_start", "check_start_plan", "start_text", "load_full_weights", "load_hf_weights"]
+__all__ = ["StartPlan", "plan_start", "check_start_plan", "start_text"]

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from .errors import BadInputError, WorkDirLocked
+from internlm.errors import BadInputError, WorkDirLocked
 
 LOCK_FILE = "train.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)

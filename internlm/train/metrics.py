@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, TextIO
 
 import torch
 
-from .faults import kill_now, kill_point
+from internlm.faults import kill_now, kill_point
 
 
 # ---------------------------------------------------------------------------------------------- units

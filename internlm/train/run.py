@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from internlm.config import ConfigError
 from internlm.data.errors import DataError
+from internlm.errors import BadInputError
 
 from .distributed import init_distributed, shutdown_distributed, timeout_of
-from .errors import BadInputError
 from .health import UnhealthyStop
 from .phases import Phase
 from .startup_checks import start_up

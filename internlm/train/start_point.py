@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
+from internlm.checkpoint import latest_checkpoint, read_meta
 from internlm.config import ConfigError
 
-from .checkpoint_files import latest_checkpoint, read_meta
 from .initial_load import start_text
 from .phases import Phase, resume_point
 

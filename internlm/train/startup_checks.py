@@ -22,12 +22,11 @@ import shutil
 import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from internlm.checkpoint import META_FILE, checkpoint_problems, complete_checkpoints, read_meta
 from internlm.config import ConfigError, RunConfig
+from internlm.errors import BadInputError, CheckpointError
 from internlm.planning import checkpoint_bytes
 
-from .checkpoint_files import META_FILE, complete_checkpoints, read_meta
-from .checkpoint_verify import checkpoint_problems
-from .errors import BadInputError, CheckpointError
 from .initial_load import check_start_plan
 from .lock import WorkDirLock
 from .metrics import format_bytes

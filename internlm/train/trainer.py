@@ -19,12 +19,12 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from internlm.checkpoint.manager import CheckpointManager
 from internlm.data import build_train_loader, build_valid_batches
 from internlm.parallel import ParallelContext, describe_groups, init_parallel_context
 from internlm.planning import peak_tflops
 
 from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from .checkpoint import CheckpointManager
 from .distributed import Launch, timeout_of
 from .fp16_metrics import fp16_metrics
 from .health import HealthGuard, Rollback, UnhealthyStop

@@ -6,9 +6,15 @@ from __future__ import annotations
 import os
 import time
 
-from .checkpoint_files import META_FILE, checkpoint_layout, read_meta
+from internlm.checkpoint import META_FILE, read_meta
+from internlm.checkpoint.reshard import (
+    checkpoint_layout,
+    load_model_resharded,
+    load_optimizer_resharded,
+    trainable_names,
+)
+
 from .phases import Phase
-from .reshard import load_model_resharded, load_optimizer_resharded, trainable_names
 
 
 class CheckpointMixin:

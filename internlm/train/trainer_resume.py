@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from internlm.checkpoint import read_meta
+from internlm.checkpoint.reshard import load_hf_weights
+from internlm.checkpoint.verify import latest_verified_checkpoint
 from internlm.config import dump_config
 
-from .checkpoint_files import read_meta
-from .checkpoint_verify import latest_verified_checkpoint
-from .initial_load import StartPlan, load_hf_weights, plan_start
+from .initial_load import StartPlan, plan_start
 from .phases import ResumePoint, resume_point
 
 

@@ -7,11 +7,10 @@ from typing import Any, Dict, List
 
 import torch
 
+from internlm.faults import kill_now, kill_point
 from internlm.labels import IGNORE_INDEX
 from internlm.model import PackedDocs
 from internlm.parallel import all_reduce_
-
-from .faults import kill_now, kill_point
 
 _TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
 

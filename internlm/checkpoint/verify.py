@@ -1,39 +1,18 @@
 """Verifying checkpoints on resume: every file against its size and CRC-32 in meta.json, the reading spread
 over the ranks like the writing was; a damaged checkpoint is moved aside and the previous complete one is used
-(see `latest_verified_checkpoint` and docs/checkpoint.md).
+(see `latest_verified_checkpoint` and docs/checkpoint.md). The per-file check is `file_io.checkpoint_problems`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Collection, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
-from .checkpoint_files import DAMAGED_SUFFIX, META_FILE, complete_checkpoints, read_meta
-from .checkpoint_io import file_problem
-from .distributed import default_group_all_gather, default_group_barrier, default_group_rank
-from .errors import CheckpointError
+from internlm.errors import CheckpointError
+from internlm.parallel.comm import default_group_all_gather, default_group_barrier, default_group_rank
 
-
-def checkpoint_problems(path: str, names: Optional[Collection[str]] = None, quick: bool = False) -> List[str]:
-    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
-    one line per damaged or missing file, naming it. ``names`` restricts the check to those files; ``quick``
-    compares sizes only (no file is read). Checkpoints from before checksums (no ``files`` in meta.json) are
-    not checked."""
-    try:
-        meta = read_meta(path)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        return [f"{META_FILE} cannot be read ({exc})"]
-    files = meta.get("files")
-    if files is None:
-        return []
-    problems = []
-    for name in sorted(files if names is None else names):
-        problem = file_problem(path, name, files[name], quick=quick)
-        if problem:
-            problems.append(problem)
-    return problems
+from .file_io import checkpoint_problems
+from .files import DAMAGED_SUFFIX, META_FILE, complete_checkpoints, read_meta
 
 
 def _my_share(path: str, rank: int, world: int) -> List[str]:
@@ -88,3 +67,6 @@ def latest_verified_checkpoint(root: str, warn: Optional[Callable[[str], None]] 
     if damaged:
         default_group_barrier()
     return usable
+
+
+__all__ = ["latest_verified_checkpoint"]

@@ -1,35 +1,20 @@
-"""Atomic, verified, resumable checkpoints: ``<save_ckpt_folder>/<step>/`` (format in docs/checkpoint.md).
+"""`CheckpointManager`: atomic, verified, resumable checkpoints of a run, ``<save_ckpt_folder>/<step>/``.
 
-A checkpoint folder holds
-
-    meta.json                    rank 0, last: step, phase, data position, model config, layout, and per file
-                                 its size, CRC-32 and writer rank
-    train_state.pt               rank 0: data sampler state and phase history (identical on every rank)
-    model_tp{t}_pp{p}.pt         model chunks of tensor rank t, pipeline stage p: written by the last data rank
-                                 of that (t, p) (a zero1 replica when there is one, which writes no optimizer file)
-    optim_tp{t}_pp{p}_dp{z}.pt   optimizer shard of zero1 rank z: written by data rank z (the first zero1 block);
-                                 the other blocks hold identical replicas and write nothing
-    rng_rank{r}.pt               RNG states of global rank r
-
-so every file has exactly one writer, and all ranks write at the same time. Each rank writes into
-``.tmp-<step>/`` and checksums its files while writing; the records are gathered to rank 0, which writes
-``meta.json`` and renames the folder to ``<step>/`` (atomic on POSIX file systems). A crash during a save
-leaves only a ``.tmp-*`` folder, which is never taken for a checkpoint and is removed by the next save.
+The folder's files and meta.json are described in `internlm.checkpoint.files` (docs/checkpoint.md has the
+protocol); every file has exactly one writer, and all ranks write at the same time. Each rank writes into
+``.tmp-<step>/`` and checksums its files while writing (`file_io.write_file`); the records are gathered to
+rank 0, which writes ``meta.json`` and renames the folder to ``<step>/`` (atomic on POSIX file systems). A crash
+during a save leaves only a ``.tmp-*`` folder, which is never taken for a checkpoint and is removed by the next
+save.
 
 With ``async_save`` the files are written by a background thread per rank from a CPU snapshot taken at the
 save point; the gather + ``meta.json`` + rename (collective) happen in `CheckpointManager.finish`, called by
 the next save, at the end of training and on a stop. Pruning to ``keep_last`` follows completion.
 
-On resume `latest_verified_checkpoint` checks the files of the newest complete checkpoint against their records
-(spread over the ranks); a damaged one is reported by file name, moved aside to ``<step>.damaged`` and the
-previous complete checkpoint is used; when none is left, nothing is moved and the run stops with a
-`CheckpointError` naming every damaged file (the start-up checks, `internlm.train.startup_checks`, also stop a
-run on a ``<step>/`` folder holding files but no meta.json, and on a checkpoint of another model). The folder
-must be on a file system that every rank sees.
-
-This module holds `CheckpointManager` (save, finish, prune, load); file names, writer ranks, meta.json and the
-commit live in `internlm.train.checkpoint_files`, the resume verification in `internlm.train.checkpoint_verify`
-(their names stay importable from here).
+On resume `internlm.checkpoint.verify.latest_verified_checkpoint` checks the files of the newest complete
+checkpoint against their records (spread over the ranks); a damaged one is moved aside and the previous complete
+one is used. Loading under another layout: `internlm.checkpoint.reshard`. The folder must be on a file system
+that every rank sees.
 """
 
 from __future__ import annotations
@@ -39,58 +24,29 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from internlm.faults import kill_now, kill_point
 from internlm.parallel import Layout, param_shards
+from internlm.parallel.comm import default_group_barrier, default_group_rank
 
-from .checkpoint_files import (
-    DAMAGED_SUFFIX,
-    FORMAT_VERSION,
+from .file_io import FileWriter, cpu_snapshot
+from .files import (
     META_FILE,
     TRAIN_STATE_FILE,
     checkpoint_healthy,
-    checkpoint_layout,
     commit_checkpoint,
     complete_checkpoints,
-    file_writers,
     files_table,
-    latest_checkpoint,
     model_file,
     model_writer_dp,
     optim_file,
-    read_meta,
     rng_file,
+    write_json,
 )
-from .checkpoint_io import FileWriter, cpu_snapshot
-from .checkpoint_verify import checkpoint_problems, latest_verified_checkpoint
-from .distributed import default_group_barrier, default_group_rank
-from .faults import kill_now, kill_point
-
-__all__ = [  # the names of checkpoint_files / checkpoint_verify stay importable from here
-    "DAMAGED_SUFFIX",
-    "FORMAT_VERSION",
-    "META_FILE",
-    "TRAIN_STATE_FILE",
-    "CheckpointManager",
-    "checkpoint_healthy",
-    "checkpoint_layout",
-    "checkpoint_problems",
-    "commit_checkpoint",
-    "complete_checkpoints",
-    "file_writers",
-    "files_table",
-    "latest_checkpoint",
-    "latest_verified_checkpoint",
-    "merge_model_checkpoint",
-    "model_file",
-    "model_writer_dp",
-    "optim_file",
-    "read_meta",
-    "rng_file",
-]
 
 
 # ---------------------------------------------------------------------- RNG
@@ -118,13 +74,6 @@ def _plain(value: Any) -> Any:
 
 _RECORDS_PREFIX = ".records-rank"
 _FAILED_PREFIX = ".failed-"
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass
@@ -236,13 +185,13 @@ class CheckpointManager:
             records, error = {}, f"rank {rank}: {exc}"
         if kill_point("save", pending.step):  # tests only: kill -9 in the middle of a save
             kill_now()
-        _write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
+        write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
         default_group_barrier()
         failed = os.path.join(self.root, f"{_FAILED_PREFIX}{pending.step}")
         if rank == 0:
             errors, gathered = self._collect_records(pending, world)
             if errors:
-                _write_json(failed, errors)
+                write_json(failed, errors)
                 shutil.rmtree(pending.tmp, ignore_errors=True)
             else:
                 if os.path.exists(failed):
@@ -300,7 +249,7 @@ class CheckpointManager:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"checkpoint {path} has no {self._model_file()}: it was saved under another parallel layout "
-                f"(see its {META_FILE}); load it with internlm.train.reshard.load_model_resharded"
+                f"(see its {META_FILE}); load it with internlm.checkpoint.reshard.load_model_resharded"
             )
         states = torch.load(model_path, map_location="cpu", weights_only=False, mmap=True)["chunks"]
         if len(states) != len(model_chunks):
@@ -322,14 +271,4 @@ class CheckpointManager:
         return torch.load(os.path.join(path, TRAIN_STATE_FILE), weights_only=False)
 
 
-def merge_model_checkpoint(path: str, names: Optional[Collection[str]] = None) -> Dict[str, torch.Tensor]:
-    """The full (unsharded) model state dict of checkpoint `path`, whatever layout saved it: an export tool
-    (it holds the whole model; resharding a run goes tensor by tensor, `internlm.train.reshard`).
-
-    Pipeline stages hold disjoint parameter names (layers keep their global index); tensor-parallel
-    shards are joined along their split dimension (`TPShard.join`); replicated tensors are taken from tensor
-    rank 0. ``names`` restricts the result to those tensors (files are memory-mapped, so the others are not read).
-    """
-    from internlm.model.checkpoint_reader import merged_state_dict  # the one reader of the model files
-
-    return merged_state_dict(path, names)
+__all__ = ["CheckpointManager"]

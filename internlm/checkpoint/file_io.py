@@ -1,10 +1,11 @@
-"""File-level pieces of the checkpoint format: writing with a streaming checksum, verifying, CPU snapshots,
-and the background writer of ``ckpt.async_save`` (see docs/checkpoint.md).
+"""File-level pieces of the checkpoint format: writing with a streaming checksum, verifying files against
+meta.json, CPU snapshots, and the background writer of ``ckpt.async_save`` (see docs/checkpoint.md).
 
 Every checkpoint file is written once, by one rank, through `write_file`, which hashes the bytes as
 ``torch.save`` produces them (CRC-32, ``zlib.crc32``: a few GB/s, no second pass over the file) and returns
 the file's record ``{"bytes": n, "crc32": "8 hex digits"}``. `file_problem` reads a file back in 8 MiB blocks
-and compares it with its record.
+and compares it with its record; `checkpoint_problems` does so for the files of a checkpoint (the one CRC loop
+of the package: resume verification and ``from_pretrained``'s choice of a step both use it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
+
+from .files import META_FILE, read_meta
 
 _BLOCK = 8 * 1024 * 1024
 
@@ -81,6 +84,28 @@ def file_problem(folder: str, name: str, record: Dict[str, Any], quick: bool = F
     return None
 
 
+def checkpoint_problems(path: str, names: Optional[Collection[str]] = None, quick: bool = False) -> List[str]:
+    """What is wrong with checkpoint ``path`` (empty: every file matches its size and CRC-32 in meta.json),
+    one line per damaged or missing file, naming it. ``names`` restricts the check to those files; ``quick``
+    compares sizes only (no file is read). Checkpoints from before checksums (no ``files`` in meta.json) are
+    not checked."""
+    try:
+        meta = read_meta(path)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return [f"{META_FILE} cannot be read ({exc})"]
+    files = meta.get("files")
+    if files is None:
+        return []
+    problems = []
+    for name in sorted(files if names is None else names):
+        problem = file_problem(path, name, files[name], quick=quick)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def cpu_snapshot(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts, lists, tuples) whose tensors are detached CPU copies, so that training
     may change the originals while the copy is written."""
@@ -137,4 +162,4 @@ class FileWriter:
         return self.records
 
 
-__all__ = ["FileWriter", "cpu_snapshot", "file_problem", "file_record", "write_file"]
+__all__ = ["FileWriter", "checkpoint_problems", "cpu_snapshot", "file_problem", "file_record", "write_file"]

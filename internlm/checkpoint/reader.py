@@ -1,80 +1,48 @@
-"""Read the model weights of a training checkpoint (format in docs/checkpoint.md), whatever layout saved it.
+"""Read the model weights of a checkpoint (format in `internlm.checkpoint.files`), whatever layout saved it.
 
-A checkpoint ``<root>/<step>/`` holds ``meta.json`` (layout, model config, CRC-32 per file) and one model file
-per tensor rank t and pipeline stage p, ``model_tp{t}_pp{p}.pt`` = ``{"chunks": [state dict per chunk],
-"tp_shards": [{name: (dim, rank, size) or None}]}``. The full tensor of a parameter split over the tensor group
-is the concatenation of the ranks' pieces along ``dim``; a replicated one is tensor rank 0's. Pipeline stages and
-chunks hold disjoint names (layers keep their global index).
+The full tensor of a parameter split over the tensor group is the concatenation of the ranks' pieces along
+``dim`` (the file's ``tp_shards`` record ``(dim, rank, size)``); a replicated one is tensor rank 0's. Pipeline
+stages and chunks hold disjoint names (layers keep their global index).
 
-Files are opened with ``torch.load(..., mmap=True)``: only their pickled index is read, and a tensor's bytes are
-read when it is used. `CheckpointReader.iter_tensors` yields one full tensor at a time, so a consumer that copies
-each into place (`InternLM.from_pretrained`, the HF exporter) never holds the model twice.
+Files are opened with ``torch.load(..., mmap=True)`` (`load_file`): only their pickled index is read, and a
+tensor's bytes are read when it is used. `CheckpointReader.iter_tensors` yields one full tensor at a time, so a
+consumer that copies each into place (`InternLM.from_pretrained`, the HF exporter) never holds the model twice;
+`CheckpointReader.pieces` gives the saved pieces of one tensor, which resharding copies into a rank's shards
+(`internlm.checkpoint.reshard`). This is the one parser of model files.
 
-This module reads the format without importing ``internlm.train`` (the model package must not depend on the
-trainer); the file names and meta.json fields are the trainer's (``internlm/train/checkpoint.py``).
+This module imports neither the model nor the parallel package: it returns the model config as the dict meta.json
+records (``model_config``) and tensors; ``internlm.model.pretrained`` builds the model from them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import InternLMConfig
-
-META_FILE = "meta.json"
-_BLOCK = 8 * 1024 * 1024
+from .file_io import checkpoint_problems
+from .files import META_FILE, complete_checkpoints, is_checkpoint, model_file, read_meta
 
 
-def model_file(tp_rank: int, pp_rank: int) -> str:
-    """Model chunks of tensor rank ``tp_rank`` and pipeline stage ``pp_rank`` (the trainer's name)."""
-    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
-
-
-def is_checkpoint(path: str) -> bool:
-    """``path`` is one complete checkpoint (a folder holding meta.json)."""
-    return os.path.isfile(os.path.join(path, META_FILE))
-
-
-def complete_steps(root: str) -> List[int]:
-    """Steps of the complete checkpoints (``<step>/meta.json``) under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(n) for n in os.listdir(root) if n.isdigit() and is_checkpoint(os.path.join(root, n)))
-
-
-def _read_meta(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, META_FILE)) as f:
-        return json.load(f)
+def load_file(path: str, name: str, layout_text: str) -> Any:
+    """File ``name`` of checkpoint ``path``, memory-mapped; FileNotFoundError naming it and the layout meta.json
+    records (``layout_text``) when it is missing."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint {path}: {name} is missing (its {META_FILE} records {layout_text})")
+    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
 
 
 def model_file_problems(path: str) -> List[str]:
     """What is wrong with the model files of checkpoint ``path`` against their meta.json records (size, then
-    CRC-32 read in 8 MiB blocks), one line per file; empty when they match or the checkpoint predates checksums."""
-    files = _read_meta(path).get("files")
+    CRC-32), one line per file; empty when they match or the checkpoint predates checksums."""
+    files = read_meta(path).get("files")
     if files is None:
         return []
-    problems = []
-    for name in sorted(n for n in files if n.startswith("model_")):
-        file, record = os.path.join(path, name), files[name]
-        if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
-            continue
-        if os.path.getsize(file) != record["bytes"]:
-            problems.append(f"{name} has {os.path.getsize(file)} bytes, {record['bytes']} were written")
-            continue
-        crc = 0
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(_BLOCK), b""):
-                crc = zlib.crc32(block, crc)
-        if f"{crc & 0xFFFFFFFF:08x}" != record["crc32"]:
-            problems.append(f"{name} fails its checksum (crc32 {crc & 0xFFFFFFFF:08x}, {record['crc32']} was written)")
-    return problems
+    return checkpoint_problems(path, [name for name in files if name.startswith("model_")])
 
 
 def find_checkpoint(
@@ -86,11 +54,11 @@ def find_checkpoint(
     skipped, never changed. Raises FileNotFoundError naming what was looked for."""
     warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
     if is_checkpoint(path):
-        if step is not None and int(_read_meta(path).get("step", step)) != step:
-            raise FileNotFoundError(f"checkpoint {path} is step {_read_meta(path)['step']}, not step {step}")
+        if step is not None and int(read_meta(path).get("step", step)) != step:
+            raise FileNotFoundError(f"checkpoint {path} is step {read_meta(path)['step']}, not step {step}")
         return path
-    root = os.path.join(path, "checkpoints") if complete_steps(os.path.join(path, "checkpoints")) else path
-    steps = complete_steps(root)
+    root = os.path.join(path, "checkpoints") if complete_checkpoints(os.path.join(path, "checkpoints")) else path
+    steps = complete_checkpoints(root)
     if not steps:
         raise FileNotFoundError(
             f"no checkpoint in {path}: expected a step folder with {META_FILE}, a checkpoints folder of them, "
@@ -109,14 +77,11 @@ def find_checkpoint(
     raise FileNotFoundError(f"no usable checkpoint in {root}: the model files of every step {steps} are damaged")
 
 
-def config_from_meta(meta: Dict[str, Any], where: str) -> InternLMConfig:
-    """The `InternLMConfig` recorded in a checkpoint's meta.json (``model_config``)."""
+def model_config_dict(meta: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The model config recorded in a checkpoint's meta.json (``model_config``, ``InternLMConfig.to_dict()``)."""
     if "model_config" not in meta:
         raise ValueError(f"checkpoint {where}: {META_FILE} records no model_config (saved before it was recorded)")
-    try:
-        return InternLMConfig.from_dict(meta["model_config"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint {where}: {META_FILE} model_config: {exc}") from None
+    return meta["model_config"]
 
 
 @dataclass
@@ -141,32 +106,29 @@ class TensorEntry:
 class CheckpointReader:
     """The full model tensors of one checkpoint folder (``find_checkpoint`` picks one), read lazily."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, layout_text: Optional[str] = None) -> None:
+        """``layout_text``: how a missing file's message names the saved layout (default ``tensor T x pipeline
+        P``)."""
         self.path = path
-        self.meta = _read_meta(path)
+        self.meta = read_meta(path)
         layout = self.meta.get("layout")
         if layout is None:
             raise ValueError(f"checkpoint {path}: {META_FILE} has no 'layout'")
         self.tensor_size, self.pipeline_size = int(layout["tensor"]), int(layout["pipeline"])
+        self.layout_text = layout_text or f"tensor {self.tensor_size} x pipeline {self.pipeline_size}"
         self.step = self.meta.get("step")
         self._files: Dict[Tuple[int, int], Any] = {}
         self._entries: Optional[Dict[str, TensorEntry]] = None
 
     @property
-    def config(self) -> InternLMConfig:
-        return config_from_meta(self.meta, self.path)
+    def model_config(self) -> Dict[str, Any]:
+        """meta.json's ``model_config`` (`model_config_dict`)."""
+        return model_config_dict(self.meta, self.path)
 
     def _file(self, tp_rank: int, pp_rank: int) -> Any:
         key = (tp_rank, pp_rank)
         if key not in self._files:
-            name = model_file(tp_rank, pp_rank)
-            file = os.path.join(self.path, name)
-            if not os.path.isfile(file):
-                raise FileNotFoundError(
-                    f"checkpoint {self.path}: {name} is missing (its {META_FILE} records tensor {self.tensor_size} "
-                    f"x pipeline {self.pipeline_size})"
-                )
-            self._files[key] = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+            self._files[key] = load_file(self.path, model_file(tp_rank, pp_rank), self.layout_text)
         return self._files[key]
 
     def entries(self) -> Dict[str, TensorEntry]:
@@ -188,6 +150,19 @@ class CheckpointReader:
                             pieces = [(t, pp, chunk) for t in range(size)]
                         self._entries[name] = TensorEntry(name, tuple(shape), local.dtype, dim, pieces)
         return self._entries
+
+    def pieces(self, name: str) -> Dict[int, torch.Tensor]:
+        """The saved local tensors of ``name`` by tensor rank (memory-mapped), as found in the files: every rank
+        of a split tensor, rank 0 of a replicated one. KeyError when the checkpoint has no such tensor."""
+        entries = self.entries()
+        if name not in entries:
+            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
+        out = {}
+        for t, p, c in entries[name].pieces:
+            state = self._file(t, p)["chunks"][c]
+            if name in state:
+                out[t] = state[name]
+        return out
 
     def tensor(self, name: str, copy: bool = False) -> torch.Tensor:
         """The full tensor ``name``: pieces joined along their split dimension (a new tensor), or the replicated
@@ -229,19 +204,30 @@ class CheckpointReader:
         self._files.clear()
 
 
-def merged_state_dict(path: str, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """The full model state dict of checkpoint ``path`` (every tensor in memory: an export helper)."""
+def recorded_config_files(folder: str) -> List[str]:
+    """The run config files checkpoint ``folder`` points to, most specific first: the work_dir's resolved config
+    of its phase (``config_<phase_name>.py``), meta.json's ``config_file``, then each recorded phase's file."""
+    meta = read_meta(folder)
+    work_dir = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+    candidates = [os.path.join(work_dir, f"config_{meta.get('phase_name')}.py"), meta.get("config_file")]
+    candidates += [phase.get("file") for phase in reversed(meta.get("phases") or [])]
+    return [c for c in candidates if c]
+
+
+def merge_model_checkpoint(path: str, names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict of checkpoint ``path``, whatever layout saved it: an export tool (it
+    holds the whole model; resharding a run goes tensor by tensor, `internlm.checkpoint.reshard`). ``names``
+    restricts the result to those tensors (files are memory-mapped, so the others are not read)."""
     return dict(CheckpointReader(path).iter_tensors(names, copy=True))
 
 
 __all__ = [
     "CheckpointReader",
     "TensorEntry",
-    "complete_steps",
-    "config_from_meta",
     "find_checkpoint",
-    "is_checkpoint",
-    "merged_state_dict",
-    "model_file",
+    "load_file",
+    "merge_model_checkpoint",
+    "model_config_dict",
     "model_file_problems",
+    "recorded_config_files",
 ]

@@ -1,4 +1,4 @@
-"""Errors of bad input found by the trainer (start-up checks, checkpoints, the work_dir lock).
+"""Errors of bad input that stop a run (start-up checks, checkpoints: `internlm.checkpoint`, the work_dir lock).
 
 `train.py` prints one of these as one line ``error: <message>`` (rank 0 only under torchrun, or the rank that
 found it when only that rank can) and exits with status 2, like a config error (see docs/troubleshooting.md).

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from internlm.checkpoint import is_checkpoint  # noqa: E402
-from internlm.checkpoint.convert import write_full_checkpoint  # noqa: E402
-from internlm.model import InternLM, InternLMConfig  # noqa: E402
-from internlm.model.hf import is_hf_folder, iter_hf_tensors  # noqa: E402
+from internlm.checkpoint import is_checkpoint
+from internlm.checkpoint.convert import write_full_checkpoint
+from internlm.model import InternLM, InternLMConfig
+from internlm.model.hf import is_hf_folder, iter_hf_tensors
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,21 +17,18 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internlm.checkpoint import CheckpointReader, find_checkpoint  # noqa: E402
-from internlm.model.config import parse_dtype  # noqa: E402
-from internlm.model.hf import (  # noqa: E402
+from internlm.checkpoint import CheckpointReader, find_checkpoint
+from internlm.model.config import parse_dtype
+from internlm.model.hf import (
     SAFE_INDEX,
     tokenizer_ids,
     write_hf_config,
     write_hf_tokenizer,
     write_hf_weights,
 )
-from internlm.model.pretrained import checkpoint_config, find_tokenizer  # noqa: E402
+from internlm.model.pretrained import checkpoint_config, find_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:

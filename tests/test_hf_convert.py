@@ -15,9 +15,10 @@ import sys
 import pytest
 import torch
 
-from internlm.checkpoint import CheckpointReader, merge_model_checkpoint, model_file, read_meta
+from internlm.checkpoint import merge_model_checkpoint, model_file, read_meta
 from internlm.model import InternLM, InternLMConfig
 from internlm.model.hf import config_values_from_hf, parse_size, plan_shards
+from internlm.model.pretrained import load_config
 from train_utils import REPO, run_train, step_losses, write_base
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -63,7 +64,7 @@ def test_export_loads_in_transformers_with_equal_logits(tp2pp2_run, exported):
     with open(os.path.join(exported, "config.json")) as f:
         hf_config = json.load(f)
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in hf_config
-    saved = CheckpointReader(os.path.join(tp2pp2_run, "checkpoints", "2")).config
+    saved = load_config(os.path.join(tp2pp2_run, "checkpoints", "2"))
     assert hf_config["num_key_value_heads"] == saved.num_kv_attention_heads == 2 and hf_config["attention_bias"] is True
     assert hf_config["intermediate_size"] == saved.intermediate_size and hf_config["torch_dtype"] == "float32"
 
@@ -99,7 +100,7 @@ def test_round_trip_is_bit_exact(tp2pp2_run, exported, tmp_path):
     meta = read_meta(back)
     assert meta["version"] == 2 and meta["layout"]["world_size"] == 1
     assert set(meta["files"]) == {model_file(0, 0)} and len(meta["files"][model_file(0, 0)]["crc32"]) == 8
-    assert InternLMConfig.from_dict(meta["model_config"]).to_hf() == CheckpointReader(step2).config.to_hf()
+    assert InternLMConfig.from_dict(meta["model_config"]).to_hf() == load_config(step2).to_hf()
     again = merge_model_checkpoint(back)
     assert list(again) == list(original)
     for name, tensor in original.items():

@@ -18,14 +18,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import internlm.train.trainer as trainer_module
+import internlm.train.model_state as model_state_module
 from internlm.checkpoint import complete_checkpoints, read_meta
 from internlm.checkpoint.manager import CheckpointManager
 from internlm.config import ConfigError
 from internlm.train.health import HealthMonitor, UnhealthyStop, mark_unhealthy
 from internlm.train.metrics import MetricsLogger
 from internlm.train.run import EXIT_UNHEALTHY
-from internlm.train.trainer import Trainer
+from internlm.train.step_runner import StepRunner
 from test_hybrid_zero import backward_step, make_opt, tiny_model, train_zero
 from test_sync_free import make_trainer, restored_signal_handlers
 from train_utils import REPO, read_metrics, run_train, step_losses, write_base
@@ -48,12 +48,12 @@ def injected(steps, factor=float("nan")):
     """The loss of global ``steps`` multiplied by ``factor`` (nan: a non-finite loss and gradients). Also records
     the optimizer's masters and moments after every step (``states[step]``)."""
     current, states = {}, {}
-    original_step, original_build = Trainer._train_step, trainer_module.build_loss_fn
+    original_step, original_build = StepRunner.train_step, model_state_module.build_loss_fn
 
-    def train_step(self, *args, **kwargs):
-        current["step"] = self.step + 1
-        out = original_step(self, *args, **kwargs)
-        opt = self.optimizer
+    def train_step(self, model, *args, step, **kwargs):
+        current["step"] = step
+        out = original_step(self, model, *args, step=step, **kwargs)
+        opt = model.optimizer
         moments = [opt.optimizer.state.get(m, {}) for m in opt.masters]
         states[current["step"]] = [t.clone() for t in opt.masters] + [
             s[k].clone() for s in moments for k in ("exp_avg", "exp_avg_sq", "step") if k in s
@@ -64,11 +64,11 @@ def injected(steps, factor=float("nan")):
         loss_fn = original_build(config, pc)
         return lambda output, labels: loss_fn(output, labels) * (factor if current.get("step") in steps else 1.0)
 
-    Trainer._train_step, trainer_module.build_loss_fn = train_step, build_loss_fn
+    StepRunner.train_step, model_state_module.build_loss_fn = train_step, build_loss_fn
     try:
         yield states
     finally:
-        Trainer._train_step, trainer_module.build_loss_fn = original_step, original_build
+        StepRunner.train_step, model_state_module.build_loss_fn = original_step, original_build
 
 
 def _run(tmp_path, demo_data, sets, steps=(), factor=float("nan")):

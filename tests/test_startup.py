@@ -19,7 +19,7 @@ from internlm.parallel import Layout, init_parallel_context, parallelize_model, 
 from internlm.parallel.pipeline import build_pipeline_chunks
 from internlm.train import distributed as train_distributed
 from internlm.train.distributed import init_distributed, timeout_of
-from internlm.train.trainer import StopRequested
+from internlm.train.stop import StopRequested
 from test_sync_free import make_trainer, restored_signal_handlers
 from train_utils import request_stop
 

@@ -26,7 +26,9 @@ from internlm.model import InternLM, InternLMConfig, PackedDocs, attention
 from internlm.parallel import ParallelContext
 from internlm.train.cli import load_phases
 from internlm.train.distributed import Launch
-from internlm.train.trainer import StopRequested, Trainer
+from internlm.train.step_runner import StepRunner
+from internlm.train.stop import StopRequested
+from internlm.train.trainer import Trainer
 from train_utils import read_metrics, request_stop, step_losses, write_base, write_phase
 
 SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
@@ -88,7 +90,9 @@ def make_trainer(tmp_path, demo_data, sets):
     write_base(folder, demo_data, work_dir)
     config = write_phase(folder, "p1", "")
     _, phases = load_phases(["--config", config, "--set", *sets])
-    return Trainer(phases, Launch(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), ParallelContext())
+    return Trainer.build(
+        phases, Launch(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), ParallelContext()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +106,22 @@ def sync_run(tmp_path_factory, demo_data):
         "ckpt.enable_save_ckpt=False",
     ]
     events, current, returned = [], {"step": 0}, []
-    original_step = Trainer._train_step
+    original_step = StepRunner.train_step
 
-    def train_step(self, *args, **kwargs):
-        current["step"] = self.step + 1
-        out = original_step(self, *args, **kwargs)
+    def train_step(self, *args, step, **kwargs):
+        current["step"] = step
+        out = original_step(self, *args, step=step, **kwargs)
         returned.append(out)
         return out
 
     with restored_signal_handlers():
         trainer = make_trainer(tmp_path, demo_data, sets)
-        Trainer._train_step = train_step
+        StepRunner.train_step = train_step
         try:
             with count_host_syncs(events, current):
                 summary = trainer.run()
         finally:
-            Trainer._train_step = original_step
+            StepRunner.train_step = original_step
     per_step = defaultdict(lambda: dict(mine=[], optim=[]))
     for step, name, in_optim, site in events:
         if step > 0:  # step 0: start-up (building, initialising)
@@ -136,7 +140,7 @@ def test_no_host_sync_between_logging_steps(sync_run):
         else:
             assert len(calls) == 1, f"step {step}: {calls}"
             name, site = calls[0]
-            assert name == "tolist" and site.startswith("internlm/train/trainer_metrics.py"), calls
+            assert name == "tolist" and site.startswith("internlm/train/metrics_reporter.py"), calls
     # every step's metrics line is written, with values read back at the logging steps
     losses = step_losses(sync_run.work_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -150,7 +154,7 @@ def test_no_host_sync_between_logging_steps(sync_run):
 
 def test_optimizer_step_sync_free(sync_run):
     """The optimizer's part: once ``optimizer.step()`` returns device tensors, it must not sync either."""
-    grad_norm, skipped = sync_run.returned[0][1]  # _train_step returns (loss, StepResult)
+    grad_norm, skipped = sync_run.returned[0][1]  # train_step returns (loss, StepResult)
     if not isinstance(grad_norm, torch.Tensor):
         optim = {s: len(sync_run.per_step[s]["optim"]) for s in range(1, STEPS + 1)}
         pytest.skip(
@@ -229,20 +233,20 @@ def test_stop_file_naming_a_later_step_is_exact(tmp_path, demo_data):
 
 def test_sigterm_is_honoured_at_the_next_logging_step(tmp_path, demo_data):
     sets = ["monitor.log_every=4", "data.total_steps=12", "data.valid_ratio=0", "ckpt.checkpoint_every=100"]
-    original_step = Trainer._train_step
+    original_step = StepRunner.train_step
 
-    def train_step(self, *args, **kwargs):
-        if self.step + 1 == 5:
-            self._on_stop_signal(signal.SIGTERM, None)
-        return original_step(self, *args, **kwargs)
+    def train_step(self, *args, step, **kwargs):
+        if step == 5:
+            trainer.stops.on_signal(signal.SIGTERM, None)
+        return original_step(self, *args, step=step, **kwargs)
 
     with restored_signal_handlers():
         trainer = make_trainer(tmp_path, demo_data, sets)
-        Trainer._train_step = train_step
+        StepRunner.train_step = train_step
         try:
             with pytest.raises(StopRequested, match="stopped after step 8 on a stop signal"):
                 trainer.run()
         finally:
-            Trainer._train_step = original_step
+            StepRunner.train_step = original_step
     assert sorted(step_losses(trainer.work_dir)) == list(range(1, 9))
     assert os.path.isfile(os.path.join(trainer.work_dir, "checkpoints", "8", "meta.json"))

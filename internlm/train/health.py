@@ -2,7 +2,7 @@
 health record of checkpoints.
 
 The trainer's steps are sync-free: losses and gradient norms stay device tensors until the logging step's one
-read-back (``monitor.log_every``, `Trainer._flush_metrics`). Every decision here is taken there, on the host values
+read-back (``monitor.log_every``, `MetricsReporter.flush`). Every decision here is taken there, on the host values
 of the steps read back, in step order; with ``log_every=1`` that is at every step. All ranks read the same values
 (the loss is all-reduced, the norm is global), so they take the same decisions at the same step.
 
@@ -10,7 +10,8 @@ of the steps read back, in step order; with ``log_every=1`` that is at every ste
   the trainer's flag for a non-finite global loss: masters, moments and step counts unchanged); `HealthMonitor`
   counts it (``nonfinite_steps``) and the run of them in a row (``consecutive``). An
   fp16 overflow the loss scaler absorbs (``overflow`` in the metrics line) is routine: neither counted nor reset.
-* ``health.max_skipped_steps`` in a row: the run stops (`UnhealthyStop`, exit code 3), or rolls back.
+* ``health.max_skipped_steps`` in a row: the run stops (`UnhealthyStop`, exit code 3), or rolls back: a
+  `HealthDecision` value the trainer's step loop acts on.
 * A loss spike: ``loss > spike_factor * mean(window)``, the window being the previous ``spike_window`` losses of
   steps that were neither skipped nor spikes; checked once the window is full.
 * While the last step read back was skipped the run is unhealthy: no checkpoint is saved.
@@ -27,13 +28,13 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from internlm.checkpoint import checkpoint_healthy, complete_checkpoints, read_meta, rewrite_meta
 from internlm.config.step_ranges import SkipBatches
 from internlm.parallel.comm import default_group_barrier
 
-from .initial_load import StartPlan
+from .metrics import MetricsLogger
 
 
 class UnhealthyStop(Exception):
@@ -41,14 +42,23 @@ class UnhealthyStop(Exception):
     the message says what happened and what to do. Exit code 3."""
 
 
-class Rollback(Exception):
-    """Reload checkpoint ``path`` (the newest healthy one before the offending steps), whose batches are now in
-    the skip set; raised at a metrics flush, handled by `Trainer.run`."""
+@dataclass(frozen=True)
+class HealthDecision:
+    """What the trainer does after a health check: ``action`` "continue"; "stop" (`UnhealthyStop` with
+    ``reason``); "rollback" (reload checkpoint ``path``, the newest healthy one before the offending steps, whose
+    batches are now in the skip set; ``reason`` says why). At start-up a "continue" decision's ``path`` is the
+    checkpoint to resume from."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(reason)
-        self.path = path
-        self.reason = reason
+    action: str = "continue"
+    reason: str = ""
+    path: Optional[str] = None
+
+    @property
+    def proceed(self) -> bool:
+        return self.action == "continue"
+
+
+CONTINUE = HealthDecision()
 
 
 # ---------------------------------------------------------------------------------------------- monitor
@@ -188,32 +198,22 @@ def _steps_words(first: int, last: int) -> str:
 
 class HealthGuard:
     """What the trainer asks about health: which steps to skip (`skips`), what each step read back was
-    (`observe`, at the metrics flush), whether to stop or roll back (`after_flush`, `check_end`), whether a
-    checkpoint may be saved (`may_save`), what checkpoints record (`meta`, `state_dict`) and where to resume.
+    (`observe`, at the metrics flush), whether to stop or roll back (`review`, a `HealthDecision`), whether a
+    checkpoint may be saved (`may_save`), what checkpoints record (`meta`, `state_dict`) and where to resume
+    (`healthy_resume`).
 
     ``health``: the typed ``health`` config section; ``skip_texts``: every phase's ``data.skip_batches``;
-    ``root``: the checkpoint folder; ``message``: a console + train.log line (rank 0); ``finish_saves``: completes
-    a checkpoint being written in the background (collective). Every method is called at the same point on every
-    rank, with the same values.
+    ``root``: the checkpoint folder; ``logger``: rank 0's console and train.log. Every method is called at the
+    same point on every rank, with the same values.
     """
 
-    def __init__(
-        self,
-        health: Any,
-        skip_texts: Iterable[str],
-        root: str,
-        rank0: bool,
-        message: Callable[[str], None],
-        finish_saves: Callable[[], None],
-    ) -> None:
+    def __init__(self, health: Any, skip_texts: Iterable[str], root: str, rank0: bool, logger: MetricsLogger) -> None:
         self.monitor = HealthMonitor.from_config(health)
         self.rollback = bool(health.rollback)
         self.skip = SkipBatches(skip_texts)
         self.root = root
         self.rank0 = rank0
-        self.message = message
-        self.finish_saves = finish_saves
-        self.rollback_target: Optional[str] = None  # set while `Trainer._run` restarts from a rollback
+        self.logger = logger
         self._spike: Optional[int] = None  # the first spike of the steps read back by the current flush
 
     # ------------------------------------------------------------------ steps
@@ -231,50 +231,55 @@ class HealthGuard:
         line.update(loss_spikes=m.loss_spikes, nonfinite_steps=m.nonfinite_steps)
         if verdict.nonfinite:
             limit = f"the run stops at {m.max_skipped_steps}" if m.max_skipped_steps else "no limit"
-            self.message(
+            self.logger.message(
                 f"warning: step {line['step']} skipped: loss {line['loss']:.4g}, gradient norm {line['grad_norm']:.4g} "
                 f"({m.consecutive} in a row; {limit}: health.max_skipped_steps)"
             )
         elif verdict.spike:
             self._spike = line["step"] if self._spike is None else self._spike
-            self.message(
+            self.logger.message(
                 f"warning: step {line['step']}: loss spike, {line['loss']:.4f} > {m.spike_factor:g} x {average:.4f} "
                 f"(the mean of the previous {len(m.window)} losses; health.spike_factor, spike_window); "
                 f"{m.loss_spikes} so far"
             )
         return verdict
 
-    def after_flush(self) -> None:
-        """After a flush's lines: raise `UnhealthyStop` or `Rollback` on ``max_skipped_steps`` non-finite steps in a
-        row; with ``health.rollback``, raise `Rollback` on a spike (when a checkpoint precedes it)."""
+    def acting(self, at_end: bool = False) -> bool:
+        """Whether `review` will stop or roll back (after a flush, or ``at_end`` of training): it then reads and
+        marks the checkpoints, so a checkpoint still being written must be completed first."""
+        if at_end:
+            return not self.monitor.healthy
+        return self.monitor.exhausted or (self._spike is not None and self.rollback)
+
+    def review(self, at_end: bool = False) -> HealthDecision:
+        """After a flush's lines: stop or roll back on ``max_skipped_steps`` non-finite steps in a row; with
+        ``health.rollback``, roll back on a spike (when a checkpoint precedes it). ``at_end`` of training: a run
+        whose last steps were skipped on non-finite values did not finish well."""
+        if at_end:
+            return self._unhealthy() if not self.monitor.healthy else CONTINUE
         spike, self._spike = self._spike, None
         if self.monitor.exhausted:
-            self._unhealthy()
+            return self._unhealthy()
         if spike is not None and self.rollback:
-            self._roll_back(spike, spike, below=spike, why=f"loss spike at step {spike}")
-
-    def check_end(self) -> None:
-        """At the end of training: a run whose last steps were skipped on non-finite values did not finish well."""
-        if not self.monitor.healthy:
-            self._unhealthy()
+            return self._roll_back(spike, spike, below=spike, why=f"loss spike at step {spike}") or CONTINUE
+        return CONTINUE
 
     def may_save(self, step: int) -> bool:
         """Whether a checkpoint may be saved now (not while the last step read back was skipped)."""
         m = self.monitor
         if m.healthy:
             return True
-        self.message(
+        self.logger.message(
             f"warning: no checkpoint saved at step {step}: the run is unhealthy "
             f"({_steps_words(m.streak_start, m.last_step)} skipped on a non-finite loss or gradient norm)"
         )
         return False
 
     # ------------------------------------------------------------------ stop, roll back
-    def _unhealthy(self) -> None:
+    def _unhealthy(self) -> HealthDecision:
         """Mark the checkpoint whose weights gave the skipped steps, then roll back (health.rollback) or stop."""
         m = self.monitor
         first, last = m.streak_start, m.last_step
-        self.finish_saves()
         # skipped steps change no weight: the weights that gave them are those after step first - 1
         suspect = os.path.join(self.root, str(first - 1))
         marked = first > 1 and (first - 1) in healthy_checkpoints(self.root)
@@ -283,10 +288,14 @@ class HealthGuard:
         default_group_barrier()
         steps = _steps_words(first, last)
         if self.rollback:
-            self._roll_back(max(first - 1, 1), last, below=first, why=f"{steps} skipped on non-finite values")
+            decision = self._roll_back(
+                max(first - 1, 1), last, below=first, why=f"{steps} skipped on non-finite values"
+            )
+            if decision is not None:
+                return decision
         healthy = newest_healthy_checkpoint(self.root)
         resume = f"a rerun resumes from {healthy}" if healthy else "no healthy checkpoint is left"
-        raise UnhealthyStop(
+        reason = (
             f"stopped unhealthy after step {last}: {steps} ({last - first + 1} in a row; health.max_skipped_steps="
             f"{m.max_skipped_steps}) had a non-finite loss or gradient norm and were skipped, and no checkpoint was "
             f"saved since. "
@@ -294,26 +303,25 @@ class HealthGuard:
             + f"Lower adam.lr, or skip those batches (data.skip_batches='{_steps_text(max(first - 1, 1), last)}'), "
             f"or set health.rollback=True; {resume}"
         )
+        return HealthDecision("stop", reason)
 
-    def _roll_back(self, first: int, last: int, below: int, why: str) -> None:
-        """Raise `Rollback` to the newest healthy checkpoint before step ``below``, skipping steps first..last from
-        now on (also written into that checkpoint's meta.json); returns when there is no such checkpoint."""
-        self.finish_saves()
+    def _roll_back(self, first: int, last: int, below: int, why: str) -> Optional[HealthDecision]:
+        """Roll back to the newest healthy checkpoint before step ``below``, skipping steps first..last from now on
+        (also written into that checkpoint's meta.json); None when there is no such checkpoint."""
         target = newest_healthy_checkpoint(self.root, below=below)
         if target is None:
-            self.message(f"warning: {why}: no healthy checkpoint before step {below} to roll back to")
+            self.logger.message(f"warning: {why}: no healthy checkpoint before step {below} to roll back to")
             return
         self.skip.add(first, last)
         if self.rank0:
             record_skip_batches(target, self.skip)
         default_group_barrier()
         self.monitor.rollbacks += 1
-        self.rollback_target = target
-        self.message(
+        self.logger.message(
             f"warning: {why}: rolling back to {target} (health.rollback); the batches of "
             f"{_steps_words(first, last)} are skipped (data.skip_batches now '{self.skip}')"
         )
-        raise Rollback(target, why)
+        return HealthDecision("rollback", why, target)
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> Dict[str, Any]:
@@ -324,47 +332,35 @@ class HealthGuard:
         """The train state's ``health`` (counters, loss window) and ``skip_batches``."""
         return dict(health=self.monitor.state_dict(), skip_batches=str(self.skip))
 
-    def restore(self, meta: Mapping[str, Any], train_state: Mapping[str, Any]) -> None:
+    def restore(self, meta: Mapping[str, Any], train_state: Mapping[str, Any], rolling_back: bool) -> None:
         """After loading a checkpoint: its skipped steps join ours; its health state is restored (on a rollback
         only the loss window: the counters go on counting)."""
         self.skip.add_text(meta.get("skip_batches", ""))
-        self.monitor.load_state_dict(train_state.get("health"), counters=self.rollback_target is None)
+        self.monitor.load_state_dict(train_state.get("health"), counters=not rolling_back)
 
-    def healthy_resume(self, latest: Optional[str]) -> Optional[str]:
-        """The checkpoint to resume from in place of ``latest`` when that one is marked unhealthy: the newest
-        healthy one before it (said on the console). Raises `UnhealthyStop` when there is none."""
-        if latest is None:
-            return None
-        if checkpoint_healthy(latest):
-            return latest
+    def healthy_resume(self, latest: Optional[str], rolling_back: bool) -> HealthDecision:
+        """Continue from ``latest`` (its ``path``), or when that one is marked unhealthy from the newest healthy one
+        before it (said on the console unless ``rolling_back``); stop when there is none."""
+        if latest is None or checkpoint_healthy(latest):
+            return HealthDecision(path=latest)
         meta = read_meta(latest)
         reason = meta["health"].get("reason", "no reason recorded")
         healthy = newest_healthy_checkpoint(self.root, below=int(meta["step"]))
         if healthy is None:
-            raise UnhealthyStop(
+            return HealthDecision(
+                "stop",
                 f"checkpoint {latest} is marked unhealthy ({reason}) and no healthy checkpoint precedes it in "
                 f"{self.root}; remove the cause (e.g. lower adam.lr), then move the checkpoint folders out of "
-                f"{self.root} to start from scratch"
+                f"{self.root} to start from scratch",
             )
-        if self.rollback_target is None:
-            self.message(f"warning: checkpoint {latest} is marked unhealthy ({reason}); resuming from {healthy}")
-        return healthy
-
-    def start_plan(self, plan: StartPlan) -> StartPlan:
-        """``plan``, or during a rollback the resume of the rollback's checkpoint."""
-        target = self.rollback_target
-        if target is None:
-            return plan
-        return StartPlan(resume_path=target, optimizer_from=target, sampler_from=target)
-
-    def rolled_back(self) -> None:
-        """The rollback's checkpoint is loaded: later starts are ordinary again."""
-        self.rollback_target = None
+        if not rolling_back:
+            self.logger.message(f"warning: checkpoint {latest} is marked unhealthy ({reason}); resuming from {healthy}")
+        return HealthDecision(path=healthy)
 
 
 __all__ = [
     "UnhealthyStop",
-    "Rollback",
+    "HealthDecision",
     "Verdict",
     "HealthMonitor",
     "HealthGuard",

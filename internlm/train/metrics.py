@@ -11,7 +11,9 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional, TextIO
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Mapping, Optional, TextIO
 
 import torch
 
@@ -255,3 +257,19 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+@contextmanager
+def warnings_to_log(logger: MetricsLogger) -> Iterator[None]:
+    """Python warnings raised meanwhile also go to ``logger``'s train.log (and are shown as usual)."""
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        logger.log_only(f"warning: {category.__name__}: {message} ({filename}:{lineno})")
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

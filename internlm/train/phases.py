@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from internlm.config import ConfigError, RunConfig
@@ -93,6 +93,16 @@ def plan_phases(configs: Sequence[RunConfig], world_size: int) -> List[Phase]:
         lr_total = config.lr_scheduler.total_steps or steps
         phases.append(Phase(index, config, layout, steps, lr_total, gbs, fingerprint(config.raw, gbs)))
     return phases
+
+
+@dataclass
+class Progress:
+    """How far a run is: global optimizer ``step``s (skipped batches count) and ``tokens`` over all phases, and
+    the ``history``, one record per started phase (name, file, steps, fingerprint, first_step, tokens)."""
+
+    step: int = 0
+    tokens: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

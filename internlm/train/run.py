@@ -17,7 +17,8 @@ from .distributed import init_distributed, shutdown_distributed, timeout_of
 from .health import UnhealthyStop
 from .phases import Phase
 from .startup_checks import start_up
-from .trainer import Aborted, StopRequested, Trainer
+from .stop import Aborted, StopRequested
+from .trainer import Trainer
 
 # exit statuses (README.md, docs/troubleshooting.md): 0 the run finished; 2 a bad input (config, data, checkpoint,
 # work_dir), nothing trained; EXIT_UNHEALTHY: stopped on health.max_skipped_steps non-finite steps in a row (or no
@@ -68,12 +69,12 @@ def _print_sample(trainer: Trainer, phases: List[Phase]) -> None:
     from internlm.model import generate
 
     path = phases[-1].config.data.tokenizer_path
-    if trainer.pc.world_size > 1 or not path or not os.path.isfile(path):
+    if trainer.model.pc.world_size > 1 or not path or not os.path.isfile(path):
         return
     tokenizer = Tokenizer(path)
     prompt = "The "
     ids = generate(
-        trainer.chunks[0],
+        trainer.model.chunks[0],
         tokenizer.encode(prompt),
         max_new_tokens=48,
         temperature=0.7,
@@ -107,7 +108,7 @@ def run_training(phases: List[Phase]) -> int:
             lock = start_up(phases, launch.rank)  # the work_dir lock (rank 0) and the start-up checks
         except BadInputError as exc:
             return _bad_input(exc, launch.rank)
-        trainer = Trainer(phases, launch, pc)  # rank 0 prints the banner, steps, the stop reason, the final line
+        trainer = Trainer.build(phases, launch, pc)  # rank 0 prints the banner, steps, the stop reason, the final line
         try:
             trainer.run()
         except StopRequested:

@@ -1,117 +1,129 @@
 """The training loop: phases in order, steps of forward/backward over micro-batches, optimizer updates,
 metrics, validation and checkpoints. The same code runs one process or any 3D-parallel layout.
 
-`Trainer` is assembled from one mixin per job: trainer_resume.py (where the run starts), trainer_step.py (one
-update, validation), trainer_metrics.py (the metrics read-back, metrics.jsonl and console lines),
-trainer_stop.py (stop file, SIGTERM / Ctrl-C), trainer_checkpoints.py (save, load), trainer_banner.py (the
-start-up banner, the final line). This module keeps the run, the phase loop, the layouts and the step loop.
+`Trainer` holds one collaborator per job, built by `Trainer.build` and passed in: ``model`` (`ModelState`, the
+layout's context, chunks, loss, optimizer), ``runner`` (`StepRunner`, one update, validation), ``checkpointer``
+(`Checkpointer`), ``resume`` (`ResumePlanner`, where the run starts), ``health`` (`HealthGuard`, which returns
+`HealthDecision` values), ``metrics`` (`MetricsReporter`, the one read-back per logging step), ``stops``
+(`StopController`), ``profiler`` (`StepProfiler`) and ``logger`` (`MetricsLogger`). This module keeps the run,
+the phase loop and the step loop; they read top to bottom, and an early end (a stop request, an unhealthy stop,
+a rollback) travels up as a returned `Ending`, raised as an exception only by `run`.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
-import warnings
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
-from internlm.checkpoint.manager import CheckpointManager
 from internlm.data import build_train_loader, build_valid_batches
-from internlm.parallel import ParallelContext, describe_groups, init_parallel_context
+from internlm.parallel import ParallelContext
 from internlm.planning import peak_tflops
 
-from .build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-from .distributed import Launch, timeout_of
+from .banner import banner, final_line
+from .build import build_step_schedule
+from .checkpointer import Checkpointer
+from .distributed import Launch
 from .fp16_metrics import fp16_metrics
-from .health import HealthGuard, Rollback, UnhealthyStop
+from .health import CONTINUE, HealthDecision, HealthGuard, UnhealthyStop
 from .lr_schedule import beta2_at, warmup_cosine_lr
-from .metrics import MetricsLogger
-from .phases import Phase
+from .metrics import MetricsLogger, warnings_to_log
+from .metrics_reporter import MetricsReporter
+from .model_state import ModelState
+from .phases import Phase, Progress
 from .profiling import StepProfiler
-from .trainer_banner import BannerMixin
-from .trainer_checkpoints import CheckpointMixin
-from .trainer_metrics import MetricsMixin
-from .trainer_resume import ResumeMixin
-from .trainer_step import StepMixin
-from .trainer_stop import Aborted, StopMixin, StopRequested
-
-__all__ = ["Aborted", "StopRequested", "Trainer"]
+from .resume import ResumePlanner
+from .step_runner import StepRunner
+from .stop import Aborted, StopController, StopRequested
 
 
-def _release_groups(pc: ParallelContext) -> None:
-    """Destroy the process groups of a parallel context that is being replaced (after a world barrier, so no
-    rank still has work queued on them)."""
-    kinds = (pc.tp_group, pc.pp_group, pc.dp_group, pc.zero1_group, pc.zero1_replica_group)
-    groups = {id(g): g for g in kinds if g is not None}
-    if not groups:
-        return
-    dist.barrier()
-    for group in groups.values():
-        dist.destroy_process_group(group)
+@dataclass(frozen=True)
+class Ending:
+    """Why an attempt ended before its phases did: ``error`` for `Trainer.run` to raise (`StopRequested`,
+    `UnhealthyStop`), or a rollback to checkpoint ``rollback_to``."""
+
+    error: Optional[Exception] = None
+    rollback_to: Optional[str] = None
+
+    @classmethod
+    def of(cls, decision: HealthDecision) -> "Ending":
+        """The ending of a health decision that does not proceed (stop, or roll back)."""
+        if decision.action == "rollback":
+            return cls(rollback_to=decision.path)
+        return cls(error=UnhealthyStop(decision.reason))
 
 
-class Trainer(ResumeMixin, StepMixin, MetricsMixin, StopMixin, CheckpointMixin, BannerMixin):
-    """Runs the phases of one command. ``pc`` is the parallel context of the first phase's layout; a phase
-    with another layout gets a new context, model chunks and optimizer (see `_enter_layout`)."""
+class Trainer:
+    """Runs the phases of one command with the collaborators of the module docstring (see `build`)."""
 
-    def __init__(self, phases: List[Phase], launch: Launch, pc: ParallelContext) -> None:
+    def __init__(
+        self,
+        phases: List[Phase],
+        work_dir: str,
+        model_config: Any,
+        model: ModelState,
+        runner: StepRunner,
+        checkpointer: Checkpointer,
+        resume: ResumePlanner,
+        health: HealthGuard,
+        metrics: MetricsReporter,
+        stops: StopController,
+        profiler: StepProfiler,
+        logger: MetricsLogger,
+    ) -> None:
         self.phases = phases
-        self.pc = pc
-        self.device = launch.device
-        # run-wide settings: the CLI checks that every phase shares work_dir (and the model); the checkpoint
-        # folder, resume switches and logging are those of the first phase
-        run_wide = phases[0].config
-        self.work_dir = run_wide.work_dir
-        self.ckpt_root = run_wide.ckpt.save_ckpt_folder
-        self.keep_last = run_wide.ckpt.keep_last
-        self.auto_resume = run_wide.ckpt.auto_resume
-        self.ckpt_section = run_wide.ckpt  # auto_resume, load_ckpt_info, load_ckpt_folder: see `plan_start`
-        self.model_config = run_wide.model_config
-        self.logger = MetricsLogger(self.work_dir, enabled=pc.rank == 0, tensorboard=run_wide.monitor.tensorboard)
+        self.work_dir = work_dir
+        self.model_config = model_config  # the run's model (every phase trains the same one)
+        self.model = model
+        self.runner = runner
+        self.checkpointer = checkpointer
+        self.resume = resume
+        self.health = health
+        self.metrics = metrics
+        self.stops = stops
+        self.profiler = profiler
+        self.logger = logger
+        self.progress = Progress()  # global steps and tokens so far, the history of started phases
+        self.last_val_loss: Optional[float] = None
+
+    @classmethod
+    def build(cls, phases: List[Phase], launch: Launch, pc: ParallelContext) -> "Trainer":
+        """The trainer of ``phases`` on this process; ``pc``: the parallel context of the first phase's layout.
+        Installs the SIGTERM / SIGINT handlers (`StopController`). Run-wide settings are the first phase's: the
+        CLI checks that every phase shares work_dir and the model."""
+        run_wide, device = phases[0].config, launch.device
+        logger = MetricsLogger(run_wide.work_dir, enabled=pc.rank == 0, tensorboard=run_wide.monitor.tensorboard)
         torch.manual_seed(run_wide.seed)
-        if self.device.type == "cuda":
+        if device.type == "cuda":
             torch.backends.cudnn.deterministic = run_wide.cudnn_deterministic
             torch.backends.cudnn.benchmark = run_wide.cudnn_benchmark
-        self.ckpt = CheckpointManager(self.ckpt_root, pc, keep_last=self.keep_last)
+        ckpt, model_config = run_wide.ckpt, run_wide.model_config
+        checkpointer = Checkpointer(ckpt.save_ckpt_folder, ckpt.keep_last, model_config, pc, logger)
         # training health (health.py): non-finite steps, loss spikes, data.skip_batches, rollbacks
         skip_texts = [p.config.data.skip_batches for p in phases]
-        self.guard = HealthGuard(
-            run_wide.health, skip_texts, self.ckpt_root, pc.rank == 0, self.logger.message, self._finish_saves
+        health = HealthGuard(run_wide.health, skip_texts, ckpt.save_ckpt_folder, pc.rank == 0, logger)
+        peak = peak_tflops(device, run_wide.monitor.peak_tflops)  # None: MFU is not reported
+        metrics = MetricsReporter(logger, device, model_config, peak, sum(p.steps for p in phases))
+        profiler = StepProfiler(run_wide.profile, run_wide.work_dir, device, pc.rank, logger.message)
+        stops = StopController(ckpt.enable_save_ckpt, pc.rank, logger)
+        stops.install_handlers()
+        resume = ResumePlanner(phases, run_wide.work_dir, ckpt, pc.rank, checkpointer, health, logger)
+        model = ModelState(pc, device, logger)
+        return cls(
+            phases,
+            run_wide.work_dir,
+            model_config,
+            model,
+            StepRunner(device),
+            checkpointer,
+            resume,
+            health,
+            metrics,
+            stops,
+            profiler,
+            logger,
         )
-        self.chunks: Optional[List[Any]] = None  # built by _enter_layout for the first phase that runs
-        self.loss_fn = None
-        self.optimizer = None
-        self.last_checkpoint: Optional[str] = None  # newest checkpoint this process saved
-        self.step = 0  # global optimizer updates so far, over all phases
-        self.tokens = 0  # tokens consumed so far, over all phases
-        self.history: List[Dict[str, Any]] = []  # one record per started phase
-        self.last_val_loss: Optional[float] = None
-        self.last_loss: Optional[float] = None
-        self._peak_tflops = peak_tflops(self.device, run_wide.monitor.peak_tflops)  # None: MFU is not reported
-        self._first_metrics_line = True
-        # steps whose metrics (device tensors) wait for the next logging step's read-back, see _flush_metrics
-        self._pending: List[Dict[str, Any]] = []
-        self._window_start = time.perf_counter()  # host time of the last flush (or validation / save)
-        self._phase_first_step = 1
-        self._stop_at: Optional[int] = None  # a later step a stop file named, agreed on by every rank
-        self._skipped_steps = 0  # the optimizer's skipped steps up to the last metrics line written
-        # console progress: global steps and FLOPs of the phases after the current one, the measured FLOP rate
-        self._global_total = sum(p.steps for p in phases)
-        self._later_flops = 0.0
-        self._flop_rate: Optional[float] = None
-        self._mem_text: Optional[str] = None  # the last memory reading, for the console
-        self.profiler = StepProfiler(run_wide.profile, self.work_dir, self.device, pc.rank, self.logger.message)
-        # SIGTERM (a scheduler's preemption) or a first Ctrl-C: finish the step, save, stop; a second Ctrl-C
-        # aborts at once without saving (`Aborted`)
-        self._terminated = False
-        self._interrupted = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_stop_signal)
-            signal.signal(signal.SIGINT, self._on_stop_signal)
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -119,26 +131,33 @@ class Trainer(ResumeMixin, StepMixin, MetricsMixin, StopMixin, CheckpointMixin, 
         `UnhealthyStop` when health stops the run (health.py) and `Aborted` after a second Ctrl-C (nothing saved).
         train.log gets the stop reason or the final line."""
         try:
-            with self._warnings_to_log():
-                self._banner()
-                try:
-                    summary = self._run_with_rollbacks()
-                except (StopRequested, UnhealthyStop) as stop:
-                    self.profiler.finish()
-                    self._finish_saves()  # the stop's checkpoint counts only once complete
-                    self.logger.message(str(stop))
-                    raise
+            with warnings_to_log(self.logger):
+                if self.logger.enabled:
+                    self.logger.message(
+                        banner(self.phases, self.model_config, self.model.device, self.model.pc, self.work_dir)
+                    )
+                ending = self._attempt(rollback_to=None)
+                while ending is not None and ending.rollback_to is not None:  # health.rollback: start again there
+                    self.metrics.drop_pending()
+                    self.logger.close_bar()
+                    self.model.close_optimizer()  # rebuilt and loaded from the rollback's checkpoint
+                    ending = self._attempt(rollback_to=ending.rollback_to)
                 self.profiler.finish()
-                self.logger.message(self._final_line(summary))
-                return summary
+                if ending is not None:
+                    self.checkpointer.finish_saves()  # the stop's checkpoint counts only once complete
+                    self.logger.message(str(ending.error))
+                    raise ending.error
+                self.logger.message(final_line(self._summary()))
+                return self._summary()
         except KeyboardInterrupt:
             # a second Ctrl-C (or one before the handlers were installed): no save, no waiting for a background
             # save either (an unfinished checkpoint never counts)
             self.logger.close_bar()
-            in_flight = getattr(self, "_ckpt_in_flight", None) is not None  # a background save that never completes
-            last = self.last_checkpoint if not in_flight else None
+            last = self.checkpointer.last_complete
             where = f"the last checkpoint, {last}" if last else "the last complete checkpoint"
-            reason = f"aborted by Ctrl-C during step {self.step + 1}: nothing saved; a rerun resumes from {where}"
+            reason = (
+                f"aborted by Ctrl-C during step {self.progress.step + 1}: nothing saved; a rerun resumes from {where}"
+            )
             self.logger.message(reason)
             raise Aborted(reason) from None
         except (StopRequested, UnhealthyStop):
@@ -149,218 +168,203 @@ class Trainer(ResumeMixin, StepMixin, MetricsMixin, StopMixin, CheckpointMixin, 
         finally:
             self.logger.close()
 
-    @contextmanager
-    def _warnings_to_log(self) -> Iterator[None]:
-        """Python warnings raised while training also go to train.log."""
-        shown = warnings.showwarning
-
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            self.logger.log_only(f"warning: {category.__name__}: {message} ({filename}:{lineno})")
-            shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = showwarning
-        try:
-            yield
-        finally:
-            warnings.showwarning = shown
-
-    def _run_with_rollbacks(self) -> Dict[str, Any]:
-        """`_run`, started again from a checkpoint each time health.rollback rolls back to one (`Rollback`)."""
-        while True:
-            try:
-                return self._run()
-            except Rollback:
-                self._pending = []
-                self.logger.close_bar()
-                if self.optimizer is not None:  # rebuilt and loaded from the rollback's checkpoint
-                    self.optimizer.close()
-                    self.optimizer = None
-
-    def _run(self) -> Dict[str, Any]:
-        point, start_plan, loader_state = self._resume_or_start()
+    def _attempt(self, rollback_to: Optional[str]) -> Optional[Ending]:
+        """Start (from ``rollback_to`` on a rollback) and train the phases left; None when they all completed."""
+        start = self.resume.decide(rollback_to)
+        if start.unhealthy:
+            return Ending(error=UnhealthyStop(start.unhealthy))
+        # the layout of the phase that runs next (of the last phase when all are complete)
+        point = start.point
+        self.model.enter(self.phases[min(point.phase_index, len(self.phases) - 1)], init=start.random_init)
+        restored = self.resume.restore(start, self.model, rollback_to)
+        self.progress = restored.progress
         if point.phase_index >= len(self.phases):
             self.logger.message(
-                f"all {len(self.phases)} phase(s) are complete (step {self.step}); nothing to do. "
+                f"all {len(self.phases)} phase(s) are complete (step {self.progress.step}); nothing to do. "
                 f"Add a phase config to the command to extend pretraining."
             )
-            return self._summary()
-
-        restore_from = start_plan.optimizer_from  # where the optimizer state comes from; None: fresh / in memory
+            return None
+        restore_from = start.plan.optimizer_from  # where the optimizer state comes from; None: fresh / in memory
+        loader_state = restored.loader_state
         for phase in self.phases[point.phase_index :]:
             resuming_inside = phase.index == point.phase_index and point.phase_step > 0
-            start = point.phase_step if resuming_inside else 0
-            if self._enter_layout(phase, init=False):  # a new layout loads the previous phase's checkpoint
-                # a new layout between phases: continue from the previous phase's final checkpoint
-                restore_from = self._phase_end_checkpoint(phase)
-                self._load_model(restore_from)
+            if self.model.enter(phase, init=False):  # a new layout between phases: from the last phase's checkpoint
+                restore_from = self.checkpointer.phase_end_checkpoint(phase, self.progress.step)
+                self.checkpointer.load_model(restore_from, self.model)
             self._prepare_optimizer(phase, restore_from, resuming_inside)
-            loader = build_train_loader(phase.config.data, phase.config.seed, self.pc.dp_rank, self.pc.dp_size)
+            loader = build_train_loader(
+                phase.config.data, phase.config.seed, self.model.pc.dp_rank, self.model.pc.dp_size
+            )
             if loader_state is not None and (resuming_inside or not phase.config.phase.reset_data):
                 loader.load_state_dict(loader_state)
             if not resuming_inside:
-                self.history.append(
-                    dict(
-                        name=phase.name,
-                        file=phase.config_file,
-                        steps=phase.steps,
-                        fingerprint=phase.fingerprint,
-                        first_step=self.step + 1,
-                        tokens=0,
-                    )
+                record = dict(
+                    name=phase.name,
+                    file=phase.config_file,
+                    steps=phase.steps,
+                    fingerprint=phase.fingerprint,
+                    first_step=self.progress.step + 1,
+                    tokens=0,
                 )
-            self._run_phase(phase, start, loader)
+                self.progress.history.append(record)
+            ending = self._run_phase(phase, point.phase_step if resuming_inside else 0, loader)
+            if ending is not None:
+                return ending
             loader_state = loader.state_dict()
             restore_from = None  # later phases continue from memory
-        self.guard.check_end()  # the last steps skipped on non-finite values: UnhealthyStop (or a rollback)
-        self._finish_saves()
-        return self._summary()
-
-    # ------------------------------------------------------------------ layouts
-    def _enter_layout(self, phase: Phase, init: bool = True) -> bool:
-        """Make the parallel context, model chunks, loss and checkpoint file names those of ``phase.layout``.
-
-        Returns True when the chunks were (re)built: they then hold fresh initial weights, and any optimizer
-        of an earlier layout has been closed (``self.optimizer`` is None). Every rank calls this at the
-        same point: a new context creates its process groups collectively, in the same order everywhere.
-        ``init=False``: a checkpoint is about to overwrite the weights, so new chunks skip the random init.
-        """
-        wanted = phase.layout
-        if self.chunks is not None and wanted == self.pc.layout:
-            return False
-        if self.optimizer is not None:
-            self.optimizer.close()
-            self.optimizer = None
-        if self.chunks is not None:
-            self.logger.message(f"parallel layout changes from {self.pc.layout.describe()} to {wanted.describe()}")
-        if wanted != self.pc.layout:
-            _release_groups(self.pc)
-            timeout = timeout_of(phase.config.parallel.timeout_minutes)
-            self.pc = init_parallel_context(wanted, self.pc.rank, timeout=timeout)
-            self.ckpt = CheckpointManager(self.ckpt_root, self.pc, keep_last=self.keep_last)
-            if self.pc.world_size > 1:
-                self.logger.message(describe_groups(self.pc))
-        self.chunks = None  # free the old chunks (and the closed optimizer's buffers they view) first
-        self.chunks = build_model_chunks(phase.config, self.pc, self.device, init=init)
-        self.loss_fn = build_loss_fn(phase.config, self.pc)
-        return True
-
-    def _summary(self) -> Dict[str, Any]:
-        return dict(step=self.step, tokens=self.tokens, loss=self.last_loss, val_loss=self.last_val_loss)
+        decision = self._health(at_end=True)  # the last steps skipped on non-finite values: stop (or roll back)
+        if not decision.proceed:
+            return Ending.of(decision)
+        self.checkpointer.finish_saves()
+        return None
 
     def _prepare_optimizer(self, phase: Phase, checkpoint: Optional[str], resuming_inside: bool) -> None:
         """Optimizer state carries over between phases unless the phase sets phase.reset_optimizer: in memory
         (``checkpoint`` None), or from ``checkpoint`` when resuming or after a layout change."""
         reset = phase.config.phase.reset_optimizer and not resuming_inside
-        if self.optimizer is not None and not reset:
+        if self.model.optimizer is not None and not reset:
             return
-        if self.optimizer is not None:
-            self.optimizer.close()
-        self.optimizer = build_optimizer(self.chunks, phase.config, self.pc)
+        self.model.new_optimizer(phase)
         if checkpoint is not None and not reset:
-            self._load_optimizer(checkpoint)
+            self.checkpointer.load_optimizer(checkpoint, self.model)
         if reset:
             self.logger.message(f"phase {phase.name!r}: fresh optimizer state (phase.reset_optimizer)")
 
     # ------------------------------------------------------------------ one phase
-    def _run_phase(self, phase: Phase, start: int, loader) -> None:
+    def _run_phase(self, phase: Phase, start: int, loader: Any) -> Optional[Ending]:
         """The steps of one phase. A step issues no host sync of its own: its loss, grad norm and skip flag stay
         device tensors until the next logging step (every ``monitor.log_every`` steps and the phase's last),
-        where one read-back turns them into every pending step's metrics line and agrees on a stop request."""
-        config = phase.config
-        schedule = build_step_schedule(config, self.pc)
-        valid_batches = build_valid_batches(config.data, config.seed, self.pc.dp_rank, self.pc.dp_size)
-        record = self.history[-1]
-        lr, beta2 = config.lr_scheduler, config.beta2_scheduler
-        before = self.step - start  # global steps before this phase's first
+        where one read-back turns them into every pending step's metrics line and agrees on a stop request.
+        Metrics are also flushed before a validation or a checkpoint: metrics.jsonl covers the checkpointed steps."""
+        config, pc = phase.config, self.model.pc
+        schedule = build_step_schedule(config, pc)
+        valid_batches = build_valid_batches(config.data, config.seed, pc.dp_rank, pc.dp_size)
+        before = self.progress.step - start  # global steps before this phase's first
         self.logger.message(
             f"phase {phase.index + 1}/{len(self.phases)} {phase.name!r}: steps {start + 1}..{phase.steps} (global "
-            f"{self.step + 1}..{before + phase.steps}), seq_len {config.data.seq_len}, {phase.tokens_per_step:,} "
-            f"tokens/step, data {config.data.train_folder}"
+            f"{self.progress.step + 1}..{before + phase.steps}), seq_len {config.data.seq_len}, "
+            f"{phase.tokens_per_step:,} tokens/step, data {config.data.train_folder}"
         )
-        later = self.phases[phase.index + 1 :]
-        self._global_total = before + phase.steps + sum(p.steps for p in later)
-        self._later_flops = sum(self._flops_per_step(p) * p.steps for p in later)
-        self._window_start = time.perf_counter()
-        self._phase_first_step = start + 1
-        # skipped steps so far (read once here: the optimizer may keep the count on the device), then counted
-        # from the steps' skip flags as they are read back
-        self._skipped_steps = int(self.optimizer.skipped_steps)
+        # skipped steps so far: read once here (the optimizer may keep the count on the device)
+        self.metrics.begin_phase(phase, self.phases[phase.index + 1 :], before, int(self.model.optimizer.skipped_steps))
         for phase_step in range(start, phase.steps):
             batch = loader.next_global_batch()
-            if self.guard.skips(self.step + 1):  # data.skip_batches: the batch is drawn and dropped, not trained on
-                self._skip_batch(phase, record)
+            if self.health.skips(self.progress.step + 1):  # data.skip_batches: the batch is drawn and dropped
+                self._skip_batch(phase)
             else:
-                step_lr = warmup_cosine_lr(
-                    phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min, lr.init_steps
-                )
-                step_beta2 = beta2_at(self.step + 1, beta2.init_beta2, beta2.c)
-                self.profiler.before_step(self.step + 1)
-                with self.profiler.step_range(self.step + 1):
-                    loss, step_result = self._train_step(
-                        batch, schedule, step_lr, step_beta2, loader.last_batch_label_tokens
-                    )
-                grad_norm, skipped = step_result  # a StepResult: also .overflow / .nonfinite / .loss_scale (fp16)
-                self.step += 1
-                self.profiler.after_step(self.step)
-                self.tokens += phase.tokens_per_step
-                record["tokens"] += phase.tokens_per_step
-                line = dict(
-                    step=self.step,
-                    phase=phase.name,
-                    phase_index=phase.index + 1,
-                    phase_step=phase_step + 1,
-                    loss=loss,  # device tensors until `_flush_metrics`
-                    lr=step_lr,
-                    beta2=step_beta2,
-                    grad_norm=grad_norm,
-                    skipped=skipped,
-                    skipped_steps=None,
-                    tokens=self.tokens,
-                    phase_tokens=record["tokens"],
-                    seq_len=config.data.seq_len,
-                    tgs=None,  # this and the next three: from the host time between flushes
-                    tflops=None,
-                    mfu=None,
-                    step_time=None,
-                    source_tokens=loader.last_batch_source_tokens,
-                    **fp16_metrics(step_result, self.optimizer),
-                )
-                if self._first_metrics_line:
-                    line["optim_state_bytes"] = self.optimizer.optim_state_bytes()
-                    self._first_metrics_line = False
-                self._pending.append(line)
-            last = phase_step + 1 == phase.steps
-            stop = False
+                self._train_step(phase, phase_step, batch, schedule, loader)
+            step, last = self.progress.step, phase_step + 1 == phase.steps
             if (phase_step + 1) % config.monitor.log_every == 0 or last:
-                # the logging step: metrics and the stop agreement in one host sync
-                stop = self._flush_metrics(phase, check_stop=True)
-            elif self._stop_at is not None and self.step >= self._stop_at:
-                stop = True  # the step a stop file named, agreed on at an earlier logging step
+                stop, decision = self._flush(phase, agree_stop=True)  # metrics and the stop agreement: one sync
+            else:
+                stop, decision = self.stops.due(step), CONTINUE  # the step a stop file named, agreed on earlier
+            validate = bool(valid_batches) and (
+                last or bool(config.data.valid_every) and step % config.data.valid_every == 0
+            )
+            save = last or config.ckpt.enable_save_ckpt and step % config.ckpt.checkpoint_every == 0
+            if decision.proceed and not last and (stop or validate or save):
+                decision = self._flush(phase)[1]
+            if not decision.proceed:
+                return Ending.of(decision)
             if stop and not last:
-                self._flush_metrics(phase)
-                self._save(phase, phase_step + 1, loader, completed=False)
-                self._stop(phase)
-            if valid_batches and config.data.valid_every and self.step % config.data.valid_every == 0 and not last:
-                self._flush_metrics(phase)
-                self._validate(valid_batches, schedule)
-                self._window_start = time.perf_counter()
-            if last:
-                if valid_batches:
-                    self._validate(valid_batches, schedule)
-                self._save(phase, phase_step + 1, loader, completed=True)
-                if stop and phase.index + 1 < len(self.phases):
-                    self._stop(phase)  # at a phase end: the next phase starts from this checkpoint on rerun
-            elif config.ckpt.enable_save_ckpt and self.step % config.ckpt.checkpoint_every == 0:
-                self._flush_metrics(phase)  # metrics.jsonl holds every step up to the checkpoint
-                self._save(phase, phase_step + 1, loader, completed=False)
-                self._window_start = time.perf_counter()
+                self.checkpointer.save(self.model, phase, phase_step + 1, False, self.progress, loader, self.health)
+                return self._stopped(phase)
+            if validate:
+                self._validate(schedule, valid_batches)
+                self.metrics.restart_window()
+            if save:
+                self.checkpointer.save(self.model, phase, phase_step + 1, last, self.progress, loader, self.health)
+                self.metrics.restart_window()
+            if stop and phase.index + 1 < len(self.phases):
+                return self._stopped(phase)  # at a phase end: the next phase starts from this checkpoint on rerun
         self.logger.close_bar()
+        return None
 
-    def _skip_batch(self, phase: Phase, record: Dict[str, Any]) -> None:
+    def _train_step(
+        self, phase: Phase, phase_step: int, batch: List[Dict[str, Any]], schedule: Any, loader: Any
+    ) -> None:
+        """Train global step ``progress.step + 1`` on ``batch``; its metrics line waits, device tensors, in
+        ``metrics.pending`` for the next flush."""
+        config, progress = phase.config, self.progress
+        lr, beta2 = config.lr_scheduler, config.beta2_scheduler
+        step_lr = warmup_cosine_lr(
+            phase_step, phase.lr_total_steps, config.adam.lr, lr.warmup_ratio, lr.eta_min, lr.init_steps
+        )
+        step_beta2 = beta2_at(progress.step + 1, beta2.init_beta2, beta2.c)
+        self.profiler.before_step(progress.step + 1)
+        with self.profiler.step_range(progress.step + 1):
+            loss, step_result = self.runner.train_step(
+                self.model, schedule, batch, step_lr, step_beta2, loader.last_batch_label_tokens, step=progress.step + 1
+            )
+        grad_norm, skipped = step_result  # a StepResult: also .overflow / .nonfinite / .loss_scale (fp16)
+        progress.step += 1
+        self.profiler.after_step(progress.step)
+        progress.tokens += phase.tokens_per_step
+        progress.history[-1]["tokens"] += phase.tokens_per_step
+        line = dict(
+            step=progress.step,
+            phase=phase.name,
+            phase_index=phase.index + 1,
+            phase_step=phase_step + 1,
+            loss=loss,  # device tensors until the flush
+            lr=step_lr,
+            beta2=step_beta2,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            skipped_steps=None,
+            tokens=progress.tokens,
+            phase_tokens=progress.history[-1]["tokens"],
+            seq_len=config.data.seq_len,
+            tgs=None,  # this and the next three: from the host time between flushes
+            tflops=None,
+            mfu=None,
+            step_time=None,
+            source_tokens=loader.last_batch_source_tokens,
+            **fp16_metrics(step_result, self.model.optimizer),
+        )
+        self.metrics.add(line, self.model.optimizer)
+
+    def _skip_batch(self, phase: Phase) -> None:
         """A step of data.skip_batches (or one a rollback skips): its batch was drawn and is dropped; no forward,
         no update, no metrics line. The step counts, as InternLM's batch count does: the later step numbers, data
         and learning rates (functions of the step) are those of a run that trained on it."""
-        self.step += 1
-        self.tokens += phase.tokens_per_step
-        record["tokens"] += phase.tokens_per_step
-        self.logger.message(f"step {self.step}: batch skipped, not trained on (data.skip_batches '{self.guard.skip}')")
+        self.progress.step += 1
+        self.progress.tokens += phase.tokens_per_step
+        self.progress.history[-1]["tokens"] += phase.tokens_per_step
+        self.logger.message(
+            f"step {self.progress.step}: batch skipped, not trained on (data.skip_batches '{self.health.skip}')"
+        )
+
+    def _flush(self, phase: Phase, agree_stop: bool = False) -> Tuple[bool, HealthDecision]:
+        """Write the pending steps' metrics (``agree_stop``: with the stop request agreed over the world, a
+        collective); returns whether to stop and the health decision on the steps read back."""
+        pc, step = self.model.pc, self.progress.step
+        flags = self.stops.flags(phase, step, self.model.device, pc.world_size) if agree_stop else None
+        read = self.metrics.flush(phase, pc.world_size, self.health, flags)
+        if read is None:  # nothing was pending
+            return False, CONTINUE
+        stop = self.stops.decide(read[0], read[1], step) if agree_stop else False
+        return stop, self._health()
+
+    def _health(self, at_end: bool = False) -> HealthDecision:
+        """The health decision after a flush (or ``at_end`` of training)."""
+        if self.health.acting(at_end):  # it reads and marks checkpoints: a background save completes first
+            self.checkpointer.finish_saves()
+        return self.health.review(at_end)
+
+    def _validate(self, schedule: Any, valid_batches: List[Dict[str, Any]]) -> None:
+        self.last_val_loss = self.runner.validate(self.model, schedule, valid_batches)
+        self.logger.log(dict(step=self.progress.step, val_loss=self.last_val_loss))
+        self.logger.message(f"step {self.progress.step}: validation loss {self.last_val_loss:.4f}")
+
+    def _stopped(self, phase: Phase) -> Ending:
+        """End the run after a stop request (its checkpoint is saved)."""
+        reason = self.stops.reason(phase, self.progress.step)
+        self.logger.close_bar()
+        return Ending(error=StopRequested(reason))
+
+    def _summary(self) -> Dict[str, Any]:
+        progress = self.progress
+        return dict(
+            step=progress.step, tokens=progress.tokens, loss=self.metrics.last_loss, val_loss=self.last_val_loss
+        )

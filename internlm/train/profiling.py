@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -33,7 +33,7 @@ class StepProfiler:
         self._first: Optional[int] = None
         self._last: Optional[int] = None
         self._cuda_history = False
-        self.written = []  # paths of the files written by this rank
+        self.written: List[str] = []  # paths of the files written by this rank
 
     @property
     def enabled(self) -> bool:

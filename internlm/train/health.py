@@ -28,7 +28,7 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional
 
 from internlm.checkpoint import checkpoint_healthy, complete_checkpoints, read_meta, rewrite_meta
 from internlm.config.step_ranges import SkipBatches
@@ -49,7 +49,7 @@ class HealthDecision:
     batches are now in the skip set; ``reason`` says why). At start-up a "continue" decision's ``path`` is the
     checkpoint to resume from."""
 
-    action: str = "continue"
+    action: Literal["continue", "stop", "rollback"] = "continue"
     reason: str = ""
     path: Optional[str] = None
 

@@ -263,7 +263,7 @@ class Trainer:
             )
             save = last or config.ckpt.enable_save_ckpt and step % config.ckpt.checkpoint_every == 0
             if decision.proceed and not last and (stop or validate or save):
-                decision = self._flush(phase)[1]
+                decision = self._flush(phase)[1]  # the steps before a stop, validation or save (no-op after a log)
             if not decision.proceed:
                 return Ending.of(decision)
             if stop and not last:
@@ -275,7 +275,7 @@ class Trainer:
             if save:
                 self.checkpointer.save(self.model, phase, phase_step + 1, last, self.progress, loader, self.health)
                 self.metrics.restart_window()
-            if stop and phase.index + 1 < len(self.phases):
+            if stop and phase.index + 1 < len(self.phases):  # at the run's last step a stop changes nothing
                 return self._stopped(phase)  # at a phase end: the next phase starts from this checkpoint on rerun
         self.logger.close_bar()
         return None

@@ -1,7 +1,7 @@
 """One-call GPU check of the training step: eager vs fused kernels vs compiled layers, and transformers' Llama.
 
     python benchmarks/gpu_check.py            # one H100: ~1.1B-parameter InternLM, bf16, seq 4096 (< 8 minutes)
-    python benchmarks/gpu_check.py --smoke    # a tiny model on the CPU, seconds (tests/test_benchmarks.py)
+    python benchmarks/gpu_check.py --smoke    # a tiny model on the CPU, seconds (tests/e2e/test_benchmarks.py)
 
 An InternLM model of about 1B parameters (hidden 2048, 14 layers, 16 heads, InternLM's 103168 vocabulary), bf16,
 micro-batches of one 4096-token sequence of packed documents (mean length 1024), through our trainer's step

@@ -6,7 +6,7 @@ with SIGKILL (no handler, no cleanup: what ``kill -9``, the OOM killer or a node
     step:S      in step S, after the forward and backward passes, before the optimizer update
 
 ``@RANK`` limits it to that global rank (default: every rank). Unset (always, outside tests), `kill_point` is one
-dictionary lookup. tests/test_faults.py uses it to check that a rerun reproduces an uninterrupted run.
+dictionary lookup. tests/train/test_faults.py uses it to check that a rerun reproduces an uninterrupted run.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 
 The numbers come from `internlm.planning`: memory (`memory`: model states, saved activations counted from the
 model's code, the loss peak, micro-batches in flight in the schedules' own order; checked against CPU measurements
-by tests/test_memory_model.py), bytes communicated per step (`communication`), step time and MFU (`step_time`,
+by tests/planning/test_memory_model.py), bytes communicated per step (`communication`), step time and MFU (`step_time`,
 whose docstring lists the assumptions), candidate layouts (`candidates`) and the device table (`devices`).
 ``--checkpoint`` takes every ``model.checkpoint`` setting: True, False, a fraction of the layers, attn or mlp.
 

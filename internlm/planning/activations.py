@@ -3,7 +3,7 @@ and their transients. `internlm.planning.memory` puts them together per pipeline
 
 Counted from this code base, not from a rule of thumb: the per-layer activation table below lists every tensor
 that `internlm.model.modeling` (as tensor-parallelised by `internlm.parallel`) saves for backward, checked in
-``tests/test_memory_model.py`` against the storages caught by ``torch.autograd.graph.saved_tensors_hooks``.
+``tests/planning/test_memory_model.py`` against the storages caught by ``torch.autograd.graph.saved_tensors_hooks``.
 
 Notation: ``N = micro_bsz * seq_len`` tokens of one micro-batch; ``T`` tensor size; ``s = T`` with sequence
 parallelism, else 1 (the residual stream is sharded over the sequence); ``b`` bytes of the model dtype (2 for

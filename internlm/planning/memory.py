@@ -1,7 +1,8 @@
 """Peak memory per device of a training run: model states plus the activations of
 `internlm.planning.activations` held over the pipeline schedule's order of forwards and backwards.
 
-Checked in ``tests/test_memory_model.py`` against the peak of live tensor storages over real CPU training steps.
+Checked in ``tests/planning/test_memory_model.py`` against the peak of live tensor storages over real CPU
+training steps.
 Notation as in `internlm.planning.activations`; ``P`` parameters held by the device (`internlm.planning.params`:
 its pipeline stage's layers, plus the embedding on the first and the final norm and head on the last stage,
 tensor-sharded as `internlm.parallel.parallelize_model` places them); ``Z`` zero1 size.

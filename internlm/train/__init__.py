@@ -2,5 +2,5 @@
 (`train.py` calls `internlm.train.cli.main`).
 
 Nothing is imported here: ``import internlm.train.cli`` stays as cheap as the module it names, and the lower
-packages (model, data, parallel, optim, checkpoint) never import this one (tests/test_architecture.py).
+packages (model, data, parallel, optim, checkpoint) never import this one (tests/project/test_architecture.py).
 """

@@ -34,8 +34,7 @@ from internlm.parallel import ParallelContext, init_parallel_context
 from internlm.planning import checkpointed_layer_count, memory_per_device, stage_memory
 from internlm.planning.activations import activation_bytes_per_micro_batch
 from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 # hidden 256, 4 layers, vocab 4096, seq 256: model states ~100 MB, activations and loss of the same order
 CONFIG = """

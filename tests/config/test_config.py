@@ -50,7 +50,7 @@ ckpt = dict(
     load_ckpt_info=dict(path="local:llm_ckpts/xxxx", content=("model",), ckpt_type="internlm"),
     checkpoint_every=CHECKPOINT_EVERY,
     # InternLM's async_upload=True, oss_snapshot_freq=25 and min_length=50 are rejected at start-up with what to
-    # use instead (tests/test_internlm_compat.py); here their accepted equivalents
+    # use instead (tests/e2e/test_internlm_compat.py); here their accepted equivalents
     async_upload=False,
     async_upload_tmp_folder="/dev/shm/internlm_tmp_ckpt/",
     oss_snapshot_freq=CHECKPOINT_EVERY,

@@ -29,13 +29,13 @@ from internlm.train.distributed import Launch
 from internlm.train.step_runner import StepRunner
 from internlm.train.stop import StopRequested
 from internlm.train.trainer import Trainer
-from train_utils import read_metrics, request_stop, step_losses, write_base, write_phase
+from train_utils import REPO, read_metrics, request_stop, step_losses, write_base, write_phase
 
 SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 LOG_EVERY = 4
 STEPS = 8
 _OPTIM = os.sep + os.path.join("internlm", "optim") + os.sep
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = REPO  # the repository root (tests/train_utils.py)
 
 
 def _site() -> tuple:

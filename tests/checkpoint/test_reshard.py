@@ -43,9 +43,18 @@ from internlm.optim.shard_state import StateValues, shard_ranks, shard_state
 from internlm.parallel import Layout, ParallelContext, TPShard, parallelize_model, param_shards
 from internlm.parallel.pipeline import build_pipeline_chunks
 from internlm.train.run import EXIT_STOPPED
-from test_hybrid_zero import HYPER, make_opt, max_rel_error, reference_run, snapshot, tiny_model, train_zero
-from test_hybrid_zero_dist import Quadratic, make_context
 from train_utils import REPO, read_metrics, request_stop, run_train, step_losses, write_base, write_phase
+from zero_utils import (
+    HYPER,
+    Quadratic,
+    make_context,
+    make_opt,
+    max_rel_error,
+    reference_run,
+    snapshot,
+    tiny_model,
+    train_zero,
+)
 
 DP2_LAYOUT = dict(world_size=2, tensor=1, pipeline=1, data=2, zero1=2, num_chunks=1, sequence_parallel=False)
 

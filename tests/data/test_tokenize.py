@@ -11,8 +11,9 @@ import pytest
 
 from internlm.data import RollingShardWriter, Shard, Tokenizer, TokenStream, tokenize_to_shards, train_sentencepiece
 from internlm.data.shard import token_dtype
+from train_utils import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO  # the repository root (tests/train_utils.py)
 DOCS = [
     "def add(a, b):\n    return a + b\n",
     "The quick brown fox jumps over the lazy dog. 12345",

@@ -31,8 +31,8 @@ from internlm.checkpoint.manager import CheckpointManager
 from internlm.checkpoint.verify import latest_verified_checkpoint
 from internlm.parallel import Layout
 from internlm.train.run import EXIT_STOPPED
-from test_hybrid_zero import make_opt, tiny_model, train_zero
 from train_utils import request_stop, run_train, step_losses, write_base
+from zero_utils import make_opt, tiny_model, train_zero
 
 
 def _folder_bytes(path: str) -> int:

@@ -1,8 +1,8 @@
 """`InternLM.from_pretrained` (internlm/model/pretrained.py, internlm/checkpoint/reader.py) and tools/eval_ppl.py.
 
-On the tp2 x pp2 run of tests/test_hf_convert.py: every way of naming a checkpoint (work_dir, checkpoints folder,
-step folder, ``step=``) and the exported HF folder load the same weights; no random init runs; a damaged newest
-checkpoint falls back to the previous one; eval_ppl's loss equals a direct computation.
+On the tp2 x pp2 run of tests/checkpoint/test_hf_convert.py: every way of naming a checkpoint (work_dir,
+checkpoints folder, step folder, ``step=``) and the exported HF folder load the same weights; no random init runs;
+a damaged newest checkpoint falls back to the previous one; eval_ppl's loss equals a direct computation.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hf_convert import exported, tp2pp2_run  # noqa: F401  (session fixtures)
 
 from internlm.checkpoint import find_checkpoint, merge_model_checkpoint, model_file
 from internlm.model import InternLM
-from test_hf_convert import exported, tp2pp2_run  # noqa: F401  (session fixtures)
 from train_utils import REPO
 
 sys.path.insert(0, os.path.join(REPO, "tools"))

@@ -1,6 +1,6 @@
 """HybridZeroOptimizer in a single process: against torch AdamW + clip_grad_norm_, skip rule, bf16, checkpoints.
 
-The helpers here (tiny model, batches, training loop, contexts) are shared with test_hybrid_zero_dist.py.
+The helpers (tiny model, batches, training loop, contexts) are in tests/zero_utils.py.
 """
 
 from __future__ import annotations
@@ -8,137 +8,29 @@ from __future__ import annotations
 import io
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig
 from internlm.optim import BufferKey, HybridZeroOptimizer
 from internlm.optim.flat_buffer import ALIGN, FlatBuffer, lane_order
 from internlm.parallel.tp_shard import TPShard, declare_shards
-
-VOCAB, SEQ, GLOBAL_BSZ = 64, 8, 8
-HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad_norm=0.5)
-
-
-def tiny_model(dtype: torch.dtype = torch.float32) -> InternLM:
-    config = InternLMConfig(
-        hidden_size=32,
-        num_layers=1,
-        num_attention_heads=2,
-        vocab_size=VOCAB,
-        multiple_of=16,
-        attn_backend="sdpa",
-        dtype=dtype,
-    )
-    model = InternLM(config)
-    # The exact gradient of k_proj.bias is zero (softmax ignores a shift shared by all keys), so autograd
-    # returns rounding noise that Adam rescales to full-size steps: freeze it so trajectories are comparable.
-    model.layers["0"].self_attn.k_proj.bias.requires_grad_(False)
-    return model
+from zero_utils import (
+    HYPER,
+    VOCAB,
+    backward_step,
+    make_opt,
+    max_rel_error,
+    reference_run,
+    single_context,
+    snapshot,
+    tiny_model,
+    train_zero,
+    update_rel_error,
+)
 
 
-def single_context() -> SimpleNamespace:
-    return SimpleNamespace(
-        dp_size=1,
-        dp_rank=0,
-        dp_group=None,
-        zero1_size=1,
-        zero1_rank=0,
-        zero1_group=None,
-        tp_size=1,
-        tp_rank=0,
-        tp_group=None,
-        pp_size=1,
-        pp_group=None,
-    )
-
-
-def global_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens and labels; about a quarter of the labels are -100 so ranks see unequal token counts."""
-    gen = torch.Generator().manual_seed(1234 + step)
-    ids = torch.randint(0, VOCAB, (GLOBAL_BSZ, SEQ), generator=gen)
-    labels = torch.randint(0, VOCAB, (GLOBAL_BSZ, SEQ), generator=gen)
-    labels[torch.rand(GLOBAL_BSZ, SEQ, generator=gen) < 0.25] = IGNORE_INDEX
-    return ids, labels
-
-
-def backward_step(model, step: int, dp_rank: int, dp_size: int, micro_num: int, loss_scale: float = 1.0) -> None:
-    """This rank's micro-batches of global batch ``step``; each backward of loss_sum / global_tokens."""
-    ids, labels = global_batch(step)
-    global_tokens = int((labels != IGNORE_INDEX).sum())  # what the all-reduce of per-rank token counts gives
-    rows = GLOBAL_BSZ // dp_size
-    ids, labels = ids[dp_rank * rows : (dp_rank + 1) * rows], labels[dp_rank * rows : (dp_rank + 1) * rows]
-    for mb_ids, mb_labels in zip(ids.chunk(micro_num), labels.chunk(micro_num)):
-        logits = model(mb_ids).float()
-        loss = F.cross_entropy(
-            logits.reshape(-1, VOCAB), mb_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        (loss * loss_scale / global_tokens).backward()
-
-
-def train_zero(model, opt: HybridZeroOptimizer, steps: range, dp_rank=0, dp_size=1, micro_num=2) -> List[float]:
-    norms = []
-    for step in steps:
-        opt.begin_step(micro_num)
-        backward_step(model, step, dp_rank, dp_size, micro_num)
-        norm, skipped = opt.step()  # device tensors
-        assert not skipped
-        norms.append(float(norm))
-    opt.sync_params()
-    return norms
-
-
-def reference_run(steps: int, micro_num: int = 2) -> Tuple[Dict[str, torch.Tensor], List[float]]:
-    """Plain torch: AdamW with decay on >=2-D parameters only, clip_grad_norm_."""
-    model = tiny_model()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=HYPER["lr"],
-        betas=HYPER["betas"],
-        eps=HYPER["eps"],
-    )
-    norms = []
-    for step in range(steps):
-        opt.zero_grad()
-        backward_step(model, step, 0, 1, micro_num)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["clip_grad_norm"])))
-        opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
-
-
-def max_rel_error(params: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
-    """Largest over parameters of max|a - b| / max|b|."""
-    assert params.keys() == ref.keys()
-    return max(float((params[n].float() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12)) for n in ref)
-
-
-def update_rel_error(
-    params: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], init: Dict[str, torch.Tensor]
-) -> float:
-    """||(params - init) - (ref - init)|| / ||ref - init|| over the whole model: how far two runs moved apart
-    relative to how far training moved (1.0 for a run that never updated)."""
-    num = sum(float((params[n].float() - ref[n]).square().sum()) for n in ref)
-    den = sum(float((ref[n] - init[n]).square().sum()) for n in ref)
-    return math.sqrt(num / den)
-
-
-def snapshot(model) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-
-def make_opt(model, pc=None, **overrides) -> HybridZeroOptimizer:
-    kwargs = dict(HYPER, reduce_bucket_size=16 * 1024)  # several buckets for the tiny model
-    kwargs.update(overrides)
-    return HybridZeroOptimizer([model], pc or single_context(), **kwargs)
-
-
-# ---------------------------------------------------------------------- tests
 @pytest.mark.parametrize("overlap", [True, False])
 def test_matches_torch_adamw_and_clip(overlap):
     ref, ref_norms = reference_run(steps=4)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from test_model import _hf_llama
 
 from internlm.model import InternLM, InternLMConfig, generate
 from internlm.model.generate import filter_logits
 from internlm.model.kv_cache import KVCache
-from test_model import _hf_llama
 from train_utils import REPO, run_train, write_base
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3, 4, 90, 17]]

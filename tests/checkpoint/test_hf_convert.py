@@ -29,7 +29,7 @@ PP2_TP2 = ["parallel.tensor=2", "parallel.pipeline.size=2", "data.micro_num=4"]
 SAMPLE = "def greet(name):\n    return f'Hello, {name}!'  # 42 ünïcödé 中文\n\nThe quick brown fox.\n"
 
 
-_CACHE: dict = {}  # one training run and one export per test session, shared with tests/test_pretrained.py
+_CACHE: dict = {}  # one training run and one export per test session, shared with tests/checkpoint/test_pretrained.py
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_model import _hf_llama
 
 from internlm.config import ConfigError, load_config
 from internlm.config.model_config import model_config_from
@@ -12,7 +13,6 @@ from internlm.kernels import rotary_cos_sin
 from internlm.labels import IGNORE_INDEX
 from internlm.model import InternLM, InternLMConfig
 from internlm.model.hf import to_hf_name
-from test_model import _hf_llama
 
 
 def _tiny(**overrides) -> InternLMConfig:

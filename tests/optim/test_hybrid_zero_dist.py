@@ -10,20 +10,20 @@ from __future__ import annotations
 import io
 import math
 import time
-from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import List
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from distributed_utils import run_distributed
 from internlm.optim import HybridZeroOptimizer
-from internlm.parallel.tp_shard import TPShard, declare_shards
-from test_hybrid_zero import (
+from zero_utils import (
     HYPER,
+    IN,
+    OUT,
+    Quadratic,
     backward_step,
+    make_context,
     make_opt,
     max_rel_error,
     reference_run,
@@ -33,42 +33,6 @@ from test_hybrid_zero import (
 )
 
 STEPS = 4
-
-
-def make_context(rank: int, world: int, tp_size: int, zero1_size: int) -> SimpleNamespace:
-    """Groups for rank = tp_rank + tp_size * dp_rank (pp = 1); zero1 groups are consecutive dp blocks, zero1
-    replica groups the dp ranks with the same zero1 rank."""
-    dp_size = world // tp_size
-    tp_rank, dp_rank = rank % tp_size, rank // tp_size
-    found: Dict[str, Any] = {}
-
-    def new_group(kind: str, ranks: List[int]) -> None:
-        group = dist.new_group(ranks)  # every rank creates every group, in the same order
-        if rank in ranks:
-            found[kind] = group if len(ranks) > 1 else None
-
-    for d in range(dp_size):
-        new_group("tp", [t + tp_size * d for t in range(tp_size)])
-    for t in range(tp_size):
-        new_group("dp", [t + tp_size * d for d in range(dp_size)])
-        for block in range(dp_size // zero1_size):
-            new_group("zero1", [t + tp_size * (block * zero1_size + j) for j in range(zero1_size)])
-        for j in range(zero1_size):
-            new_group("zero1_replica", [t + tp_size * (b * zero1_size + j) for b in range(dp_size // zero1_size)])
-    return SimpleNamespace(
-        dp_size=dp_size,
-        dp_rank=dp_rank,
-        dp_group=found["dp"],
-        zero1_size=zero1_size,
-        zero1_rank=dp_rank % zero1_size,
-        zero1_group=found["zero1"],
-        zero1_replica_group=found["zero1_replica"],
-        tp_size=tp_size,
-        tp_rank=tp_rank,
-        tp_group=found["tp"],
-        pp_size=1,
-        pp_group=None,
-    )
 
 
 # ---------------------------------------------------------------------- data parallel
@@ -138,42 +102,6 @@ def test_data_parallel_matches_single_process(reference, world, zero1, overlaps,
 
 
 # ---------------------------------------------------------------------- tensor parallel shards
-ROWS, OUT, IN = 8, 8, 6
-PARTIAL_WEIGHTS = (0.25, 0.75)  # tp rank r computes this fraction of the g term: partial gradients
-
-
-class Quadratic(nn.Module):
-    """Loss 0.5 * mean over rows of ||W - A_i||^2 + ||b - C_i||^2 + ||g - E_i||^2 (W: matrix with decay)."""
-
-    def __init__(self, tp_rank: int = 0, tp_size: int = 1) -> None:
-        super().__init__()
-        full = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(7))
-        self.weight = nn.Parameter(full.chunk(tp_size, 0)[tp_rank].clone())
-        self.bias = nn.Parameter(torch.zeros(IN))
-        self.gain = nn.Parameter(torch.ones(IN))
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        if tp_size > 1:
-            declare_shards(
-                self,
-                weight=TPShard.split((OUT, IN), dim=0, rank=tp_rank, size=tp_size),
-                bias=TPShard.replicated((IN,), rank=tp_rank, size=tp_size),
-                gain=TPShard.replicated((IN,), rank=tp_rank, size=tp_size, partial_grad=True),
-            )
-
-    def forward(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
-        """This dp rank's rows of batch ``step``; called as ``model(...)`` so the optimizer's pre-hook waits for
-        the parameter all-gather of the previous step."""
-        gen = torch.Generator().manual_seed(100 + step)
-        a = torch.randn(ROWS, OUT, IN, generator=gen)
-        c, e = torch.randn(ROWS, IN, generator=gen), torch.randn(ROWS, IN, generator=gen)
-        rows = slice(dp_rank * ROWS // dp_size, (dp_rank + 1) * ROWS // dp_size)
-        a = a.chunk(self.tp_size, 1)[self.tp_rank]
-        share = PARTIAL_WEIGHTS[self.tp_rank] if self.tp_size > 1 else 1.0
-        total = (self.weight - a[rows]).square().sum() + (self.bias - c[rows]).square().sum()
-        total = total + share * (self.gain - e[rows]).square().sum()
-        return 0.5 * total / ROWS
-
-
 def _tp_worker(rank: int, world: int) -> dict:
     pc = make_context(rank, world, 2, 2)
     model = Quadratic(pc.tp_rank, pc.tp_size)

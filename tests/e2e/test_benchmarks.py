@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from internlm.planning import devices
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 
 def test_gpu_check_smoke_prints_the_table():

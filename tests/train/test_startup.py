@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from test_sync_free import make_trainer, restored_signal_handlers
 
 from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig, modeling
@@ -20,10 +21,8 @@ from internlm.parallel.pipeline import build_pipeline_chunks
 from internlm.train import distributed as train_distributed
 from internlm.train.distributed import init_distributed, timeout_of
 from internlm.train.stop import StopRequested
-from test_sync_free import make_trainer, restored_signal_handlers
-from train_utils import request_stop
+from train_utils import REPO, request_stop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 11
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from test_sync_free import make_trainer, restored_signal_handlers
 
 import internlm.train.model_state as model_state_module
 from internlm.checkpoint import complete_checkpoints, read_meta
@@ -26,9 +27,8 @@ from internlm.train.health import HealthMonitor, UnhealthyStop, mark_unhealthy
 from internlm.train.metrics import MetricsLogger
 from internlm.train.run import EXIT_UNHEALTHY
 from internlm.train.step_runner import StepRunner
-from test_hybrid_zero import backward_step, make_opt, tiny_model, train_zero
-from test_sync_free import make_trainer, restored_signal_handlers
 from train_utils import REPO, read_metrics, run_train, step_losses, write_base
+from zero_utils import backward_step, make_opt, tiny_model, train_zero
 
 BASE = ["data.valid_ratio=0", "monitor.log_every=1", "ckpt.keep_last=1"]
 

@@ -25,8 +25,7 @@ from internlm.planning import (
     planned_attn_backend,
     stage_params,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import REPO
 
 
 def test_stage_params_count_replicated_kv_heads():

@@ -24,8 +24,8 @@ dtype (Triton path; the eager fallback adds one fp32 copy of it) instead of seve
 Vocab shards: ``weight`` holds rows [start, start + V_local) of a head of ``total`` rows (`VocabShard`),
 ``hidden`` is the same on every shard and ``labels`` are global ids. After ``combine`` the loss is the full loss
 on every shard; d hidden is this shard's partial sum (sum_v over its own rows), so the caller must sum it over the
-shards in the backward (`internlm.parallel.fused_head_loss` lets ``hidden`` enter the tensor region, as the
-column-parallel lm_head does); d W is local.
+shards in the backward (`internlm.parallel.cross_entropy.fused_head_loss` lets ``hidden`` enter the tensor region,
+as the column-parallel lm_head does); d W is local.
 
 ``d W`` accumulates chunk by chunk in ``weight``'s dtype (one rounding per chunk in bf16, as Liger-Kernel does).
 Labels must be in [0, V) or ``ignore_index`` (not checked: checking would synchronise with the device).
@@ -176,7 +176,8 @@ def chunked_linear_cross_entropy(
     hidden: (..., H); weight: (V_local, H), same dtype; labels: hidden's leading shape, global ids.
     chunk_tokens: tokens per chunk (default `default_chunk_tokens`: fp32 chunk logits of at most 256 MiB).
     shard: where ``weight``'s rows lie in a vocab-split head and how the shards' statistics combine
-    (`VocabShard`; `internlm.parallel.fused_head_loss` builds it for a tensor group), or None for a whole head.
+    (`VocabShard`; `internlm.parallel.cross_entropy.fused_head_loss` builds it for a tensor group), or None for a
+    whole head.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on token dims")

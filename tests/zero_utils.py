@@ -39,7 +39,9 @@ def tiny_model(dtype: torch.dtype = torch.float32) -> InternLM:
     return model
 
 
-def single_context() -> SimpleNamespace:
+def single_context(tp_rank: int = 0, tp_size: int = 1) -> SimpleNamespace:
+    """One process's context (no groups). With ``tp_size`` > 1: tensor rank ``tp_rank`` without a tensor group,
+    enough to build and step shards (the tensor-group sum of partial gradients is skipped)."""
     return SimpleNamespace(
         dp_size=1,
         dp_rank=0,
@@ -47,8 +49,8 @@ def single_context() -> SimpleNamespace:
         zero1_size=1,
         zero1_rank=0,
         zero1_group=None,
-        tp_size=1,
-        tp_rank=0,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
         tp_group=None,
         pp_size=1,
         pp_group=None,

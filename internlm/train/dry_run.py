@@ -47,20 +47,6 @@ def _measured_tgs(work_dir: str) -> Optional[float]:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def _measured_tgs(work_dir: str) -> Optional[float]:
-    path = os.path.join(work_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    values = []
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if "tgs" in record:
-                values.append(record["tgs"])
-    values = values[-20:]
-    return sorted(values)[len(values) // 2] if values else None
-
-
 def print_dry_run(phases: List[Phase], throughput: Optional[float] = None) -> None:
     """Print what every phase would do (``throughput``: tokens per device per second for the time estimates)."""
     first = phases[0].config

@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,6 +50,7 @@ from zero_utils import (
     make_opt,
     max_rel_error,
     reference_run,
+    single_context,
     snapshot,
     tiny_model,
     train_zero,
@@ -130,27 +130,9 @@ def test_full_state_round_trip_follows_the_same_trajectory(tmp_path):
         merge_optimizer_checkpoint(folder)
 
 
-def _fake_tp_context(tp_rank: int) -> SimpleNamespace:
-    """Tensor rank ``tp_rank`` of 2 without process groups: enough to build and step shards (the tensor-group
-    sum of partial gradients is skipped, which only changes the values the test round-trips)."""
-    return SimpleNamespace(
-        dp_size=1,
-        dp_rank=0,
-        dp_group=None,
-        zero1_size=1,
-        zero1_rank=0,
-        zero1_group=None,
-        tp_size=2,
-        tp_rank=tp_rank,
-        tp_group=None,
-        pp_size=1,
-        pp_group=None,
-    )
-
-
 def _trained_tp_shard(tp_rank: int) -> dict:
     model = Quadratic(tp_rank, 2)
-    opt = HybridZeroOptimizer([model], _fake_tp_context(tp_rank), **HYPER)
+    opt = HybridZeroOptimizer([model], single_context(tp_rank, tp_size=2), **HYPER)
     for step in range(2):
         opt.begin_step(1)
         model(step).backward()
@@ -183,7 +165,7 @@ def test_tensor_shards_concatenate_and_cut_back_exactly():
     # cutting the full state again for each tensor rank restores its shard exactly (replicated tensors: rank 0's
     # values; here the ranks' replicas differ because the fake context skips the tensor-group gradient sum)
     for r in range(2):
-        fresh = HybridZeroOptimizer([Quadratic(r, 2)], _fake_tp_context(r), **dict(HYPER, lr=1.0))
+        fresh = HybridZeroOptimizer([Quadratic(r, 2)], single_context(r, tp_size=2), **dict(HYPER, lr=1.0))
         fresh.load_full_state(full)
         again = fresh.state_dict()
         assert again["num_updates"] == 2 and again["lr"] == HYPER["lr"]

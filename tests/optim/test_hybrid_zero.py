@@ -226,7 +226,7 @@ def test_declared_shards_set_buffer_kinds_and_metadata():
         bias=TPShard.replicated((8,), rank=1, size=2),
         gain=TPShard.replicated((6,), rank=1, size=2, partial_grad=True),
     )
-    opt = make_opt(model, SimpleNamespace(**dict(vars(single_context()), tp_size=2, tp_rank=1)))
+    opt = make_opt(model, single_context(tp_rank=1, tp_size=2))
     kinds = {(b.key.decay, b.key.tp_duplicate, b.key.tp_partial_grad): [s.name for s in b.slots] for b in opt.buffers}
     assert kinds == {(True, False, False): ["weight"], (False, True, False): ["bias"], (False, True, True): ["gain"]}
     meta = {p["name"]: p for b in opt.state_dict()["buffers"] for p in b["params"]}
@@ -293,7 +293,6 @@ def test_buckets_are_columns_of_the_slices_and_fill_in_backward_order():
 
 
 def test_grad_norm_matches_fp64_reference_at_16m_elements():
-    from types import SimpleNamespace
 
     from internlm.optim.grad_norm import global_grad_norm
 

@@ -73,8 +73,18 @@ def strict_json(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- memory
 def peak_rss_bytes() -> Optional[int]:
-    """The process's peak resident set size (``getrusage``'s ru_maxrss; psutil's current RSS where there is no
-    ``resource`` module), or None when neither is available."""
+    """The process's peak resident set size: ``VmHWM`` of /proc/self/status on Linux, else ``getrusage``'s
+    ru_maxrss, else psutil's current RSS; None when none is available.
+
+    Linux keeps ru_maxrss across ``execve``: a train.py started by a large parent (a launcher, a test runner) would
+    report the parent's peak. VmHWM belongs to this process image only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

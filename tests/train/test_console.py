@@ -145,6 +145,18 @@ def test_memory_in_metrics(piped_run):
     assert all(0 < r["mem_rss_gib"] < 64 for r in records if "mem_rss_gib" in r)
 
 
+def test_peak_rss_is_this_process_not_the_parent_that_started_it():
+    # Linux keeps getrusage's ru_maxrss across execve: a train.py started by a large parent (here this test
+    # process after touching 1 GiB) read the parent's peak (a console line showed "rss 2.6 GiB" for a tiny run)
+    ballast = bytearray(2**30)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = "from internlm.train.metrics import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    del ballast
+    assert 0 < int(child.stdout) < 2**30 * 0.75, child.stdout
+
+
 def test_profile_trace(piped_run):
     folder = os.path.join(piped_run.work_dir, "profile")
     assert os.listdir(folder) == ["trace_rank0_steps2-3.pt.trace.json"]

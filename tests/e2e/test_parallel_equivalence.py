@@ -8,7 +8,6 @@ within 1e-4 relative, and the parameters after 10 steps, gathered from the check
 import os
 
 import pytest
-import torch
 
 from internlm.checkpoint import merge_model_checkpoint
 from train_utils import read_metrics, run_train, write_base
@@ -63,7 +62,13 @@ def test_layout_matches_single_process(layout, reference, tmp_path_factory, demo
             assert abs(a - b) <= 1e-4 * abs(a), (layout, step, key, a, b)
     assert len(valid) == len(ref_valid) == 1 and abs(valid[0] - ref_valid[0]) <= 1e-4 * ref_valid[0]
     assert sorted(params) == sorted(ref_params)
-    # Adam divides by the root of the squared gradient, so on parameters with tiny gradients (embedding rows of
-    # rare tokens) summation-order noise becomes a visible update: allow 1e-4 absolute (lr is 2e-3).
+    # Per tensor, the norm of the difference relative to the reference tensor's norm. Not per element: Adam divides
+    # by the root of the squared gradient, so on an element whose gradient is summation-order noise (embedding rows
+    # of tokens absent from the batches) the noise becomes a full step of +-lr (2e-3) either way; per element, 1 of
+    # 131,072 embedding values then differed by 2.2e-4 (and up to 1.35e-3 in 31 data orders) while the loss, the
+    # grad norm and every other value agreed. Such an element moves the tensor's norm by < 1e-4 relative; a wrong
+    # gradient or update on a layer moves it by about the update itself (~1e-2 per element, > 1e-2 relative).
+    # Measured under tp2: largest 5.9e-5 (k_proj biases), embedding 1e-5 or less.
     for name, tensor in ref_params.items():
-        torch.testing.assert_close(params[name], tensor, rtol=1e-3, atol=1e-4, msg=lambda m: f"{layout} {name}: {m}")
+        distance = (params[name].double() - tensor.double()).norm() / tensor.double().norm().clamp(min=1e-12)
+        assert distance <= 1e-3, (layout, name, float(distance))

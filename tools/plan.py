@@ -26,11 +26,13 @@ from typing import Optional, Sequence
 from internlm.model import PRESETS, InternLMConfig
 from internlm.parallel.layout import Layout
 from internlm.planning import (
+    CHECKPOINT_CANDIDATES,
     PLANNER_DEVICES,
     Batch,
     Checkpoint,
     Hardware,
     candidate_layouts,
+    checkpoint_text,
     estimate,
     parse_checkpoint,
     planned_attn_backend,
@@ -132,11 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for cand, cand_batch in candidate_layouts(
                 mc, args.devices, global_sequences, batch.micro_bsz, batch.seq_len, args.gpus_per_node
             )
-            for ck in (False, 0.5, True)
+            for ck in CHECKPOINT_CANDIDATES
         ]
         print(
             f"\nrecommend: global batch {global_sequences} sequences x {batch.seq_len} tokens, micro_bsz "
-            f"{batch.micro_bsz} kept; micro_num = global / (dp x micro_bsz)"
+            f"{batch.micro_bsz} kept; micro_num = global / (dp x micro_bsz); checkpoint "
+            + ", ".join(checkpoint_text(ck) for ck in CHECKPOINT_CANDIDATES)
         )
         print_ranking(estimates, hardware, args.usable, args.top)
     return 0

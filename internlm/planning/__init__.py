@@ -7,7 +7,7 @@
     communication  bytes sent per step per parallel dimension; checkpoint size
     devices        the one device table: dense bf16 peaks (MFU), memory and links for the planner
     step_time      step time, MFU and the `Estimate` of a layout
-    candidates     the layouts of a device count that keep the global batch
+    candidates     the layouts of a device count that keep the global batch; the checkpoint settings to try
     startup        the start-up estimate of `train.py --dry-run`
     report         what `tools/plan.py` prints
 
@@ -16,7 +16,7 @@ packages, never `internlm.train` (which imports it: `--dry-run`, the banner's MF
 """
 
 from .activations import planned_attn_backend
-from .candidates import candidate_layouts
+from .candidates import CHECKPOINT_CANDIDATES, candidate_layouts
 from .communication import StepCommunication, checkpoint_bytes, step_communication
 from .devices import PEAK_TFLOPS, PLANNER_DEVICES, Device, peak_tflops, peak_tflops_of_name, probe_cpu_tflops
 from .memory import StageMemory, memory_per_device, peak_stage, stage_memory
@@ -27,6 +27,7 @@ from .step_time import Batch, Estimate, Hardware, estimate, step_time
 
 __all__ = [
     "planned_attn_backend",
+    "CHECKPOINT_CANDIDATES",
     "candidate_layouts",
     "StepCommunication",
     "checkpoint_bytes",

@@ -1,5 +1,6 @@
 """Candidate layouts for a device count: every tensor x pipeline x data split (with chunks, sequence parallelism
-and zero1 sizes) that keeps the global batch and that `Layout.fit_problems` accepts."""
+and zero1 sizes) that keeps the global batch and that `Layout.fit_problems` accepts; and the ``model.checkpoint``
+settings the planner tries on each (`CHECKPOINT_CANDIDATES`: none, the selective modes, fractions, all)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from typing import Any, List, Tuple
 
 from internlm.parallel.layout import Layout
 
+from .recompute import Checkpoint
 from .step_time import Batch
+
+# every kind of ``model.checkpoint``, cheapest recomputation first: `tools/plan.py --recommend` ranks each layout
+# with each of them, so the memory a mode saves is weighed against the forward it repeats
+CHECKPOINT_CANDIDATES: Tuple[Checkpoint, ...] = (False, "attn", "mlp", 0.25, 0.5, 0.75, True)
 
 
 def _divisors(n: int) -> List[int]:
@@ -39,4 +45,4 @@ def candidate_layouts(
     return out
 
 
-__all__ = ["candidate_layouts"]
+__all__ = ["CHECKPOINT_CANDIDATES", "candidate_layouts"]

@@ -2,11 +2,14 @@
 
 An estimate, with these assumptions:
 
-    compute    model FLOPs per device (``InternLMConfig.flops_per_token``, 6 N + attention, spread evenly over
-               the devices) x (1 + f / 3) where f is the recomputed share of the forward FLOPs (one more forward
-               of what is recomputed: a fraction of the layers counts as that share of the whole forward,
-               ``"attn"`` attention's core 2 L S H per token, ``"mlp"`` the MLP matmuls 6 L H F per token), at
-               ``mfu_cap`` (default 50%) of the device's dense bf16 peak
+    compute    the slowest pipeline stage's FLOPs (`stage_flops_per_token`: its layers as `partition_layers`
+               gives them, at (F - 6 V H) / L FLOPs per layer and token, where F is
+               ``InternLMConfig.flops_per_token`` (6 N + attention), plus the head's 6 V H on the last stage, plus
+               one more forward of what is recomputed: a recomputed layer 1/3 of its FLOPs, ``"attn"``
+               attention's core 2 S H per layer and token, ``"mlp"`` the MLP matmuls 6 H F; a fraction counts
+               ``round(f x layers)`` of each chunk, as the runtime wraps them) x the data rank's tokens / tensor,
+               at ``mfu_cap`` (default 50%) of the device's dense bf16 peak. Every stage waits for the slowest
+               one, so an uneven split (82 layers over 8 virtual stages) or the head costs step time
     bubble     (pipeline - 1) / (chunks x micro_num) x compute (1F1B and interleaved schedules)
     tensor     tensor-parallel bytes / intra-node bandwidth (inter-node when tensor > GPUs per node): not
                overlapped, the collectives sit between the matmuls
@@ -25,7 +28,9 @@ bandwidths of NCCL collectives, assumed per device type (`internlm.planning.devi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from internlm.parallel.pipeline.partition import partition_layers
 
 from .communication import StepCommunication, step_communication
 from .devices import Device
@@ -82,15 +87,29 @@ class Estimate:
         return self.times["step"]
 
 
-def recomputed_forward_share(model_config: Any, checkpoint: Checkpoint, seq_len: int) -> float:
-    """f of the module docstring: the share of the forward FLOPs that recomputation runs a second time."""
+def stage_flops_per_token(model_config: Any, layout: Any, checkpoint: Checkpoint, seq_len: int) -> List[float]:
+    """Training FLOPs per token of the whole tensor group of each pipeline rank (recomputation included), as the
+    module docstring's ``compute`` counts them; without recomputation they sum to ``flops_per_token``."""
     mc = model_config
-    forward = mc.flops_per_token(seq_len) / 3
+    head = 6.0 * mc.vocab_size * mc.hidden_size
+    layer = (mc.flops_per_token(seq_len) - head) / mc.num_layers
     if checkpoint == "attn":
-        return 2 * mc.num_layers * seq_len * mc.hidden_size / forward
-    if checkpoint == "mlp":
-        return 6 * mc.num_layers * mc.hidden_size * mc.intermediate_size / forward
-    return checkpointed_layer_count(checkpoint, mc.num_layers) / mc.num_layers
+        selective = 2.0 * seq_len * mc.hidden_size
+    elif checkpoint == "mlp":
+        selective = 6.0 * mc.hidden_size * mc.intermediate_size
+    else:
+        selective = 0.0
+    pp, chunks = layout.pipeline, layout.num_chunks
+    out = []
+    for rank, ranges in enumerate(partition_layers(mc.num_layers, pp, chunks)):
+        flops = 0.0
+        for c, layers in enumerate(ranges):
+            recomputed = checkpointed_layer_count(checkpoint, len(layers))
+            flops += len(layers) * (layer + selective) + recomputed * layer / 3
+            if c * pp + rank == pp * chunks - 1:
+                flops += head
+        out.append(flops)
+    return out
 
 
 def _same_node(span: int, gpus_per_node: int) -> bool:
@@ -103,12 +122,13 @@ def step_time(
     """Seconds per step by component (see the module docstring), tokens per device per second, MFU; and the
     `StepCommunication` they come from."""
     mc, hw = model_config, hardware
-    recompute = recomputed_forward_share(mc, checkpoint, batch.seq_len)
     comm = step_communication(mc, layout, batch.micro_bsz, batch.seq_len, batch.micro_num, checkpoint)
     tokens = layout.data * batch.micro_bsz * batch.micro_num * batch.seq_len
     flops = mc.flops_per_token(batch.seq_len) * tokens / layout.world_size
     peak = hw.device.peak_tflops * 1e12
-    compute = flops * (1 + recompute / 3) / (peak * hw.mfu_cap)
+    replica_tokens = batch.micro_bsz * batch.micro_num * batch.seq_len  # one data rank's tokens
+    slowest = max(stage_flops_per_token(mc, layout, checkpoint, batch.seq_len))
+    compute = slowest * replica_tokens / layout.tensor / (peak * hw.mfu_cap)
     bubble = (layout.pipeline - 1) / (layout.num_chunks * batch.micro_num) * compute if layout.pipeline > 1 else 0.0
     gb, nodes = 1e9, hw.gpus_per_node
     tp_bw = hw.intra if _same_node(layout.tensor, nodes) else hw.inter
@@ -158,4 +178,4 @@ def estimate(
     )
 
 
-__all__ = ["Batch", "Hardware", "Estimate", "recomputed_forward_share", "step_time", "estimate"]
+__all__ = ["Batch", "Hardware", "Estimate", "stage_flops_per_token", "step_time", "estimate"]

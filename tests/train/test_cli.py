@@ -49,7 +49,7 @@ def test_dry_run_104b_on_2048_gpus():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "104.74B parameters" in out
-    assert "tensor 8 x pipeline 4 (chunks 2) x data 64" in out
+    assert "tensor 4 x pipeline 4 (chunks 4) x data 128" in out
     assert out.count("memory per device") == 3 and "warm-up" in out
     assert "1,600.01B tokens" in out
 

@@ -178,7 +178,7 @@ def test_dry_run_prints_the_startup_estimate():
     lines = [line for line in proc.stdout.splitlines() if "start-up estimate:" in line]
     assert len(lines) == 3
     line = lines[0]
-    assert "s per device" in line and "(3.39B parameters)" in line and "extrapolated by parameter count" in line
-    assert "hidden 10240" in line and "tensor rank 0 of 8" in line
+    assert "s per device" in line and "(6.79B parameters)" in line and "extrapolated by parameter count" in line
+    assert "hidden 10240" in line and "tensor rank 0 of 4" in line
     seconds = float(line.split("start-up estimate:")[1].split(" s per device")[0].replace(",", ""))
     assert seconds > 0

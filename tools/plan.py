@@ -10,7 +10,9 @@ The numbers come from `internlm.planning`: memory (`memory`: model states, saved
 model's code, the loss peak, micro-batches in flight in the schedules' own order; checked against CPU measurements
 by tests/planning/test_memory_model.py), bytes communicated per step (`communication`), step time and MFU (`step_time`,
 whose docstring lists the assumptions), candidate layouts (`candidates`) and the device table (`devices`).
-``--checkpoint`` takes every ``model.checkpoint`` setting: True, False, a fraction of the layers, attn or mlp.
+``--checkpoint`` takes every ``model.checkpoint`` setting: True, False, a fraction of the layers, attn or mlp;
+``--recommend`` ranks every candidate layout with each of them (`CHECKPOINT_CANDIDATES`), keeping the global batch
+and micro_bsz of the config (or of the flags).
 
 A layout *fits* when its estimate is at most ``--usable`` (default 92%) of the device memory: the rest is for what
 the model does not count (CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation, activation gradients

@@ -12,8 +12,9 @@
 # pp4 x2 chunks x dp64, zero1 8, checkpoint=True) gives 26.6 GiB but 156 tokens/GPU/s, 31.6% MFU: recomputing
 # every layer costs a third more compute, and tensor 8 sends 298 GB per GPU per step against 86 GB at tensor 4.
 # zero1 sizes tie on step time (the data-parallel traffic hides under compute at every size); the ranking takes
-# the one with the most memory headroom. checkpoint="attn" ranks next (219 tokens/GPU/s, same memory here: flash
-# attention saves little); checkpoint=True (41.3 GiB) is the fallback if a GPU runs short of memory.
+# the one with the most memory headroom, and zero1 8 would need 74.2 GiB. checkpoint="attn" ranks next (219
+# tokens/GPU/s, the same memory here: flash attention saves little); checkpoint=True (41.3 GiB) is the fallback if
+# a GPU runs short of what the memory model does not count (CUDA context, NCCL buffers, fragmentation).
 # Run `python train.py --config configs/internlm_104b/phase1.py ... --dry-run --world-size 2048` to see the plan.
 JOB_NAME = "internlm_104b"
 work_dir = "work_dirs/internlm_104b"

@@ -15,6 +15,8 @@
 # the one with the most memory headroom, and zero1 8 would need 74.2 GiB. checkpoint="attn" ranks next (219
 # tokens/GPU/s, the same memory here: flash attention saves little); checkpoint=True (41.3 GiB) is the fallback if
 # a GPU runs short of what the memory model does not count (CUDA context, NCCL buffers, fragmentation).
+# On fewer GPUs the zero1 group (all of dp) shrinks and the states grow: 63.1 GiB at 1,024, 67.8 at 256, 74.2 at
+# 128 (over 92% of 80 GiB: set model.checkpoint=True there, 53.2 GiB).
 # Run `python train.py --config configs/internlm_104b/phase1.py ... --dry-run --world-size 2048` to see the plan.
 JOB_NAME = "internlm_104b"
 work_dir = "work_dirs/internlm_104b"

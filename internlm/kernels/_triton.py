@@ -15,11 +15,13 @@ import triton.language as tl
 from ._triton_ce import ce_grad_, ce_stats  # noqa: F401  (re-exported: one lazy import loads every kernel)
 
 
-def _num_programs(device: torch.device, wanted: int) -> int:
-    """Persistent-grid size: a few programs per SM on CUDA (a handful under the interpreter)."""
-    if device.type == "cuda":
-        return max(1, min(wanted, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(wanted, 4))
+def persistent_programs(sm_count: int, wanted: int) -> int:
+    """Persistent-grid size: two programs per SM (``sm_count`` 2 under the interpreter: a handful)."""
+    return max(1, min(wanted, 2 * sm_count))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 # ------------------------------------------------------------------------------------------------ RMSNorm
@@ -59,10 +61,18 @@ def _rms_bwd(DY, X, W, RSTD, DX, DW, M, N, rows_per_program, BLOCK_M: tl.constex
     tl.store(DW + pid * N + cols, dw, mask=cols < N)
 
 
-def _rms_blocks(n: int) -> Tuple[int, int, int]:
+def rms_launch(n: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of both RMSNorm kernels for hidden size ``n``: one row per block of
+    next_pow2(n) columns, up to 16 rows while a block holds at most 4096 values; n / 256 warps in [4, 16]."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 4096 // block_n))
     return block_m, block_n, min(16, max(4, block_n // 256))
+
+
+def rms_bwd_rows_per_program(m: int, block_m: int, sm_count: int) -> int:
+    """Rows each persistent program of `_rms_bwd` walks through (a multiple of ``block_m``)."""
+    blocks = triton.cdiv(m, block_m)
+    return triton.cdiv(blocks, persistent_programs(sm_count, blocks)) * block_m
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
@@ -70,7 +80,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: t
     m, n = x.shape
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m, block_n, warps = _rms_blocks(n)
+    block_m, block_n, warps = rms_launch(n)
     _rms_fwd[(triton.cdiv(m, block_m),)](
         x, weight, y, rstd, m, n, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
     )
@@ -80,9 +90,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: t
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     """-> (dx (M, N) in x's dtype, dweight (N,) fp32 summed over rows)."""
     m, n = x.shape
-    block_m, block_n, warps = _rms_blocks(n)
-    blocks = triton.cdiv(m, block_m)
-    rows_per_program = triton.cdiv(blocks, _num_programs(x.device, blocks)) * block_m
+    block_m, block_n, warps = rms_launch(n)
+    rows_per_program = rms_bwd_rows_per_program(m, block_m, _sm_count(x.device))
     programs = triton.cdiv(m, rows_per_program)
     dx = torch.empty_like(x)
     dw = torch.empty((programs, n), dtype=torch.float32, device=x.device)
@@ -110,12 +119,17 @@ def _rotary(X, COS, SIN, Y, heads, half, INVERSE: tl.constexpr, BLOCK_H: tl.cons
     tl.store(Y + offs + half, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
 
 
+def rotary_launch(heads: int, head_dim: int) -> Tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps): one program per token holds all its heads x half the head dim."""
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
+    return block_h, block_d, min(8, max(1, block_h * block_d // 512))
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """x: (T, heads, D) contiguous, cos/sin: (T, D/2) contiguous -> x rotated by +theta (or -theta)."""
     tokens, heads, dim = x.shape
     y = torch.empty_like(x)
-    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(dim // 2)
-    warps = min(8, max(1, block_h * block_d // 512))
+    block_h, block_d, warps = rotary_launch(heads, dim)
     _rotary[(tokens,)](
         x, cos, sin, y, heads, dim // 2, INVERSE=inverse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps
     )
@@ -144,21 +158,25 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_BLOCK = 1024
+def swiglu_launch() -> Tuple[int, int]:
+    """(BLOCK, num_warps) of both SwiGLU kernels: 1024 elements per program whatever the shape."""
+    return 1024, 4
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: contiguous, same shape and dtype -> silu(gate) * up."""
     y = torch.empty_like(gate)
     n = gate.numel()
-    _swiglu_fwd[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate, up, y, n, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+    block, warps = swiglu_launch()
+    _swiglu_fwd[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=warps)
     return y
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd[(triton.cdiv(n, _SWIGLU_BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+    block, warps = swiglu_launch()
+    _swiglu_bwd[(triton.cdiv(n, block),)](dy, gate, up, dgate, dup, n, BLOCK=block, num_warps=warps)
     return dgate, dup
 
 

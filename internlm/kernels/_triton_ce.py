@@ -7,6 +7,8 @@ is ever made on this path.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -53,8 +55,9 @@ def _ce_grad(LOGITS, stride, LABEL, LSE, SCALE, vocab, smooth_per_v, on_label, B
         tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _block(vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(vocab))
+def ce_launch(vocab: int) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps) of both kernels for a V_local-wide row: up to 4096 logits per loop step, 8 warps."""
+    return min(4096, triton.next_power_of_2(vocab)), 8
 
 
 def ce_stats(logits: torch.Tensor, local_label: torch.Tensor, smooth: bool) -> torch.Tensor:
@@ -64,9 +67,9 @@ def ce_stats(logits: torch.Tensor, local_label: torch.Tensor, smooth: bool) -> t
     """
     rows, vocab = logits.shape
     stats = torch.empty((4, rows), dtype=torch.float32, device=logits.device)
-    block = _block(vocab)
+    block, warps = ce_launch(vocab)
     _ce_stats[(rows,)](
-        logits, logits.stride(0), local_label, stats, rows, vocab, BLOCK_V=block, SMOOTH=smooth, num_warps=8
+        logits, logits.stride(0), local_label, stats, rows, vocab, BLOCK_V=block, SMOOTH=smooth, num_warps=warps
     )
     return stats
 
@@ -81,6 +84,7 @@ def ce_grad_(
 ) -> torch.Tensor:
     """Overwrite ``logits`` with scale[row] * (softmax - (1 - eps) onehot(label) - eps / V); returns it."""
     rows, vocab = logits.shape
+    block, warps = ce_launch(vocab)
     _ce_grad[(rows,)](
         logits,
         logits.stride(0),
@@ -90,7 +94,7 @@ def ce_grad_(
         vocab,
         label_smoothing / vocab_total,
         1.0 - label_smoothing,
-        BLOCK_V=_block(vocab),
-        num_warps=8,
+        BLOCK_V=block,
+        num_warps=warps,
     )
     return logits

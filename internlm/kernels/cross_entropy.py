@@ -29,9 +29,11 @@ as the column-parallel lm_head does); d W is local.
 
 ``d W`` accumulates chunk by chunk in ``weight``'s dtype (one rounding per chunk in bf16, as Liger-Kernel does).
 Labels must be in [0, V) or ``ignore_index`` (not checked: checking would synchronise with the device).
-"""
 
-from __future__ import annotations
+The per-chunk statistics and gradient run as the torch custom ops ``internlm::ce_stats`` and ``internlm::ce_grad_``
+(which overwrites the logits), with fake implementations; the shards' ``combine`` runs between them, outside any
+op, so a collective is never hidden in an op (nor in a fake implementation).
+"""
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -75,6 +77,40 @@ def ce_grad_eager_(logits, local_label, lse, scale, label_smoothing: float, voca
     return logits
 
 
+@torch.library.custom_op("internlm::ce_stats", mutates_args=())
+def ce_stats_op(logits: torch.Tensor, local_label: torch.Tensor, smooth: bool, kernel: bool) -> torch.Tensor:
+    """(4, rows) statistics of a logits chunk (`ce_stats_eager`): the Triton kernel if ``kernel``, else eager."""
+    return (
+        load_triton().ce_stats(logits, local_label, smooth) if kernel else ce_stats_eager(logits, local_label, smooth)
+    )
+
+
+@ce_stats_op.register_fake
+def _(logits: torch.Tensor, local_label: torch.Tensor, smooth: bool, kernel: bool) -> torch.Tensor:
+    return logits.new_empty((4, logits.shape[0]), dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.custom_op("internlm::ce_grad_", mutates_args=("logits",))
+def ce_grad_op_(
+    logits: torch.Tensor,
+    local_label: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    label_smoothing: float,
+    vocab_total: int,
+    kernel: bool,
+) -> None:
+    """Overwrite ``logits`` with its gradient (`ce_grad_eager_`): the Triton kernel if ``kernel``, else eager."""
+    (load_triton().ce_grad_ if kernel else ce_grad_eager_)(
+        logits, local_label, lse, scale, label_smoothing, vocab_total
+    )
+
+
+@ce_grad_op_.register_fake
+def _(logits, local_label, lse, scale, label_smoothing: float, vocab_total: int, kernel: bool) -> None:
+    return None
+
+
 Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """Per-token ``(m, sum exp(x - m), x_label, sum x)`` of a chunk, each (rows,) fp32 (the rows of `ce_stats_eager`)."""
 
@@ -107,13 +143,7 @@ def _linear_cross_entropy(hidden, weight, labels, shard, ignore_index, label_smo
     vocab_local = weight.shape[0]
     vocab_total, vocab_start = (vocab_local, 0) if shard is None else (shard.total, shard.start)
     chunk = chunk_tokens or default_chunk_tokens(vocab_local)
-    kernels = (
-        load_triton()
-        if use_triton("linear_cross_entropy", hidden, weight, supported=hidden.dtype in TRITON_DTYPES)
-        else None
-    )
-    stats_fn = kernels.ce_stats if kernels is not None else ce_stats_eager
-    grad_fn = kernels.ce_grad_ if kernels is not None else ce_grad_eager_
+    kernel = use_triton("linear_cross_entropy", hidden, weight, supported=hidden.dtype in TRITON_DTYPES)
 
     loss = torch.zeros((), dtype=acc_dtype(hidden.dtype), device=hidden.device)
     dh = torch.empty(hidden2d.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
@@ -124,13 +154,13 @@ def _linear_cross_entropy(hidden, weight, labels, shard, ignore_index, label_smo
         valid = lab != ignore_index
         local = lab - vocab_start
         local = torch.where(valid & (local >= 0) & (local < vocab_local), local, -1)
-        stats = stats_fn(logits, local, label_smoothing > 0).unbind(0)
+        stats = ce_stats_op(logits, local, label_smoothing > 0, kernel).unbind(0)
         if shard is not None:
             stats = shard.combine(stats)
         token_loss, lse = _token_loss(stats, vocab_total, label_smoothing, valid)
         loss += token_loss.sum()
         if need_dh or need_dw:
-            grad_fn(logits, local, lse, valid.to(lse.dtype), label_smoothing, vocab_total)
+            ce_grad_op_(logits, local, lse, valid.to(lse.dtype), label_smoothing, vocab_total, kernel)
             if need_dh:
                 torch.mm(logits, weight, out=dh[start : start + chunk])
             if need_dw:
@@ -202,7 +232,9 @@ __all__ = [
     "Stats",
     "VocabShard",
     "ce_grad_eager_",
+    "ce_grad_op_",
     "ce_stats_eager",
+    "ce_stats_op",
     "chunked_linear_cross_entropy",
     "default_chunk_tokens",
 ]

@@ -15,9 +15,11 @@ Backward, with g = dy * weight and n recomputed from the saved x and rstd:
 
 Only x (in its own dtype) and rstd are saved: never an fp32 copy of x. Under ``torch.compile`` the function runs
 the same formula as plain torch ops (`rms_norm_reference`) for inductor to fuse.
-"""
 
-from __future__ import annotations
+The forward and backward run as the torch custom ops ``internlm::rms_norm_fwd`` / ``internlm::rms_norm_bwd``
+(Triton kernel or eager reference inside, chosen by the caller), whose fake implementations give fake tensors
+and tracers the output shapes without running either.
+"""
 
 from typing import Tuple
 
@@ -48,6 +50,37 @@ def rms_norm_backward_eager(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.T
     return dx.to(x2d.dtype), dweight
 
 
+@torch.library.custom_op("internlm::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd_op(
+    x2d: torch.Tensor, weight: torch.Tensor, eps: float, kernel: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) of (M, H) rows: the Triton kernel if ``kernel`` (contiguous inputs), else the eager reference."""
+    if kernel:
+        return load_triton().rms_norm_fwd(x2d, weight, eps, torch.promote_types(x2d.dtype, weight.dtype))
+    return rms_norm_forward_eager(x2d, weight, eps)
+
+
+@rms_norm_fwd_op.register_fake
+def _(x2d: torch.Tensor, weight: torch.Tensor, eps: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    y = x2d.new_empty(x2d.shape, dtype=torch.promote_types(x2d.dtype, weight.dtype))
+    return y, x2d.new_empty(x2d.shape[:1], dtype=acc_dtype(x2d.dtype))
+
+
+@torch.library.custom_op("internlm::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd_op(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, kernel: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dweight fp32 (fp64 for fp64 inputs)) of (M, H) rows."""
+    if kernel:
+        return load_triton().rms_norm_bwd(dy, x2d, weight, rstd)
+    return rms_norm_backward_eager(dy, x2d, weight, rstd)
+
+
+@rms_norm_bwd_op.register_fake
+def _(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, kernel: bool):
+    return torch.empty_like(x2d), x2d.new_empty(x2d.shape[1:], dtype=acc_dtype(x2d.dtype))
+
+
 def _triton_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype in TRITON_DTYPES and weight.dtype in TRITON_DTYPES and x.shape[-1] <= _MAX_TRITON_HIDDEN
 
@@ -61,10 +94,8 @@ class RMSNormFunction(torch.autograd.Function):
         x2d = x.reshape(-1, hidden)
         triton_path = use_triton("rms_norm", x, weight, supported=_triton_ok(x, weight))
         if triton_path:
-            x2d, w = x2d.contiguous(), weight.contiguous()
-            y, rstd = load_triton().rms_norm_fwd(x2d, w, eps, torch.promote_types(x.dtype, weight.dtype))
-        else:
-            y, rstd = rms_norm_forward_eager(x2d, weight, eps)
+            x2d = x2d.contiguous()
+        y, rstd = rms_norm_fwd_op(x2d, weight.contiguous() if triton_path else weight, eps, triton_path)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.triton_path, ctx.x_shape = triton_path, x.shape
         return y.view(x.shape)
@@ -73,10 +104,9 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2d, weight, rstd = ctx.saved_tensors
         dy2d = dy.reshape(x2d.shape)
-        if ctx.triton_path:
-            dx, dweight = load_triton().rms_norm_bwd(dy2d.contiguous(), x2d, weight, rstd)
-        else:
-            dx, dweight = rms_norm_backward_eager(dy2d, x2d, weight, rstd)
+        dx, dweight = rms_norm_bwd_op(
+            dy2d.contiguous() if ctx.triton_path else dy2d, x2d, weight, rstd, ctx.triton_path
+        )
         return dx.view(ctx.x_shape), dweight.to(weight.dtype), None
 
 
@@ -94,4 +124,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return RMSNormFunction.apply(x, weight, float(eps))
 
 
-__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_backward_eager", "rms_norm_forward_eager", "rms_norm_reference"]
+__all__ = [
+    "RMSNormFunction",
+    "rms_norm",
+    "rms_norm_backward_eager",
+    "rms_norm_bwd_op",
+    "rms_norm_forward_eager",
+    "rms_norm_fwd_op",
+    "rms_norm_reference",
+]

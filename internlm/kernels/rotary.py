@@ -15,9 +15,9 @@ Nothing is saved but cos and sin (shared with every other layer); they get no gr
 Scaling (``scaling``, a model's ``rope_scaling``, as transformers' Llama): ``linear`` divides inv_freq by the factor
 F; ``dynamic`` (NTK) leaves it unchanged while the forward's longest sequence L (``seq_len``: max position + 1) is at
 most ``max_position_embeddings`` M, and beyond it uses base' = base * (F * L / M - (F - 1)) ** (D / (D - 2)).
-"""
 
-from __future__ import annotations
+The rotation runs as the torch custom op ``internlm::rotary`` (fake implementation: an empty like x).
+"""
 
 from typing import Any, Mapping, Optional
 
@@ -78,11 +78,24 @@ def rotary_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+@torch.library.custom_op("internlm::rotary", mutates_args=())
+def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, kernel: bool) -> torch.Tensor:
+    """x rotated by +theta (-theta if ``inverse``): the Triton kernel if ``kernel`` (contiguous inputs) or eager."""
+    if kernel:
+        return load_triton().rotary(x, cos, sin, inverse)
+    return rotary_eager(x, cos, sin, inverse)
+
+
+@rotary_op.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, kernel: bool) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     supported = x.dtype in TRITON_DTYPES and cos.dtype in TRITON_DTYPES and sin.dtype in TRITON_DTYPES
     if use_triton("apply_rotary", x, cos, sin, supported=supported):
-        return load_triton().rotary(x.contiguous(), cos.contiguous(), sin.contiguous(), inverse)
-    return rotary_eager(x, cos, sin, inverse)
+        return rotary_op(x.contiguous(), cos.contiguous(), sin.contiguous(), inverse, True)
+    return rotary_op(x, cos, sin, inverse, False)
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -111,4 +124,4 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return RotaryFunction.apply(x, cos, sin)
 
 
-__all__ = ["RotaryFunction", "apply_rotary", "dynamic_ntk_base", "rotary_cos_sin", "rotary_eager"]
+__all__ = ["RotaryFunction", "apply_rotary", "dynamic_ntk_base", "rotary_cos_sin", "rotary_eager", "rotary_op"]

@@ -73,7 +73,8 @@ with FakeTensorMode():
     cos, sin = (torch.empty(6, 8, device="cuda") for _ in range(2))
     outs = [rms_norm(x, w, 1e-6), apply_rotary(torch.empty(6, 4, 16, dtype=torch.bfloat16, device="cuda"), cos, sin)]
     outs.append(swiglu(x, x))
-    logits, label = torch.empty(6, 256, dtype=torch.bfloat16, device="cuda"), torch.empty(6, dtype=torch.long, device="cuda")
+    logits = torch.empty(6, 256, dtype=torch.bfloat16, device="cuda")
+    label = torch.empty(6, dtype=torch.long, device="cuda")
     outs.append(ce_stats_op(logits, label, True, True))
     lse, scale = (torch.empty(6, device="cuda") for _ in range(2))  # indexing a fake CUDA tensor needs CUDA
     ce_grad_op_(logits, label, lse, scale, 0.1, 256, True)

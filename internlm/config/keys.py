@@ -9,8 +9,8 @@
         total_steps: Annotated[Optional[int], key(None, "optimizer steps of this phase", minimum=1)]
 
 The type (``int``) is the type of the resolved value and, unless ``accepts`` widens it, what a config file may
-give; `key` holds the default, doc and checks. `section` reads every field back once into a `Section` of `Field`s
-(`spec_of`), the one description that validation (`internlm.config.resolve`), the typed sections and the key
+give; `key` holds the default, doc and checks. `section` reads every field back once into a `Section` of `Key`s with
+their types (`spec_of`), the one description that validation (`internlm.config.resolve`), the typed sections and the key
 reference of docs/config.md (`internlm.config.docs`) all use.
 
 Why ``Annotated`` and not ``= dataclasses.field(metadata=...)``: the dataclasses have no defaults of their own (an
@@ -44,26 +44,6 @@ _SECTION = "__config_section__"  # the class attribute `section` writes
 
 
 @dataclasses.dataclass(frozen=True)
-class Field:
-    """One leaf key, as read back from its dataclass field.
-
-    ``types``: accepted Python types (an int is also accepted where float is, a bool never where int is).
-    A ``dict`` among them means a free-form dict whose contents are not key-checked.
-    ``normalize`` maps an accepted value to its canonical form, raising ValueError with the problem.
-    """
-
-    types: Tuple[type, ...]
-    default: Any
-    doc: str
-    choices: Optional[Tuple[Any, ...]] = None
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
-    compat: Optional[str] = None
-    normalize: Optional[Callable[[Any], Any]] = None
-    default_text: Optional[str] = None  # how the default is shown in the docs, when repr is unreadable
-
-
-@dataclasses.dataclass(frozen=True)
 class Section:
     """A dict of keys, read back from a section class ``cls`` found at the dotted ``path`` ("" for the root).
 
@@ -71,7 +51,7 @@ class Section:
     ``tensor=dict(size=8, mode="mtp")``).
     """
 
-    fields: Mapping[str, Union[Field, "Section"]]
+    fields: Mapping[str, Union[Key, "Section"]]
     doc: str
     shorthand: Optional[str] = None
     path: str = ""
@@ -80,7 +60,14 @@ class Section:
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """The rules of one key, as written at its field (`key`); `section` adds the types to make its `Field`."""
+    """The rules of one leaf key, as written at its field (`key`); `section` reads them back with ``types`` set.
+
+    ``types``: accepted Python types (an int is also accepted where float is, a bool never where int is), from the
+    field's annotation, or ``accepts`` when a file may give a wider type (``torch.dtype`` for the str
+    ``model.dtype``). A ``dict`` among them means a free-form dict whose contents are not key-checked.
+    ``normalize`` maps an accepted value to its canonical form, raising ValueError with the problem.
+    ``default_text``: how the default is shown in the docs, when its repr is unreadable.
+    """
 
     default: Any
     doc: str
@@ -91,6 +78,7 @@ class Key:
     normalize: Optional[Callable[[Any], Any]] = None
     default_text: Optional[str] = None
     accepts: Optional[Tuple[type, ...]] = None
+    types: Tuple[type, ...] = ()
 
 
 def key(
@@ -132,24 +120,14 @@ def section(
         if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__name__}: decorate a frozen dataclass with @section")
         hints = typing.get_type_hints(cls, include_extras=True)
-        fields: Dict[str, Union[Field, Section]] = {}
+        fields: Dict[str, Union[Key, Section]] = {}
         for field in dataclasses.fields(cls):
             hint = hints[field.name]
             rules = [extra for extra in getattr(hint, "__metadata__", ()) if isinstance(extra, Key)]
             if rules:
                 rule = rules[0]
                 types = rule.accepts or _types_of(typing.get_args(hint)[0])
-                fields[field.name] = Field(
-                    types,
-                    rule.default,
-                    rule.doc,
-                    rule.choices,
-                    rule.minimum,
-                    rule.maximum,
-                    rule.compat,
-                    rule.normalize,
-                    rule.default_text,
-                )
+                fields[field.name] = dataclasses.replace(rule, types=types)
             elif is_section_class(hint):
                 child = spec_of(hint)
                 if child.path != (f"{path}.{field.name}" if path else field.name):
@@ -222,7 +200,6 @@ def section_from(cls_or_section: Union[Type[T], Section], mapping: Mapping[str, 
 
 
 __all__ = [
-    "Field",
     "Section",
     "Key",
     "key",

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, cast
 from internlm.model.config import PRESETS
 
 from .errors import ConfigError
-from .keys import FIXED, Field, Section, type_name
+from .keys import FIXED, Key, Section, type_name
 from .model_config import config_key
 from .schema import ROOT, is_constant, lookup
 from .validate import fill_derived, validate
@@ -26,7 +26,7 @@ def unknown_key(path: str, name: str, known: Any) -> ConfigError:
     return ConfigError(path, f"unknown key '{path}'{hint}")
 
 
-def check_value(spec: Field, value: Any, path: str) -> Any:
+def check_value(spec: Key, value: Any, path: str) -> Any:
     """Check one leaf value against its schema entry and return its canonical form."""
     types = spec.types
     if isinstance(value, bool) and bool not in types:
@@ -77,7 +77,7 @@ def resolve_section(section: Section, raw: Any, path: str) -> Dict[str, Any]:
 def apply_preset(model: Mapping[str, Any]) -> Dict[str, Any]:
     """``model`` with the preset's values under every key it does not set itself."""
     out = dict(model)
-    name = check_value(cast(Field, lookup("model.preset")), out.get("preset"), "model.preset")
+    name = check_value(cast(Key, lookup("model.preset")), out.get("preset"), "model.preset")
     if name is None:
         return out
     if name not in PRESETS:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Iterator, Tuple, Union
 
-from .keys import Field, Section, spec_of
+from .keys import Key, Section, spec_of
 from .run_config import RunConfig
 
 ROOT: Section = spec_of(RunConfig)
 
 
-def iter_fields(section: Section = ROOT, prefix: str = "") -> Iterator[Tuple[str, Union[Field, Section]]]:
+def iter_fields(section: Section = ROOT, prefix: str = "") -> Iterator[Tuple[str, Union[Key, Section]]]:
     """Yield ``(dotted_path, spec)`` for every key, sections before their contents."""
     for name, spec in section.fields.items():
         path = f"{prefix}{name}"
@@ -31,9 +31,9 @@ def is_constant(name: str) -> bool:
     return name.isupper() and name not in ROOT.fields
 
 
-def lookup(path: str) -> Union[Field, Section, None]:
+def lookup(path: str) -> Union[Key, Section, None]:
     """The schema entry at a dotted path, or None when the path is not in the schema."""
-    spec: Union[Field, Section, None] = ROOT
+    spec: Union[Key, Section, None] = ROOT
     for part in path.split("."):
         if not isinstance(spec, Section) or part not in spec.fields:
             return None

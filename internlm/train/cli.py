@@ -49,7 +49,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--world-size",
         type=int,
         default=None,
-        help="with --dry-run: number of devices to plan for (default: WORLD_SIZE or 1)",
+        help="with --dry-run: number of devices to plan for; with --simulate: the simulated world (default: "
+        "WORLD_SIZE or 1)",
+    )
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the first phase's training step for chosen ranks of --world-size on a fake process group and "
+        "fake tensors (no GPU, no data needed); print bytes per dimension, peak memory and checkpoint bytes beside "
+        "the planner's figures (docs/scale.md)",
+    )
+    parser.add_argument(
+        "--ranks",
+        default=None,
+        metavar="R,R,...",
+        help="with --simulate: the ranks to simulate (default: the first rank of the first, a middle and the last "
+        "pipeline stage)",
+    )
+    parser.add_argument(
+        "--report", default=None, metavar="FILE.json", help="with --simulate: write the simulated figures as JSON"
     )
     return parser.parse_args(argv)
 
@@ -139,6 +157,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return status
 
 
+def _simulate(args: argparse.Namespace, phases: List[Phase]) -> int:
+    # the simulation package sits above the trainer (it runs the Trainer's collaborators): imported on demand
+    from internlm.simulation import parse_ranks, run_simulation
+
+    world_size = args.world_size or world_size_from_env()
+    try:
+        ranks = parse_ranks(args.ranks, world_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_simulation(phases, world_size, ranks, args.report)
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         args, phases = load_phases(argv)
@@ -146,6 +177,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.simulate:
+        return _simulate(args, phases)
     if args.dry_run:
         from .dry_run import print_dry_run
 

@@ -5,14 +5,21 @@ ranks sends 2 (g-1)/g n, an all-gather or reduce-scatter of n bytes in total (g-
 pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b bytes, T = tensor size:
 
     tensor    per layer and micro-batch 8 (T-1)/T N b (2 collectives forward, 2 backward, with or without
-              sequence parallelism), 12 (T-1)/T N b with full recomputation (the forward runs twice; a fraction f
-              of the layers recomputed: 8 + 4 f), 10 (T-1)/T N b with the MLP recomputed (``"mlp"``: its
-              all-reduce again; 9 under sequence parallelism, its reduce-scatter; the gather sits in the norm),
-              8 with attention's core recomputed (``"attn"``: no collective inside); plus the embedding and the
-              head input, 2 (T-1)/T N b each, on the stages that hold them
+              sequence parallelism); with full recomputation 10 (T-1)/T N b, 11 under sequence parallelism: the
+              forward runs again, but torch's non-reentrant checkpoint stops the recomputation at the last saved
+              tensor, so the layer's final collective (MLP all-reduce or reduce-scatter) is not repeated (measured
+              by `internlm.simulation`); a fraction f of the layers recomputed: 8 + f (10 or 11 - 8); 10 (T-1)/T N b
+              with the MLP recomputed (``"mlp"``: its all-reduce again; 9 under sequence parallelism, its
+              reduce-scatter; the gather sits in the norm), 8 with attention's core recomputed (``"attn"``: no
+              collective inside); plus the embedding and the head input, 2 (T-1)/T N b each, on the stages that
+              hold them (both with one stage)
     pipeline  per micro-batch and model chunk one activation forward and one gradient backward, N b each
-              (N b / T under sequence parallelism, which keeps hidden states S/T-sharded between stages)
-    data      P parameters per device (`most_loaded_stage_params`), z = zero1, r = data / zero1 replicas: fp32
+              (N b / T under sequence parallelism, which keeps hidden states S/T-sharded between stages); for one
+              ``pipeline_rank``, the messages that rank sends: 1F1B's first stage sends no gradient and its last
+              no activation (one message per micro-batch), the interleaved schedule's first (last) rank sends no
+              gradient of chunk 0 (no activation of the last chunk): 2 V - 1 per micro-batch
+    data      P parameters per device (`most_loaded_stage_params`, or `stage_params` of ``pipeline_rank``),
+              z = zero1, r = data / zero1 replicas: fp32
               gradient reduce-scatter in the zero1 group (z-1)/z 4 P, all-reduce of the owned shard across
               replicas 2 (r-1)/r 4 P/z, and the all-gather of the updated parameters (z-1)/z b P
 
@@ -24,9 +31,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
-from .params import dtype_bytes, most_loaded_stage_params
+from .params import dtype_bytes, most_loaded_stage_params, stage_params
 from .recompute import Checkpoint, checkpointed_layer_count
 
 
@@ -49,10 +56,17 @@ class StepCommunication:
 
 
 def step_communication(
-    model_config: Any, layout: Any, micro_bsz: int, seq_len: int, micro_num: int, checkpoint: Checkpoint = False
+    model_config: Any,
+    layout: Any,
+    micro_bsz: int,
+    seq_len: int,
+    micro_num: int,
+    checkpoint: Checkpoint = False,
+    pipeline_rank: Optional[int] = None,
 ) -> StepCommunication:
     """Bytes sent per device per step; see the module docstring for the formulas. ``checkpoint`` is
-    ``model.checkpoint`` (the recomputed forwards repeat their collectives)."""
+    ``model.checkpoint`` (the recomputed forwards repeat their collectives). ``pipeline_rank``: the pipeline
+    messages of that rank (default: a middle rank, the most a rank sends)."""
     mc = model_config
     b = dtype_bytes(mc.dtype)
     t, pp, z = layout.tensor, layout.pipeline, layout.zero1
@@ -61,18 +75,27 @@ def step_communication(
     ring = (t - 1) / t
     layers = math.ceil(mc.num_layers / pp)
 
-    def tensor_bytes(collectives: float) -> float:  # ``collectives`` x (T-1)/T N b per layer, + embedding or head
-        return micro_num * (layers * collectives * ring * n_bytes + 2 * ring * n_bytes)
+    if pipeline_rank is None:  # the most loaded stage: the embedding or the head, both with one stage
+        ends = 2 if pp == 1 else 1
+    else:
+        ends = int(pipeline_rank == 0) + int(pipeline_rank == pp - 1)
 
+    def tensor_bytes(collectives: float) -> float:  # ``collectives`` x (T-1)/T N b per layer, + embedding, head
+        return micro_num * (layers * collectives * ring * n_bytes + 2 * ends * ring * n_bytes)
+
+    recomputed = 11 if layout.sequence_parallel else 10
     fraction = checkpointed_layer_count(checkpoint, mc.num_layers) / mc.num_layers
-    tensor = tensor_bytes(12 if fraction >= 1.0 else 8)
+    tensor = tensor_bytes(recomputed if fraction >= 1.0 else 8)
     if 0 < fraction < 1:
-        tensor += fraction * (tensor_bytes(12) - tensor)
+        tensor += fraction * (tensor_bytes(recomputed) - tensor)
     elif checkpoint == "mlp":
         tensor = tensor_bytes(9 if layout.sequence_parallel else 10)
     message = n_bytes / t if layout.sequence_parallel else n_bytes
-    pipeline = 2 * layout.num_chunks * micro_num * message if pp > 1 else 0.0
-    params = most_loaded_stage_params(mc, layout)
+    messages = 2 * layout.num_chunks
+    if pipeline_rank in (0, pp - 1):  # an end of the pipeline: one direction of one chunk is not sent
+        messages -= 1
+    pipeline = messages * micro_num * message if pp > 1 else 0.0
+    params = most_loaded_stage_params(mc, layout) if pipeline_rank is None else stage_params(mc, layout, pipeline_rank)
     gradients = (z - 1) / z * 4 * params + 2 * (replicas - 1) / replicas * 4 * params / z
     gather = (z - 1) / z * b * params
     return StepCommunication(tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -113,7 +113,9 @@ def synthetic_batch(config: Any, step: int) -> List[Dict[str, Any]]:
     batch = []
     for _ in range(data.micro_num):
         windows = [
-            pack_window(rng.integers(0, vocab, data.seq_len + 1), np.array([data.seq_len // 2, data.seq_len]), data.seq_len)
+            pack_window(
+                rng.integers(0, vocab, data.seq_len + 1), np.array([data.seq_len // 2, data.seq_len]), data.seq_len
+            )
             for _ in range(data.micro_bsz)
         ]
         batch.append(collate(windows))

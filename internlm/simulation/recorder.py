@@ -204,4 +204,12 @@ def bytes_by_dimension(ops: List[Op], pc: Any) -> Dict[str, float]:
     return out
 
 
-__all__ = ["Op", "CommRecorder", "DIMENSIONS", "describe_collective", "describe_p2p", "dimension_of", "bytes_by_dimension"]
+__all__ = [
+    "Op",
+    "CommRecorder",
+    "DIMENSIONS",
+    "describe_collective",
+    "describe_p2p",
+    "dimension_of",
+    "bytes_by_dimension",
+]

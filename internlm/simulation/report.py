@@ -36,14 +36,20 @@ def rank_table(result: RankResult) -> str:
         f"  {'per step':<22} {'simulated':>14} {'predicted':>14} {'diff':>8}",
     ]
     for dim in DIMENSIONS:
-        lines.append(f"  {dim + ' bytes':<22} {_gb(result.bytes.get(dim, 0.0)):>14} {_gb(p.bytes[dim]):>14} "
-                     f"{_diff(result.bytes.get(dim, 0.0), p.bytes[dim]):>8}")
+        lines.append(
+            f"  {dim + ' bytes':<22} {_gb(result.bytes.get(dim, 0.0)):>14} {_gb(p.bytes[dim]):>14} "
+            f"{_diff(result.bytes.get(dim, 0.0), p.bytes[dim]):>8}"
+        )
     if result.bytes.get("world"):
         lines.append(f"  {'world group bytes':<22} {_gb(result.bytes['world']):>14}")
-    lines.append(f"  {'peak memory':<22} {_gb(result.peak_memory_bytes):>14} {_gb(p.peak_memory_bytes):>14} "
-                 f"{_diff(result.peak_memory_bytes, p.peak_memory_bytes):>8}")
-    lines.append(f"  {'checkpoint written':<22} {_gb(result.checkpoint_bytes):>14} {_gb(p.checkpoint_bytes):>14} "
-                 f"{_diff(result.checkpoint_bytes, p.checkpoint_bytes):>8}")
+    lines.append(
+        f"  {'peak memory':<22} {_gb(result.peak_memory_bytes):>14} {_gb(p.peak_memory_bytes):>14} "
+        f"{_diff(result.peak_memory_bytes, p.peak_memory_bytes):>8}"
+    )
+    lines.append(
+        f"  {'checkpoint written':<22} {_gb(result.checkpoint_bytes):>14} {_gb(p.checkpoint_bytes):>14} "
+        f"{_diff(result.checkpoint_bytes, p.checkpoint_bytes):>8}"
+    )
     kinds = ", ".join(f"{k} x{n}" for k, n in sorted(ops_by_kind(result.ops).items()))
     lines.append(f"  operations (kind/group size): {kinds}")
     return "\n".join(lines)

@@ -36,8 +36,11 @@ def run_simulation(phases: Sequence[Phase], world_size: int, ranks: Optional[Lis
     report; returns 0, or 1 when the pipeline's sends and receives do not match (a deadlock on a cluster)."""
     phase = phases[0]
     ranks = ranks if ranks is not None else default_ranks(phase.layout)
-    print(f"simulating {phase.config_file} on a fake world of {world_size}: ranks {ranks} "
-          f"(fake process group, fake CPU tensors in {phase.config.model_config.dtype})", flush=True)
+    print(
+        f"simulating {phase.config_file} on a fake world of {world_size}: ranks {ranks} "
+        f"(fake process group, fake CPU tensors in {phase.config.model_config.dtype})",
+        flush=True,
+    )
     results: List[RankResult] = []
     for rank in ranks:
         result = simulate_rank(phase, world_size, rank)

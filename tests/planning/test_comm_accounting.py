@@ -1,6 +1,7 @@
 """Bytes the optimizer sends per rank and step, counted on the torch.distributed calls, against the optimum.
 
-Each spawned gloo worker wraps ``dist.all_reduce``, ``reduce_scatter_single`` / ``reduce_scatter_tensor``,
+Each spawned gloo worker records (`internlm.simulation.CommRecorder`) ``dist.all_reduce``,
+``reduce_scatter_single`` / ``reduce_scatter_tensor``,
 ``all_gather_single`` / ``all_gather_into_tensor``, ``all_gather``, ``reduce_scatter`` and ``broadcast`` and
 records every call of one training step (``begin_step`` .. ``step()``, whose end launches the parameter
 gathers) of a small InternLM (bf16, ``internlm-tiny`` with 2 layers) with a small ``reduce_bucket_size`` (several
@@ -26,79 +27,19 @@ slices must be gathered back). The measured values exceed them only by the zero1
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distributed_utils import run_distributed
 from internlm.model import InternLM, InternLMConfig
 from internlm.optim import HybridZeroOptimizer
 from internlm.parallel import Layout, init_parallel_context, make_loss_fn, parallelize_model
 from internlm.parallel.comm import group_size
+from internlm.simulation import CommRecorder
 
 SEQ = 32
-PATCHED = (
-    "all_reduce",
-    "reduce_scatter_single",
-    "reduce_scatter_tensor",
-    "all_gather_single",
-    "all_gather_into_tensor",
-    "all_gather",
-    "reduce_scatter",
-    "broadcast",
-)
-
-
-class _Recorder:
-    """Wraps the torch.distributed collectives; nested calls (a deprecated name calling the new one) count once."""
-
-    def __init__(self) -> None:
-        self.calls: List[Dict[str, Any]] = []
-        self.active = False
-        self._depth = 0
-        self._originals = {name: getattr(dist, name) for name in PATCHED if hasattr(dist, name)}
-        for name, fn in self._originals.items():
-            setattr(dist, name, self._wrap(name, fn))
-
-    def _wrap(self, name: str, fn):
-        def wrapped(*args, **kwargs):
-            if self.active and self._depth == 0:
-                self.calls.append(_describe(name, args, kwargs))
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        return wrapped
-
-    def restore(self) -> None:
-        for name, fn in self._originals.items():
-            setattr(dist, name, fn)
-
-
-def _describe(name: str, args: tuple, kwargs: dict) -> Dict[str, Any]:
-    group = kwargs.get("group")
-    size = dist.get_world_size(group) if group is not None else dist.get_world_size()
-    first = args[0]
-    if name == "all_gather":  # list form: (outputs, input)
-        tensor, full_bytes = args[1], sum(t.numel() * t.element_size() for t in first)
-    elif name.startswith("all_gather"):  # (output, input): the full tensor is the output
-        tensor, full_bytes = args[1], first.numel() * first.element_size()
-    elif name.startswith("reduce_scatter"):  # (output, input): the full tensor is the input
-        tensor = args[1] if torch.is_tensor(args[1]) else args[1][0]
-        full_bytes = tensor.numel() * tensor.element_size() * (1 if torch.is_tensor(args[1]) else size)
-    else:  # all_reduce, broadcast
-        tensor, full_bytes = first, first.numel() * first.element_size()
-    factor = 2.0 if name == "all_reduce" else 1.0
-    return dict(
-        name=name,
-        group_size=size,
-        storage=tensor.untyped_storage().data_ptr(),
-        sent=factor * (size - 1) / size * full_bytes,
-    )
 
 
 def _worker(rank: int, world: int, tensor: int, zero1: int, sequence_parallel: bool) -> Dict[str, Any]:
@@ -110,7 +51,8 @@ def _worker(rank: int, world: int, tensor: int, zero1: int, sequence_parallel: b
     opt = HybridZeroOptimizer([model], pc, lr=1e-3, reduce_bucket_size=4 * 1024)  # 1024 fp32 per bucket
     loss_fn = make_loss_fn(pc)
     gen = torch.Generator().manual_seed(pc.dp_rank)
-    recorder = _Recorder()
+    recorder = CommRecorder(active=False)
+    recorder.install()
     try:
         for step in range(2):  # the second step is measured (the first one's gathers are waited in its forward)
             recorder.active = step == 1
@@ -129,8 +71,8 @@ def _worker(rank: int, world: int, tensor: int, zero1: int, sequence_parallel: b
         grad_storages.add(buffer.grads.untyped_storage().data_ptr())
         grad_storages.add(buffer.grad_shard().untyped_storage().data_ptr())
     param_storages = {buffer.params.untyped_storage().data_ptr() for buffer in opt.buffers}
-    grads = [c for c in recorder.calls if c["storage"] in grad_storages]
-    params = [c for c in recorder.calls if c["storage"] in param_storages]
+    grads = [c for c in recorder.ops if c.storage in grad_storages]
+    params = [c for c in recorder.ops if c.storage in param_storages]
     numel = sum(buffer.numel for buffer in opt.buffers)
     partial = sum(buffer.numel for buffer in opt.buffers if buffer.key.tp_partial_grad)
     z, r, t = pc.zero1_size, pc.dp_size // pc.zero1_size, pc.tp_size
@@ -143,10 +85,10 @@ def _worker(rank: int, world: int, tensor: int, zero1: int, sequence_parallel: b
             torch.equal(buffer.param_shard(), master.to(buffer.params.dtype))
             for buffer, master in zip(opt.buffers, opt.masters)
         ),
-        grad_bytes=sum(c["sent"] for c in grads),
-        param_bytes=sum(c["sent"] for c in params),
-        grad_calls=sorted({(c["name"], c["group_size"]) for c in grads}),
-        param_calls=sorted({(c["name"], c["group_size"]) for c in params}),
+        grad_bytes=sum(c.sent for c in grads),
+        param_bytes=sum(c.sent for c in params),
+        grad_calls=sorted({(c.kind, c.group_size) for c in grads}),
+        param_calls=sorted({(c.kind, c.group_size) for c in params}),
         grad_optimum=4 * (numel * (z - 1) / z + 2 * (numel / z) * (r - 1) / r + 2 * (partial / z) * (t - 1) / t),
         param_optimum=2 * numel * (z - 1) / z,
         old_scheme=8 * numel * (pc.dp_size - 1) / pc.dp_size,

@@ -19,13 +19,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import weakref
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from distributed_utils import run_distributed
 from internlm.config import load_run_config
@@ -33,6 +30,7 @@ from internlm.model import PackedDocs
 from internlm.parallel import ParallelContext, init_parallel_context
 from internlm.planning import checkpointed_layer_count, memory_per_device, stage_memory
 from internlm.planning.activations import activation_bytes_per_micro_batch
+from internlm.simulation import LiveStorages
 from internlm.train.build import build_loss_fn, build_model_chunks, build_optimizer, build_step_schedule
 from train_utils import REPO
 
@@ -52,48 +50,6 @@ PEAK_TOLERANCE = 0.15
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-class LiveStorages(TorchDispatchMode):
-    """Bytes of the tensor storages alive that were created by an op run under this mode, and their peak.
-
-    Every tensor an op returns is looked at; a storage not seen before is counted until its Python storage
-    object (kept alive by torch as long as the storage lives) is finalised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: Dict[int, Tuple[weakref.ref, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int) -> None:
-        _, nbytes = self.live.pop(key)
-        self.current -= nbytes
-
-    def _see(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        nbytes = storage.nbytes()
-        if key in self.live:
-            ref, old = self.live[key]
-            if old == nbytes:
-                return
-            self.live[key] = (ref, nbytes)  # resized in place
-            self.current += nbytes - old
-        else:
-            self.live[key] = (weakref.ref(storage, lambda _, k=key: self._free(k)), nbytes)
-            self.current += nbytes
-        self.peak = max(self.peak, self.current)
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor) and item.device.type != "meta":
-                self._see(item)
-        return out
-
-
 def _config(folder: str, overrides: Sequence[str]):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "memory_model.py")

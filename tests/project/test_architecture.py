@@ -122,3 +122,18 @@ def test_planning_does_not_import_the_trainer():
         if target.startswith("internlm.train")
     )
     assert bad == []
+
+
+def test_only_the_command_line_imports_the_simulation():
+    """`internlm.simulation` runs the trainer's collaborators: it sits above them, and only `train.py`'s command line
+    (internlm.train.cli, lazily for --simulate) reaches it."""
+    graph = import_graph()
+    assert any(module.startswith("internlm.simulation") for module in graph)
+    bad = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if not module.startswith("internlm.simulation") and module != "internlm.train.cli"
+        for target in targets
+        if target.startswith("internlm.simulation")
+    )
+    assert bad == []

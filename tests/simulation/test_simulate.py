@@ -1,0 +1,119 @@
+"""`train.py --simulate`: ranks of the shipped configs run their real training step on a fake process group and
+fake CPU tensors; bytes per dimension within 5% and peak memory within 10% of `internlm.planning`, and the
+sends of every pipeline stage meet the receives of the next (a mismatch is reported as a deadlock).
+
+micro_num is lowered (``--set data.micro_num=...``) to keep the suite short; the layouts are the configs' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from internlm.simulation import check_pipeline, simulate_rank
+from internlm.simulation.report import disagreements
+from internlm.train.cli import load_phases
+from train_utils import REPO
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _phase(config: str, world: int, *sets: str):
+    _, phases = load_phases(["--config", config, "--world-size", str(world), "--set", *sets])
+    return phases[0]
+
+
+def _pipeline(config: str, world: int, *sets: str):
+    phase = _phase(config, world, *sets)
+    ranks = [phase.layout.rank_of(0, 0, stage) for stage in range(phase.layout.pipeline)]
+    return phase, [simulate_rank(phase, world, rank) for rank in ranks]
+
+
+@pytest.fixture(scope="module")
+def pipeline_104b():
+    return _pipeline(os.path.join(REPO, "configs/internlm_104b/phase1.py"), 2048, "data.micro_num=4")
+
+
+@pytest.fixture(scope="module")
+def pipeline_20b():
+    return _pipeline(os.path.join(HERE, "internlm_20b_tp4_pp4.py"), 32, "data.micro_num=4")
+
+
+def test_104b_every_stage_on_2048_matches_the_planner(pipeline_104b):
+    _, results = pipeline_104b
+    for result in results:
+        assert disagreements(result) == []
+        assert result.checkpoint_bytes == pytest.approx(result.prediction.checkpoint_bytes, rel=0.05)
+    assert check_pipeline(results) == []
+
+
+def test_20b_tp4_pp4_interleaved_sp_on_32_matches_the_planner(pipeline_20b):
+    phase, results = pipeline_20b
+    assert phase.layout.num_chunks == 2 and phase.layout.sequence_parallel
+    for result in results:
+        assert disagreements(result) == []
+    assert check_pipeline(results) == []
+
+
+def test_a_mismatched_send_is_reported_as_a_deadlock(pipeline_20b):
+    _, results = pipeline_20b
+    first, second = results[0], results[1]
+    sends = [i for i, op in enumerate(first.ops) if op.kind == "isend" and op.peer == second.rank]
+    wrong = list(first.ops)
+    wrong[sends[2]] = dataclasses.replace(wrong[sends[2]], shape=(1, 7, 5120))
+    problems = check_pipeline([dataclasses.replace(first, ops=wrong), second])
+    assert len(problems) == 1 and "message" in problems[0] and f"rank {first.rank}" in problems[0]
+    del wrong[sends[2]]
+    problems = check_pipeline([dataclasses.replace(first, ops=wrong), second])
+    assert "deadlock" in problems[0]
+
+
+def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
+    report = tmp_path / "sim.json"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/internlm_7b/phase1.py",
+        "--simulate",
+        "--world-size",
+        "8",
+        "--ranks",
+        "0,7",
+        "--report",
+        str(report),
+        "--set",
+        "data.micro_num=1",
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "disagreement" not in out.stdout and "deadlock" not in out.stdout
+    data = json.loads(report.read_text())
+    assert data["world_size"] == 8 and [r["rank"] for r in data["ranks"]] == [0, 7]
+    for entry in data["ranks"]:
+        for key in ("coords", "bytes", "bytes_model", "peak_memory_bytes", "peak_memory_model_bytes"):
+            assert key in entry
+        for dim, value in entry["bytes_model"].items():
+            assert abs(entry["bytes"][dim] - value) <= 0.05 * max(value, 1.0)
+
+
+def test_bad_ranks_exit_2():
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/internlm_7b/phase1.py",
+        "--simulate",
+        "--world-size",
+        "8",
+        "--ranks",
+        "0,9",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    assert out.returncode == 2 and "--ranks" in out.stderr

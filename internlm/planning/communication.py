@@ -8,11 +8,11 @@ pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b b
               sequence parallelism); with full recomputation 10 (T-1)/T N b, 11 under sequence parallelism: the
               forward runs again, but torch's non-reentrant checkpoint stops the recomputation at the last saved
               tensor, so the layer's final collective (MLP all-reduce or reduce-scatter) is not repeated (measured
-              by `internlm.simulation`); a fraction f of the layers recomputed: 8 + f (10 or 11 - 8); 10 (T-1)/T N b
-              with the MLP recomputed (``"mlp"``: its all-reduce again; 9 under sequence parallelism, its
-              reduce-scatter; the gather sits in the norm), 8 with attention's core recomputed (``"attn"``: no
-              collective inside); plus the embedding and the head input, 2 (T-1)/T N b each, on the stages that
-              hold them (both with one stage)
+              by `internlm.simulation`); a fraction f of the layers recomputed: 8 + f (10 or 11 - 8); 8 with the
+              MLP recomputed (``"mlp"``: for the same reason its closing collective is not repeated, and its
+              gather sits in the norm, outside) or attention's core (``"attn"``: no collective inside); per layer
+              of the most loaded stage (ceil(L / P_pp) layers) or of ``pipeline_rank``'s chunks; plus the
+              embedding and the head input, 2 (T-1)/T N b each, on the stages that hold them (both with one stage)
     pipeline  per micro-batch and model chunk one activation forward and one gradient backward, N b each
               (N b / T under sequence parallelism, which keeps hidden states S/T-sharded between stages); for one
               ``pipeline_rank``, the messages that rank sends: 1F1B's first stage sends no gradient and its last
@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
+
+from internlm.parallel.pipeline.partition import partition_layers
 
 from .params import dtype_bytes, most_loaded_stage_params, stage_params
 from .recompute import Checkpoint, checkpointed_layer_count
@@ -74,6 +76,8 @@ def step_communication(
     n_bytes = micro_bsz * seq_len * mc.hidden_size * b
     ring = (t - 1) / t
     layers = math.ceil(mc.num_layers / pp)
+    if pipeline_rank is not None:  # that rank's chunks' layers (`partition_layers`)
+        layers = sum(len(r) for r in partition_layers(mc.num_layers, pp, layout.num_chunks)[pipeline_rank])
 
     if pipeline_rank is None:  # the most loaded stage: the embedding or the head, both with one stage
         ends = 2 if pp == 1 else 1
@@ -88,8 +92,6 @@ def step_communication(
     tensor = tensor_bytes(recomputed if fraction >= 1.0 else 8)
     if 0 < fraction < 1:
         tensor += fraction * (tensor_bytes(recomputed) - tensor)
-    elif checkpoint == "mlp":
-        tensor = tensor_bytes(9 if layout.sequence_parallel else 10)
     message = n_bytes / t if layout.sequence_parallel else n_bytes
     messages = 2 * layout.num_chunks
     if pipeline_rank in (0, pp - 1):  # an end of the pipeline: one direction of one chunk is not sent

@@ -1,6 +1,9 @@
 """`train.py --simulate`: ranks of the shipped configs run their real training step on a fake process group and
 fake CPU tensors; bytes per dimension within 5% and peak memory within 10% of `internlm.planning`, and the
-sends of every pipeline stage meet the receives of the next (a mismatch is reported as a deadlock).
+sends of every pipeline stage meet the receives of the next (a mismatch is reported as a deadlock): the 104B's
+first, middle and last stage on 2,048 ranks, every stage of a 20B-shaped tp4 x pp4 (interleaved) x dp2 + SP
+pipeline on 32, ranks 0 and 7 of the 7B on 8 through the command line (its eight ranks run the same stage and
+differ only in which files of a checkpoint they write: rank 7 writes the model).
 
 micro_num is lowered (``--set data.micro_num=...``) to keep the suite short; the layouts are the configs' own.
 """
@@ -15,7 +18,7 @@ import sys
 
 import pytest
 
-from internlm.simulation import check_pipeline, simulate_rank
+from internlm.simulation import check_pipeline, default_ranks, simulate_rank
 from internlm.simulation.report import disagreements
 from internlm.train.cli import load_phases
 from train_utils import REPO
@@ -35,8 +38,10 @@ def _pipeline(config: str, world: int, *sets: str):
 
 
 @pytest.fixture(scope="module")
-def pipeline_104b():
-    return _pipeline(os.path.join(REPO, "configs/internlm_104b/phase1.py"), 2048, "data.micro_num=4")
+def stages_104b():
+    """The 104B's first rank of its first, a middle and its last pipeline stage (`default_ranks`)."""
+    phase = _phase(os.path.join(REPO, "configs/internlm_104b/phase1.py"), 2048, "data.micro_num=4")
+    return phase, [simulate_rank(phase, 2048, rank) for rank in default_ranks(phase.layout)]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,9 @@ def pipeline_20b():
     return _pipeline(os.path.join(HERE, "internlm_20b_tp4_pp4.py"), 32, "data.micro_num=4")
 
 
-def test_104b_every_stage_on_2048_matches_the_planner(pipeline_104b):
-    _, results = pipeline_104b
+def test_104b_first_middle_last_stage_on_2048_match_the_planner(stages_104b):
+    phase, results = stages_104b
+    assert [r.coords["pipeline"] for r in results] == sorted({0, phase.layout.pipeline // 2, phase.layout.pipeline - 1})
     for result in results:
         assert disagreements(result) == []
         assert result.checkpoint_bytes == pytest.approx(result.prediction.checkpoint_bytes, rel=0.05)

@@ -81,6 +81,7 @@ class RankResult:
             "ops_by_kind": ops_by_kind(self.ops),
             "build_seconds": round(self.build_seconds, 3),
             "step_seconds": round(self.step_seconds, 3),
+            "ops": [op.to_dict() for op in self.ops],
         }
 
 

@@ -54,10 +54,23 @@ class Op:
     peer: Optional[int] = None
     tag: int = 0
     storage: int = 0  # the tensor's storage pointer (tests tell buffers apart by it)
+    dimension: str = ""  # set by `bytes_by_dimension`
 
     @property
     def is_p2p(self) -> bool:
         return self.kind in ("send", "recv", "isend", "irecv")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The op in ``--report``: kind, dimension, group size, bytes sent, peer, shape, dtype."""
+        return {
+            "kind": self.kind,
+            "dimension": self.dimension,
+            "group_size": self.group_size,
+            "bytes": self.sent,
+            "peer": self.peer,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
 
 def _size(group: Any) -> int:
@@ -196,10 +209,11 @@ def dimension_of(op: Op, pc: Any) -> str:
 
 
 def bytes_by_dimension(ops: List[Op], pc: Any) -> Dict[str, float]:
-    """Bytes sent per dimension (`DIMENSIONS`, plus ``world`` when the default group was used)."""
+    """Bytes sent per dimension (`DIMENSIONS`, plus ``world`` when the default group was used); names each op's
+    ``dimension``."""
     out = {d: 0.0 for d in DIMENSIONS}
     for op in ops:
-        dim = dimension_of(op, pc)
+        op.dimension = dim = dimension_of(op, pc)
         out[dim] = out.get(dim, 0.0) + op.sent
     return out
 

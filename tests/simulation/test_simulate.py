@@ -10,6 +10,7 @@ micro_num is lowered (``--set data.micro_num=...``) to keep the suite short; the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,8 +18,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from internlm.simulation import check_pipeline, default_ranks, simulate_rank
+from internlm.model import InternLM, InternLMConfig
+from internlm.simulation import LiveStorages, check_pipeline, default_ranks, simulate_rank
 from internlm.simulation.report import disagreements
 from internlm.train.cli import load_phases
 from train_utils import REPO
@@ -107,6 +111,8 @@ def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
             assert key in entry
         for dim, value in entry["bytes_model"].items():
             assert abs(entry["bytes"][dim] - value) <= 0.05 * max(value, 1.0)
+        assert entry["num_ops"] == len(entry["ops"]) > 0
+        assert {op["dimension"] for op in entry["ops"]} == {"data_gradients", "data_params"}
 
 
 def test_bad_ranks_exit_2():
@@ -123,3 +129,27 @@ def test_bad_ranks_exit_2():
     ]
     out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
     assert out.returncode == 2 and "--ranks" in out.stderr
+
+
+def _tiny_step_peak(fake: bool) -> int:
+    """Peak live storages of a small InternLM's forward, backward and fused AdamW step, real or fake."""
+    torch.manual_seed(0)
+    memory = LiveStorages()
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode())
+        stack.enter_context(memory)
+        model = InternLM(InternLMConfig.preset("internlm-tiny", num_layers=2, attn_backend="sdpa"))
+        opt = torch.optim.AdamW(model.parameters(), fused=True)
+        ids = torch.randint(0, 256, (1, 64))
+        for _ in range(2):
+            memory.reset_peak()
+            model(ids).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return memory.peak
+
+
+def test_live_storages_count_fake_tensors_as_real_ones():
+    real, fake = _tiny_step_peak(False), _tiny_step_peak(True)
+    assert real > 0 and fake == real

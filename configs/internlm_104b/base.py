@@ -9,8 +9,8 @@
 # The planner's figures (same command without --recommend): 62.3 GiB per GPU on the most loaded stage (weights
 # 12.6 + fp32 gradients 25.5 + optimizer 0.6 + activations 23.5 + transient 0.1; fits below 92% of 80 GiB),
 # step 9.32 s = 220 tokens/GPU/s, 44.7% MFU at its assumed 50% matmul efficiency. The previous layout (tp8+sp x
-# pp4 x2 chunks x dp64, zero1 8, checkpoint=True) gives 26.6 GiB but 156 tokens/GPU/s, 31.6% MFU: recomputing
-# every layer costs a third more compute, and tensor 8 sends 298 GB per GPU per step against 86 GB at tensor 4.
+# pp4 x2 chunks x dp64, zero1 8, checkpoint=True) gives 26.6 GiB but 157 tokens/GPU/s, 31.9% MFU: recomputing
+# every layer costs a third more compute, and tensor 8 sends 274 GB per GPU per step against 86 GB at tensor 4.
 # zero1 sizes tie on step time (the data-parallel traffic hides under compute at every size); the ranking takes
 # the one with the most memory headroom, and zero1 8 would need 74.2 GiB. checkpoint="attn" ranks next (219
 # tokens/GPU/s, the same memory here: flash attention saves little); checkpoint=True (41.3 GiB) is the fallback if

@@ -2,8 +2,8 @@
 fake CPU tensors; bytes per dimension within 5% and peak memory within 10% of `internlm.planning`, and the
 sends of every pipeline stage meet the receives of the next (a mismatch is reported as a deadlock): the 104B's
 first, middle and last stage on 2,048 ranks, every stage of a 20B-shaped tp4 x pp4 (interleaved) x dp2 + SP
-pipeline on 32, ranks 0 and 7 of the 7B on 8 through the command line (its eight ranks run the same stage and
-differ only in which files of a checkpoint they write: rank 7 writes the model).
+pipeline on 32, every rank of the 7B on 8 through the command line (its eight ranks run the same stage and differ
+only in which files of a checkpoint they write: rank 7 writes the model).
 
 micro_num is lowered (``--set data.micro_num=...``) to keep the suite short; the layouts are the configs' own.
 """
@@ -94,7 +94,7 @@ def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
         "--world-size",
         "8",
         "--ranks",
-        "0,7",
+        ",".join(str(rank) for rank in range(8)),
         "--report",
         str(report),
         "--set",
@@ -105,12 +105,14 @@ def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "disagreement" not in out.stdout and "deadlock" not in out.stdout
     data = json.loads(report.read_text())
-    assert data["world_size"] == 8 and [r["rank"] for r in data["ranks"]] == [0, 7]
+    assert data["world_size"] == 8 and [r["rank"] for r in data["ranks"]] == list(range(8))
     for entry in data["ranks"]:
         for key in ("coords", "bytes", "bytes_model", "peak_memory_bytes", "peak_memory_model_bytes"):
             assert key in entry
         for dim, value in entry["bytes_model"].items():
             assert abs(entry["bytes"][dim] - value) <= 0.05 * max(value, 1.0)
+        assert abs(entry["peak_memory_bytes"] / entry["peak_memory_model_bytes"] - 1) <= 0.10
+        assert abs(entry["checkpoint_bytes"] / entry["checkpoint_bytes_model"] - 1) <= 0.05
         assert entry["num_ops"] == len(entry["ops"]) > 0
         assert {op["dimension"] for op in entry["ops"]} == {"data_gradients", "data_params"}
 

@@ -29,7 +29,8 @@ class MonitorSection:
         Optional[float],
         key(
             None,
-            "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure, measured on CPU",
+            "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure "
+            "(internlm.planning.devices); on a CPU or an unknown device MFU is then not reported (n/a)",
             minimum=0,
         ),
     ]

@@ -2,17 +2,17 @@
 
 import json
 import os
-import time
 
 from internlm.data import Tokenizer, TokenStream, prepare_demo_data
 from internlm.data.demo_corpus import doc_topics
 
 
+def _mtimes(folder):
+    return {p: os.stat(p).st_mtime_ns for p in sorted(str(q) for q in folder.rglob("*") if q.is_file())}
+
+
 def test_demo_corpus_is_prepared_once_and_cached(tmp_path):
-    start = time.perf_counter()
     paths = prepare_demo_data(tmp_path / "demo", vocab_size=512)
-    first = time.perf_counter() - start
-    assert first < 30
     assert set(paths) == {"tokenizer", "docs", "code"}
     tok = Tokenizer(paths["tokenizer"])
     assert tok.vocab_size == 512
@@ -25,10 +25,10 @@ def test_demo_corpus_is_prepared_once_and_cached(tmp_path):
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
     assert manifest["sources"]["code"]["tokens"] == code.num_tokens
 
-    mtime = os.path.getmtime(paths["tokenizer"])
-    start = time.perf_counter()
+    # a second call reuses the cache: not a file is rewritten (no timing: a wall-time bound flakes on a busy machine)
+    before = _mtimes(tmp_path / "demo")
     assert prepare_demo_data(tmp_path / "demo", vocab_size=512) == paths
-    assert time.perf_counter() - start < 0.1 and os.path.getmtime(paths["tokenizer"]) == mtime
+    assert _mtimes(tmp_path / "demo") == before
 
     # an interrupted preparation (no manifest) is redone, with the same result
     os.remove(tmp_path / "demo" / "manifest.json")

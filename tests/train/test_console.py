@@ -134,7 +134,12 @@ def test_train_log(piped_run):
     assert [line.split(" p1 step ")[1].split()[0] for line in steps] == [f"{i}/6" for i in range(1, 7)]
     assert any("warning: profile.memory" in line for line in log)
     assert any("saved checkpoint" in line for line in log)
-    assert log[-1].endswith(" done: step 6, 1.54k tokens, last loss " + log[-1].split("last loss ")[1])
+    records = read_metrics(piped_run.work_dir)
+    final = f" done: step 6, 1.54k tokens, last loss {[r for r in records if 'loss' in r][-1]['loss']:.4f}"
+    valid = [r["val_loss"] for r in records if "val_loss" in r]
+    if valid:  # the phase's last step validates when there are validation batches
+        final += f", last validation loss {valid[-1]:.4f}"
+    assert log[-1].endswith(final), (log[-1], final)
     assert "InternLM pretraining" in piped_run.log
 
 

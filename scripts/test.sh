@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 python -m ruff check .
 python -m ruff format --check .
-OMP_NUM_THREADS=1 python -m pytest -q tests "$@"
+OMP_NUM_THREADS=1 python -m pytest -q -rs tests "$@"

@@ -16,7 +16,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.3"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "ruff", "matplotlib", "transformers", "triton"],
+        "test": ["pytest", "pytest-timeout", "ruff", "matplotlib", "transformers", "triton"],
     },
     py_modules=[],
     scripts=["train.py"],

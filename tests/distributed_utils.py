@@ -9,6 +9,7 @@ in rank order. An exception on any rank fails the call with that rank's tracebac
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import traceback
@@ -22,7 +23,11 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world_size: int, store_dir: str, fn: Callable, args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size)
+    # a bounded wait: a rank that dies or hangs fails its peers' collectives in minutes, not gloo's default 30
+    timeout = datetime.timedelta(minutes=5)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size, timeout=timeout
+    )
     try:
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "value": result}, os.path.join(store_dir, f"result{rank}.pt"))

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from internlm.train.cli import load_phases, main
+from internlm.train.lr_schedule import warmup_cosine_lr
 from internlm.train.metrics import MetricsLogger, format_bytes, format_count, format_duration
 from internlm.train.start_point import resume_point_text
 from train_utils import REPO, read_metrics, write_base, write_phase
@@ -160,6 +161,15 @@ def test_peak_rss_is_this_process_not_the_parent_that_started_it():
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     del ballast
     assert 0 < int(child.stdout) < 2**30 * 0.75, child.stdout
+
+
+def test_lr_and_beta2_in_metrics_follow_the_schedule(piped_run):
+    # the tiny base config: adam.lr 2e-3, lr_scheduler warmup_ratio 0.2 and eta_min 2e-4 over the phase's 6 steps
+    # (round(1.2) = 1 warm-up update), adam_beta2 0.95 with no beta2 schedule
+    records = [r for r in read_metrics(piped_run.work_dir) if "loss" in r]
+    assert [r["lr"] for r in records] == [warmup_cosine_lr(step, STEPS, 2e-3, 0.2, 2e-4) for step in range(STEPS)]
+    assert records[0]["lr"] == 2e-3 and records[-1]["lr"] == pytest.approx(2e-4, rel=1e-12)
+    assert {r["beta2"] for r in records} == {0.95}
 
 
 def test_profile_trace(piped_run):

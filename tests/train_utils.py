@@ -107,3 +107,11 @@ def run_train(
     said = f"train.py exited {proc.returncode} (recorded status {recorded}), not {expect}"
     assert ok, f"{said}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def relative_distance(tensor, reference) -> float:
+    """``||tensor - reference|| / ||reference||`` in float64 (NaN when either holds a NaN): how far a layout's final
+    parameters are from the reference run's, as a fraction of the tensor. Layout comparisons use it per tensor and not
+    per element: Adam turns summation-order noise in a near-zero gradient into a full +-lr step on that element."""
+    reference = reference.double()
+    return float((tensor.double() - reference).norm() / reference.norm().clamp(min=1e-12))

@@ -83,25 +83,17 @@ def test_a_mismatched_send_is_reported_as_a_deadlock(pipeline_20b):
     assert "deadlock" in problems[0]
 
 
+def _simulate_7b(ranks: str, *extra: str) -> subprocess.CompletedProcess:
+    """``train.py --simulate`` of the shipped 7B's first phase on a world of 8, as a user types it."""
+    cmd = [sys.executable, "train.py", "--config", "configs/internlm_7b/phase1.py", "--simulate"]
+    cmd += ["--world-size", "8", "--ranks", ranks, *extra]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
     report = tmp_path / "sim.json"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/internlm_7b/phase1.py",
-        "--simulate",
-        "--world-size",
-        "8",
-        "--ranks",
-        ",".join(str(rank) for rank in range(8)),
-        "--report",
-        str(report),
-        "--set",
-        "data.micro_num=1",
-    ]
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = _simulate_7b(",".join(str(rank) for rank in range(8)), "--report", str(report), "--set", "data.micro_num=1")
     assert out.returncode == 0, out.stderr
     assert "disagreement" not in out.stdout and "deadlock" not in out.stdout
     data = json.loads(report.read_text())
@@ -118,18 +110,7 @@ def test_cli_simulates_the_7b_on_world_8_and_writes_the_report(tmp_path):
 
 
 def test_bad_ranks_exit_2():
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/internlm_7b/phase1.py",
-        "--simulate",
-        "--world-size",
-        "8",
-        "--ranks",
-        "0,9",
-    ]
-    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    out = _simulate_7b("0,9")
     assert out.returncode == 2 and "--ranks" in out.stderr
 
 

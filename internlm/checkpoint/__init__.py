@@ -35,6 +35,7 @@ from .files import (
     rewrite_meta,
     rng_file,
     write_json,
+    writes_optimizer_file,
 )
 from .reader import CheckpointReader, find_checkpoint, merge_model_checkpoint, recorded_config_files
 
@@ -67,4 +68,5 @@ __all__ = [
     "rng_file",
     "write_file",
     "write_json",
+    "writes_optimizer_file",
 ]

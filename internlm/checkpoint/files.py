@@ -78,6 +78,12 @@ def model_writer_dp(layout: Any) -> int:
     return layout.data - 1
 
 
+def writes_optimizer_file(layout: Any, dp_rank: int) -> bool:
+    """Whether data rank ``dp_rank`` writes optimizer shard files: the first zero1 block (the other blocks hold the
+    same values)."""
+    return dp_rank < layout.zero1
+
+
 def file_writers(layout: Any) -> Dict[str, int]:
     """Every file (but meta.json) of a checkpoint saved under ``layout`` (a `Layout`), with the global rank that
     writes it."""

@@ -46,6 +46,7 @@ from .files import (
     optim_file,
     rng_file,
     write_json,
+    writes_optimizer_file,
 )
 
 
@@ -120,7 +121,7 @@ class CheckpointManager:
                 ],
             }
             files.append((self._model_file(), cpu_snapshot(model) if copy else model))
-        if pc.dp_rank < pc.zero1_size:  # the first zero1 block; the others hold the same values
+        if writes_optimizer_file(pc.layout, pc.dp_rank):
             state = optimizer.state_dict(copy=copy, device="cpu" if copy else None)
             files.append((self._optim_file(), state))
         files.append((rng_file(pc.rank), _rng_state()))

@@ -7,8 +7,8 @@ the model dtype (`FakeTensorMode`: shapes and dtypes, no memory, no compute), bu
 the configured pipeline schedule, then runs two optimizer steps with `StepRunner.train_step` on micro-batches of the
 loader's shapes (the loader itself when the data is on this machine, synthetic tokens otherwise). The second step
 is the steady state: its operations (`CommRecorder`) and its peak of live storages (`LiveStorages`) are reported.
-The bytes a checkpoint save would write are those of `CheckpointManager.snapshot`'s files, counted as
-``torch.save`` writes them (each storage once per file), without writing.
+The bytes a checkpoint save would write: this rank's model and optimizer files by the writer rules of
+`internlm.checkpoint.files` (`model_writer_dp`, `writes_optimizer_file`), counted without writing.
 
 Fake CUDA tensors fail in backward (docs/scale.md), so the step runs on the CPU code path: the CUDA-only branches
 (streams, events, memory stats, flash-attn, Triton kernels) are not exercised.
@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._pytree import tree_flatten
 
-from internlm.checkpoint.files import model_writer_dp
+from internlm.checkpoint.files import model_writer_dp, writes_optimizer_file
 from internlm.data.packing import collate, pack_window
 from internlm.kernels import kernel_backend
 from internlm.parallel import init_parallel_context
@@ -155,7 +155,7 @@ def checkpoint_write_bytes_of(model: ModelState, pc: Any) -> int:
     total = 0
     if pc.dp_rank == model_writer_dp(pc.layout):
         total += checkpoint_write_bytes([("model", [chunk.state_dict() for chunk in model.chunks])])
-    if pc.dp_rank < pc.zero1_size:
+    if writes_optimizer_file(pc.layout, pc.dp_rank):
         total += model.optimizer.optim_state_bytes()
     return total
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -89,14 +89,40 @@ def read_meta_header(meta_path: str) -> tuple:
 class ShardWriter:
     """Append documents to one shard; ``close()`` writes the meta file that marks it complete."""
 
-    def __init__(self, bin_path: str, vocab_size: int, eos_id: int) -> None:
+    def __init__(
+        self, bin_path: str, vocab_size: int, eos_id: int, resume_lengths: Optional[np.ndarray] = None
+    ) -> None:
+        """``resume_lengths``: reopen a shard cut short (an interrupted tokenizer run) keeping exactly these first
+        documents: the ``.bin`` is truncated to their tokens and a meta file of a closed shard is removed."""
         self.bin_path = bin_path
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.dtype = token_dtype(vocab_size)
         self.num_tokens = 0
         self._lengths: List[np.ndarray] = []
-        self._file = open(bin_path, "wb")
+        if resume_lengths is None:
+            self._file = open(bin_path, "wb")
+            return
+        lengths = np.asarray(resume_lengths, dtype=np.int64)
+        for stale in (bin_path + ".meta", bin_path + ".meta.tmp"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        self._file = open(bin_path, "r+b")
+        self.num_tokens = int(lengths.sum())
+        self._file.truncate(self.num_tokens * self.dtype.itemsize)
+        self._file.seek(0, os.SEEK_END)
+        self._lengths = [lengths]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token length of every document written so far."""
+        self._lengths = [np.concatenate(self._lengths)] if self._lengths else [np.zeros(0, np.int64)]
+        return self._lengths[0]
+
+    def sync(self) -> None:
+        """Make the tokens written so far durable (an interrupted run resumes from here)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as their concatenated tokens (each already ending in EOS) and lengths."""
@@ -109,10 +135,9 @@ class ShardWriter:
         self.num_tokens += int(tokens.size)
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self.sync()
         self._file.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        lengths = self.lengths
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
         header = {
             "version": VERSION,
@@ -163,6 +188,40 @@ class RollingShardWriter:
                 self._current.close()
                 self._current = None
             start_doc, start_tok = stop_doc, stop_tok
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The writer's position as JSON-able data, tokens made durable; `resume` continues from it. The open shard's
+        document lengths are returned separately as ``"open_lengths"`` (an array: the caller stores it)."""
+        open_lengths = np.zeros(0, np.int64)
+        if self._current is not None:
+            self._current.sync()
+            open_lengths = self._current.lengths.copy()
+        return {
+            "paths": [os.path.basename(p) for p in self.paths],
+            "open": self._current is not None,
+            "num_docs": self.num_docs,
+            "num_tokens": self.num_tokens,
+            "open_lengths": open_lengths,
+        }
+
+    def resume(self, state: Mapping[str, Any], open_lengths: np.ndarray) -> None:
+        """Continue a `snapshot`: shards written after it are deleted, the open shard is cut back to its documents."""
+        names = list(state["paths"])
+        for name in sorted(os.listdir(self.out_dir)):
+            if name.startswith(self.prefix + "_") and name.endswith(SHARD_SUFFIX) and name not in names:
+                for p in (name, name + ".meta", name + ".meta.tmp"):
+                    if os.path.exists(os.path.join(self.out_dir, p)):
+                        os.remove(os.path.join(self.out_dir, p))
+        self.paths = [os.path.join(self.out_dir, n) for n in names]
+        self.num_docs, self.num_tokens = int(state["num_docs"]), int(state["num_tokens"])
+        if state["open"]:
+            self._current = ShardWriter(self.paths[-1], self.vocab_size, self.eos_id, resume_lengths=open_lengths)
+
+    def detach(self) -> None:
+        """Close the open shard's file without completing it (an interrupted run: `resume` picks it up)."""
+        if self._current is not None:
+            self._current._file.close()
+            self._current = None
 
     def abort(self) -> None:
         """Delete every shard this writer created (after a failure), so no partial output remains."""

@@ -226,7 +226,7 @@ def tokenize_to_shards(
     text_key: str = "text",
     dedup: str = "none",
     skip_bad: bool = False,
-    save_interval: float = 5.0,
+    save_interval: float = 1.0,
 ) -> Dict[str, Any]:
     """Tokenize files and folders (`internlm.data.readers` formats) into shards in ``output``.
 
@@ -250,6 +250,8 @@ def tokenize_to_shards(
     resumed = run.load()
     if not resumed and any(n.endswith(SHARD_SUFFIX) for n in os.listdir(out_dir)):
         raise FileExistsError(f"output folder {out_dir!r} already holds shards; use an empty folder or delete them")
+    if not resumed:
+        run.save()  # from now on a rerun continues this run (or restarts it cleanly when no file completed)
     start_files = run.done_files
     bar = Progress(len(files), sum(f.size for f in files[start_files:])) if progress else None
     done_bytes, last_save = 0, time.monotonic()

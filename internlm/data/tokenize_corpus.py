@@ -272,7 +272,7 @@ def tokenize_to_shards(
             raise ValueError(no_documents_message(inputs))
         paths = writer.close()
     except BaseException:
-        if run.done_files == 0 or not os.path.isfile(run.path(STATE_FILE)):
+        if run.done_files == 0 or writer.num_docs == 0 or not os.path.isfile(run.path(STATE_FILE)):
             writer.abort()  # nothing recorded as complete: leave nothing
             run.clear_record()
         else:

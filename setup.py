@@ -16,7 +16,20 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.3"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-timeout", "ruff", "matplotlib", "transformers", "triton"],
+        # tools/tokenizer.py inputs beyond .txt/.jsonl: .jsonl.zst, .parquet/.arrow, saved Hugging Face datasets
+        "data": ["pyarrow", "datasets", "zstandard"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "matplotlib",
+            "transformers",
+            "triton",
+            "pyarrow",
+            "datasets",
+            "zstandard",
+            "megatron-core",  # tests write Megatron indexed datasets with its own builder
+        ],
     },
     py_modules=[],
     scripts=["train.py"],

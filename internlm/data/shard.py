@@ -295,7 +295,9 @@ def list_shards(folder: str) -> List[str]:
     """Sorted ``.bin`` files directly inside ``folder``."""
     if not os.path.isdir(folder):
         raise DataFileMissing(
-            folder, f"data folder {folder!r} does not exist; tokenize text into it with tools/tokenizer.py"
+            folder,
+            f"data folder {folder!r} does not exist (nor a Megatron {folder}.bin/.idx pair); tokenize text into it "
+            f"with tools/tokenizer.py",
         )
     names = sorted(n for n in os.listdir(folder) if n.endswith(SHARD_SUFFIX))
     if not names:

@@ -1,4 +1,4 @@
-"""A data folder read as one token stream: the documents of its shards, in sorted file order."""
+"""A data folder (or Megatron indexed dataset) read as one token stream: its documents, in sorted file order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 
 from .errors import DataError
-from .shard import Shard, list_shards
+from .sources import AnyShard, open_shards
 
 
 class TokenStream:
@@ -20,7 +20,7 @@ class TokenStream:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.shards: List[Shard] = [Shard(p) for p in list_shards(folder)]
+        self.shards: List[AnyShard] = open_shards(folder)  # shards or Megatron .bin/.idx pairs (sources.py)
         vocab = {s.header["vocab_size"] for s in self.shards}
         if len(vocab) > 1:
             raise DataError(

@@ -10,8 +10,9 @@ prints. The checks, in order:
   files without meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
   spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded;
-- every phase's data: the loaders are built (each shard's .bin.meta read, sizes and document tables checked),
-  and the shards' recorded vocabulary fits model.vocab_size;
+- every phase's data: the loaders are built (each shard's .bin.meta or Megatron .idx read, sizes and document
+  tables checked), the shards' recorded vocabulary fits model.vocab_size, and every token id is < model.vocab_size
+  (`check_token_ids`);
 - the tokenizer (``data.tokenizer_path``): a SentencePiece model whose vocabulary fits model.vocab_size.
 """
 
@@ -210,6 +211,22 @@ def check_data(phase: Phase) -> None:
                 f"model.vocab_size >= {recorded} or re-tokenize with a smaller tokenizer",
                 file,
             )
+    check_token_ids(streams, vocab, file)
+
+
+def check_token_ids(streams: List[Any], vocab: int, file: str) -> None:
+    """Every token id of every shard (this framework's or Megatron's .bin/.idx) lies in ``[0, model.vocab_size)``:
+    an id past the embedding would otherwise fail in step 1 as an IndexError naming no file. The shards are scanned
+    once (memory-mapped, in chunks; skipped when their dtype cannot hold an id >= vocab_size)."""
+    from internlm.data.sources import token_id_problem
+
+    seen = set()
+    for stream in streams:
+        shards = [s for s in stream.shards if s.path not in seen]
+        seen.update(s.path for s in shards)
+        problem = token_id_problem(shards, vocab)
+        if problem:
+            raise ConfigError("model.vocab_size", problem, file)
 
 
 def check_tokenizer(config: RunConfig) -> None:
@@ -284,6 +301,7 @@ __all__ = [
     "metaless_folders",
     "model_difference",
     "check_data",
+    "check_token_ids",
     "check_tokenizer",
     "check_writable",
     "start_up",

@@ -23,6 +23,8 @@ _EXPORTS = {
     "RollingShardWriter": "shard",
     "list_shards": "shard",
     "token_dtype": "shard",
+    "IndexedShard": "indexed",
+    "open_shards": "sources",
     "TokenStream": "stream",
     "source_key": "stream",
     "tokenize_to_shards": "tokenize_corpus",

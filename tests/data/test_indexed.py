@@ -10,7 +10,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import numpy as np
 import pytest
 import torch
-from megatron.core.datasets import indexed_dataset  # noqa: E402  (the test extra installs megatron-core)
+from megatron.core.datasets import indexed_dataset  # the test extra installs megatron-core
 
 from internlm.data import TokenStream, build_train_loader
 from internlm.data.indexed import IndexedShard

@@ -114,7 +114,7 @@ def main(argv=None) -> List[Tuple[str, int, float, float]]:
     rows = []
     print(f"{'source':<48} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for name, stream in sources:
-        if getattr(stream, "vocab_size", 0) > model.config.vocab_size:
+        if (getattr(stream, "vocab_size", None) or 0) > model.config.vocab_size:  # None: Megatron data
             raise SystemExit(f"{name}: vocabulary {stream.vocab_size} > the model's {model.config.vocab_size}")
         start = time.perf_counter()
         count, nll = evaluate(model, stream, args.seq_len, args.max_tokens, device)

@@ -13,9 +13,10 @@ The shard format is described in docs/data.md. ``tokenize_to_shards`` is re-expo
 """
 
 import argparse
+import os
 import sys
 
-from internlm.data.tokenize_corpus import tokenize_to_shards
+from internlm.data.tokenize_corpus import STATE_FILE, tokenize_to_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +63,9 @@ def main(argv=None) -> int:
             skip_bad=args.skip_bad,
         )
     except (OSError, ValueError) as err:
-        print(f"tokenizer: error: {err}", file=sys.stderr)
+        kept = os.path.isfile(os.path.join(args.output, STATE_FILE))
+        hint = "; the completed input files are kept: fix it and run the same command again to go on" if kept else ""
+        print(f"tokenizer: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tokenizer: interrupted; run the same command again to finish {args.output}", file=sys.stderr)

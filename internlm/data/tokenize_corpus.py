@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -37,7 +38,9 @@ DEDUP_MODES = ("none", "exact")
 _worker: Dict[str, Any] = {}
 
 
-def _init_worker(model_path: str, text_key: str, skip_bad: bool, dedup: bool) -> None:
+def _init_worker(model_path: str, text_key: str, skip_bad: bool, dedup: bool, in_pool: bool = False) -> None:
+    if in_pool:  # Ctrl-C is the parent's to handle (it records progress and closes the pool), not every worker's
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tok=Tokenizer(model_path), text_key=text_key, skip_bad=skip_bad, dedup=dedup)
 
 
@@ -316,7 +319,7 @@ def _encoded(
             yield (None, 0) if batch is None else (_encode_batch(batch), batch.nbytes)
         return
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
         pending: Deque = deque()
         for batch in _batches(files, text_key, chunk_bytes):
             pending.append((None, 0) if batch is None else (pool.apply_async(_encode_batch, (batch,)), batch.nbytes))

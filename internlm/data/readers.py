@@ -257,6 +257,8 @@ def _parse(batch: RawBatch, i: int, text_key: str) -> Optional[str]:
     if batch.kind == "jsonl":
         where = f"{batch.file}:{batch.first + i}"
         line = _decode(batch.records[i], where)
+        if batch.first + i == 1:
+            line = line.lstrip("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
             return None
         try:

@@ -19,6 +19,7 @@ from internlm.parallel.context import (
     ContextAttentionCore,
     ContextShard,
     context_attention,
+    context_attention_bytes,
     contiguous_index,
     restore_order,
     shard_index,
@@ -58,6 +59,34 @@ def _reference(dtype):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+class _SentBytes:
+    """Counts the bytes this rank sends by ring point-to-point (`batch_isend_irecv`) and all-to-all ((g-1)/g of the
+    input) while active."""
+
+    def __init__(self):
+        self.sent = 0.0
+        self.originals = {}
+
+    def __enter__(self):
+        self.originals = {name: getattr(dist, name) for name in ("batch_isend_irecv", "all_to_all_single")}
+
+        def p2p(ops):
+            self.sent += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            return self.originals["batch_isend_irecv"](ops)
+
+        def all_to_all(out, x, group=None, **kwargs):
+            size = dist.get_world_size(group)
+            self.sent += (size - 1) / size * x.numel() * x.element_size()
+            return self.originals["all_to_all_single"](out, x, group=group, **kwargs)
+
+        dist.batch_isend_irecv, dist.all_to_all_single = p2p, all_to_all
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(dist, name, fn)
+
+
 def _worker(rank, world_size):
     results = {}
     for name, (mode, groups, dtype, as_module) in CASES.items():
@@ -66,13 +95,16 @@ def _worker(rank, world_size):
         shard = ContextShard.build(_docs(), group, mode)
         q, k, v, dout = (shard.take(t) for t in _inputs(dtype))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        if as_module:  # recomputed in the backward, as model.checkpoint recomputes the attention core
-            core = ContextAttentionCore(group)
-            out = checkpoint(core, q, k, v, shard, "reference", use_reentrant=False)
-        else:
-            out = context_attention(q, k, v, shard, group, backend="reference")
-        out.backward(dout)
-        results[name] = (shard.rank, [t.detach() for t in (out, q.grad, k.grad, v.grad)])
+        with _SentBytes() as forward:
+            if as_module:  # recomputed in the backward, as model.checkpoint recomputes the attention core
+                core = ContextAttentionCore(group)
+                out = checkpoint(core, q, k, v, shard, "reference", use_reentrant=False)
+            else:
+                out = context_attention(q, k, v, shard, group, backend="reference")
+        with _SentBytes() as backward:
+            out.backward(dout)
+        tensors = [t.detach() for t in (out, q.grad, k.grad, v.grad)]
+        results[name] = (shard.rank, tensors, (forward.sent, backward.sent))
     return results
 
 
@@ -86,14 +118,26 @@ def test_context_attention_equals_one_process(distributed, name):
     mode, groups, dtype, _ = CASES[name]
     expected = _reference(dtype)
     for group in groups:
-        by_rank = sorted(distributed[r][name] for r in group)  # context rank order
+        by_rank = sorted((distributed[r][name] for r in group), key=lambda result: result[0])  # context rank order
         for what, ref, i in zip(("out", "dq", "dk", "dv"), expected, range(4)):
-            got = restore_order(torch.cat([tensors[i] for _, tensors in by_rank]), mode, len(group))
+            got = restore_order(torch.cat([tensors[i] for _, tensors, _ in by_rank]), mode, len(group))
             diff = (got.double() - ref.double()).abs().max().item()
             print(f"{name} group {group} {what}: max abs diff {diff:.2e}")
             if dtype == torch.bfloat16:
                 diff /= ref.double().abs().max().item()
             assert diff < TOL[dtype], f"{name} {what} differs from one process by {diff}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sent_bytes_match_formulas(distributed, name):
+    """The bytes every rank sent equal `context_attention_bytes` (the planner's formulas), with the recomputation's
+    bytes in the backward of the checkpointed cases."""
+    mode, groups, dtype, recomputed = CASES[name]
+    size = len(groups[0])
+    expected = context_attention_bytes(mode, TOTAL // size, size, HQ, HKV, DIM, torch.finfo(dtype).bits // 8)
+    backward = expected.backward + (expected.recompute if recomputed else 0.0)
+    for rank in range(WORLD):
+        assert distributed[rank][name][2] == (expected.forward, backward), (rank, distributed[rank][name][2])
 
 
 def test_indices():

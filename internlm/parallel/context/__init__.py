@@ -6,7 +6,8 @@
     core = ContextAttentionCore(cp_group)                      # replaces the model's AttentionCore
 
 Modules: `zigzag` (which tokens a rank holds), `shard` (`ContextShard`), `block` (one block's attention, online
-softmax merge, flash backward), `ring` (ring attention), `a2a` (all-to-all over heads), `attention` (dispatch).
+softmax merge, flash backward), `ring` (ring attention), `a2a` (all-to-all over heads), `attention` (dispatch),
+`traffic` (bytes sent per layer).
 See docs/context_parallel.md.
 """
 
@@ -14,6 +15,7 @@ from .a2a import a2a_attention, kv_replication
 from .attention import ContextAttentionCore, context_attention
 from .ring import ring_attention
 from .shard import BlockPair, ContextShard
+from .traffic import AttentionTraffic, context_attention_bytes
 from .zigzag import (
     MODES,
     check_divisible,
@@ -28,6 +30,7 @@ from .zigzag import (
 
 __all__ = [
     "MODES",
+    "AttentionTraffic",
     "BlockPair",
     "ContextShard",
     "ContextAttentionCore",
@@ -36,6 +39,7 @@ __all__ = [
     "contiguous_index",
     "contiguous_ranges",
     "context_attention",
+    "context_attention_bytes",
     "kv_replication",
     "restore_order",
     "ring_attention",

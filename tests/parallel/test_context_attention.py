@@ -25,7 +25,14 @@ from internlm.parallel.context import (
     shard_index,
     zigzag_index,
 )
-from internlm.parallel.context.block import block_forward, merge_
+from internlm.parallel.context.block import (
+    block_backward,
+    block_forward,
+    fused_available,
+    merge_,
+    piece_backward,
+    piece_forward,
+)
 
 WORLD = 4
 TOTAL = 48
@@ -34,12 +41,13 @@ BOUNDS = [0, 5, 12, 38, 39, TOTAL]
 HQ, HKV, DIM = 4, 2, 8
 # fp64: absolute (the issue's 1e-5); bf16: relative to the largest value, 2.5 units in the last place (2^-8)
 TOL = {torch.float64: 1e-5, torch.bfloat16: 1e-2}
-CASES = {  # name: (mode, context groups (global ranks), dtype, through the module under activation checkpointing)
-    "ring4": ("ring", [[0, 1, 2, 3]], torch.float64, False),
-    "ring2": ("ring", [[0, 2], [1, 3]], torch.float64, True),
-    "a2a2": ("a2a", [[0, 2], [1, 3]], torch.float64, True),
-    "a2a4_kv_replicated": ("a2a", [[0, 1, 2, 3]], torch.float64, False),
-    "ring4_bf16": ("ring", [[0, 1, 2, 3]], torch.bfloat16, False),
+CASES = {  # name: (mode, context groups (global ranks), dtype, backend, through the module under checkpointing)
+    "ring4": ("ring", [[0, 1, 2, 3]], torch.float64, "reference", False),  # explicit masked blocks
+    "ring4_fused": ("ring", [[0, 1, 2, 3]], torch.float64, "sdpa", False),  # fused kernel per document piece
+    "ring2": ("ring", [[0, 2], [1, 3]], torch.float64, "sdpa", True),
+    "a2a2": ("a2a", [[0, 2], [1, 3]], torch.float64, "sdpa", True),
+    "a2a4_kv_replicated": ("a2a", [[0, 1, 2, 3]], torch.float64, "reference", False),
+    "ring4_bf16": ("ring", [[0, 1, 2, 3]], torch.bfloat16, "sdpa", False),
 }
 
 
@@ -89,7 +97,7 @@ class _SentBytes:
 
 def _worker(rank, world_size):
     results = {}
-    for name, (mode, groups, dtype, as_module) in CASES.items():
+    for name, (mode, groups, dtype, backend, as_module) in CASES.items():
         handles = [dist.new_group(g) for g in groups]  # every rank creates every group, in the same order
         group = next(h for g, h in zip(groups, handles) if rank in g)
         shard = ContextShard.build(_docs(), group, mode)
@@ -98,9 +106,9 @@ def _worker(rank, world_size):
         with _SentBytes() as forward:
             if as_module:  # recomputed in the backward, as model.checkpoint recomputes the attention core
                 core = ContextAttentionCore(group)
-                out = checkpoint(core, q, k, v, shard, "reference", use_reentrant=False)
+                out = checkpoint(core, q, k, v, shard, backend, use_reentrant=False)
             else:
-                out = context_attention(q, k, v, shard, group, backend="reference")
+                out = context_attention(q, k, v, shard, group, backend=backend)
         with _SentBytes() as backward:
             out.backward(dout)
         tensors = [t.detach() for t in (out, q.grad, k.grad, v.grad)]
@@ -115,7 +123,7 @@ def distributed():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_context_attention_equals_one_process(distributed, name):
-    mode, groups, dtype, _ = CASES[name]
+    mode, groups, dtype, _, _ = CASES[name]
     expected = _reference(dtype)
     for group in groups:
         by_rank = sorted((distributed[r][name] for r in group), key=lambda result: result[0])  # context rank order
@@ -132,7 +140,7 @@ def test_context_attention_equals_one_process(distributed, name):
 def test_sent_bytes_match_formulas(distributed, name):
     """The bytes every rank sent equal `context_attention_bytes` (the planner's formulas), with the recomputation's
     bytes in the backward of the checkpointed cases."""
-    mode, groups, dtype, recomputed = CASES[name]
+    mode, groups, dtype, _, recomputed = CASES[name]
     size = len(groups[0])
     expected = context_attention_bytes(mode, TOTAL // size, size, HQ, HKV, DIM, torch.finfo(dtype).bits // 8)
     backward = expected.backward + (expected.recompute if recomputed else 0.0)
@@ -184,15 +192,23 @@ def _visible_pairs(bounds, size, q_rank, k_rank, mode="ring"):
         assert np.array_equal(sub, mask[pair.q, pair.k])
         assert not pair.full or sub.all()
     assert not (mask & ~covered).any(), "a visible pair outside every computed rectangle"
+    pieces = np.zeros(mask.shape, dtype=np.int64)  # how many pieces hold each pair
+    for piece in shard.pieces(q_rank, k_rank):
+        rows, cols = piece.q.stop - piece.q.start, piece.k.stop - piece.k.start
+        pattern = np.tril(np.ones((rows, cols), dtype=bool)) if piece.causal else np.ones((rows, cols), dtype=bool)
+        assert np.array_equal(mask[piece.q, piece.k] & pattern, pattern), "a piece holds a masked pair"
+        pieces[piece.q, piece.k] += pattern
+    assert np.array_equal(pieces, mask.astype(np.int64)), "the pieces do not hold every visible pair exactly once"
     return int(mask.sum()), area
 
 
 @pytest.mark.parametrize("bounds", [BOUNDS, [0, 3, 4, 20, 21, 47, TOTAL], [0, TOTAL]])
-def test_block_pairs_cover_every_visible_pair(bounds):
-    for size in (2, 4):
-        for q_rank in range(size):
-            for k_rank in range(size):
-                _visible_pairs(bounds, size, q_rank, k_rank)
+def test_rectangles_and_pieces_cover_every_visible_pair(bounds):
+    for mode in ("ring", "a2a"):
+        for size in (2, 4):
+            for q_rank in range(size):
+                for k_rank in range(size):
+                    _visible_pairs(bounds, size, q_rank, k_rank, mode)
 
 
 def test_zigzag_balance_one_document():
@@ -218,3 +234,20 @@ def test_block_merge_and_masked_rows():
     second, second_lse = block_forward(q, k[2:], v[2:], visible[:, 2:], 0.5)
     merge_(first, first_lse, second, second_lse)
     assert torch.allclose(first, full) and torch.allclose(first_lse, full_lse)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_piece_equals_explicit_block(causal):
+    """The fused CPU kernel of a document piece (the ring's path for every backend but "reference") gives the
+    explicit block's output, lse and gradients, GQA included."""
+    assert fused_available(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(6, h, DIM, generator=gen, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ))
+    visible = torch.ones(6, 6, dtype=torch.bool).tril() if causal else None
+    out, lse = piece_forward(q, k, v, causal, 0.3)
+    ref_out, ref_lse = block_forward(q, k, v, visible, 0.3)
+    assert torch.allclose(out, ref_out) and torch.allclose(lse, ref_lse)
+    delta = (dout * ref_out).sum(-1)
+    got = piece_backward(q, k, v, dout, out, lse, causal, 0.3)
+    for g, r in zip(got, block_backward(q, k, v, dout, ref_lse, delta, visible, 0.3)):
+        assert g.shape == r.shape and torch.allclose(g, r)

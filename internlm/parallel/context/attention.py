@@ -29,16 +29,16 @@ def context_attention(
     shard's order (`ContextShard.index`). Returns (T_local, Hq, D), equal to the rows ``shard.index`` of one
     process's `packed_causal_attention` over the whole sequence; differentiable in q, k, v.
 
-    ``shard.mode`` "ring": `ring_attention` (k/v blocks around the ring; its blocks are explicit masked matmuls in
-    fp32 whatever ``backend`` names, which is only checked); "a2a": `a2a_attention` (all-to-all over heads, then
-    ``backend``). ``group`` None falls back to ``shard.group``; one rank is plain `packed_causal_attention`.
+    ``shard.mode`` "ring": `ring_attention` (k/v blocks around the ring; "reference" computes explicit masked
+    blocks in fp32, any other backend one fused CPU kernel call per document piece, explicit blocks on CUDA for
+    now); "a2a": `a2a_attention` (all-to-all over heads, then ``backend``). ``group`` None falls back to
+    ``shard.group``; one rank is plain `packed_causal_attention`.
     """
     if shard.size == 1:
         return packed_causal_attention(q, k, v, shard.global_docs, backend, shard.max_seqlen)
     group = shard.group if group is None else group
     if shard.mode == "ring":
-        resolve_backend(backend, q.device, q.dtype)  # the same errors as one process for a backend that cannot run
-        return ring_attention(q, k, v, shard, group)
+        return ring_attention(q, k, v, shard, group, resolve_backend(backend, q.device, q.dtype))
     return a2a_attention(q, k, v, shard, group, backend)
 
 

@@ -22,9 +22,14 @@ Backward of a block, given the FINAL lse and ``delta = rowsum(dO * O)`` of the m
 
     P = exp(s - lse)   dV = P^T dO   dP = dO V^T   dS = P * (dP - delta)   dQ = dS K / sqrt(D)   dK = dS^T Q / sqrt(D)
 
-On a GPU these explicit (Tq, Tk) matmuls would be flash-attention's varlen forward / backward kernels, which take
-the same per-block inputs (cu_seqlens of the document pieces of each rectangle, ``causal`` for diagonal blocks)
-and return / take the same softmax lse: the ring schedule and the merge do not change.
+Two ways to compute a block. `block_forward` / `block_backward`: explicit (Tq, Tk) masked matmuls over a rectangle
+(`BlockPair`), any mask, the ``reference`` backend. `piece_forward` / `piece_backward`: one fused call per document
+`Piece` (no mask: all keys visible, or the causal triangle of the same tokens), torch's CPU flash-attention kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns / takes the same lse and
+never materialises the scores, so memory (and the simulation's fake-tensor peak) stays that of one process's sdpa.
+On a GPU the same pieces go to flash-attention's varlen forward / backward (document pieces as ``cu_seqlens``,
+``causal`` per piece), which return / take the same lse: the ring schedule and the merge do not change; until
+then CUDA tensors take the explicit path.
 """
 
 from __future__ import annotations
@@ -111,4 +116,70 @@ def block_backward(
     return dq, dk, dv
 
 
-__all__ = ["acc_dtype", "block_forward", "block_backward", "merge_"]
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether `piece_forward` / `piece_backward` can run on ``device`` (torch's CPU flash-attention kernel)."""
+    return device.type == "cpu" and _FUSED is not None and _FUSED_BACKWARD is not None
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(T, h, D) -> (1, heads, T, D), kv heads repeated as `packed_causal_attention` does (the kernel has no GQA)."""
+    if x.shape[1] != heads:
+        x = x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x.transpose(0, 1)[None]
+
+
+def piece_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(o (Tq, Hq, D), lse (Tq, Hq))`` of one unmasked `Piece` (every key visible, or causal on the same tokens) by
+    the fused kernel, in the accumulation dtype."""
+    acc, heads = acc_dtype(q.dtype), q.shape[1]
+    out, lse = _FUSED(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), 0.0, causal, scale=scale)
+    return out[0].transpose(0, 1).to(acc), lse[0].transpose(0, 1).to(acc)
+
+
+def piece_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of one `Piece` by the fused backward, given the FINAL merged output ``out`` (model dtype) and
+    ``lse`` (Tq, Hq) of its queries; in the accumulation dtype, dk / dv summed over the query heads of each kv head."""
+    acc, heads, kv_heads = acc_dtype(q.dtype), q.shape[1], k.shape[1]
+    kernel_lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).transpose(0, 1)[None]
+    dq, dk, dv = _FUSED_BACKWARD(
+        _heads_first(dout, heads),
+        _heads_first(q, heads),
+        _heads_first(k, heads),
+        _heads_first(v, heads),
+        _heads_first(out, heads),
+        kernel_lse.contiguous(),
+        0.0,
+        causal,
+        scale=scale,
+    )
+    dq = dq[0].transpose(0, 1).to(acc)
+    dk, dv = (
+        g[0].transpose(0, 1).to(acc).reshape(g.shape[2], kv_heads, heads // kv_heads, -1).sum(2) for g in (dk, dv)
+    )
+    return dq, dk, dv
+
+
+__all__ = [
+    "acc_dtype",
+    "block_forward",
+    "block_backward",
+    "fused_available",
+    "merge_",
+    "piece_backward",
+    "piece_forward",
+]

@@ -13,9 +13,10 @@ q, k, v. Key/value blocks travel around the ring, rank r sending to r+1 and rece
     transfer overlapped this step's compute) and sends the sum on to r+1. After step C-1 the accumulator sent on
     reaches the block's owner: C transfers of dK/dV.
 
-Masks and skipping come from the `ContextShard` (host side, no communication): only the rectangles of each
-(query block, key block) pair that hold visible pairs are computed (`ContextShard.block_pairs`); for one long
-document that is exactly half of every off-diagonal block (module `zigzag`): each rank does the same work per step.
+Masks and skipping come from the `ContextShard` (host side, no communication): only the visible pairs of each
+(query block, key block) pair are computed, as one unmasked piece per document for the fused kernel
+(`ContextShard.pieces`) or as masked rectangles (`ContextShard.block_pairs`); for one long document that is exactly
+half of every off-diagonal block (module `zigzag`): each rank does the same work per step.
 Messages are one stacked (2, T/C, Hkv, D) tensor (k and v, in the model dtype) and, in the backward, one stacked
 dK/dV in the accumulation dtype (fp32: the sum of C contributions stays exact to fp32). All transfers go through
 `torch.distributed.batch_isend_irecv` (NCCL and gloo; the simulation's `CommRecorder` records its sends).
@@ -29,7 +30,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-from .block import acc_dtype, block_backward, block_forward, merge_
+from .block import acc_dtype, block_backward, block_forward, fused_available, merge_, piece_backward, piece_forward
 from .shard import ContextShard
 
 _TAG_KV, _TAG_DKV = 1, 2  # distinct channels: a k/v and a dK/dV transfer are in flight together in the backward
@@ -67,8 +68,21 @@ class Ring:
         return _Transfer(send, dist.batch_isend_irecv(ops), recv)
 
 
-def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: ContextShard, ring: Optional[Ring]) -> tuple:
-    """``(out, lse)`` of this rank's queries against every rank's keys, in the accumulation dtype (module docstring)."""
+def _pieces(shard: ContextShard, src: int, fused: bool) -> Optional[list]:
+    """The document pieces of (my queries, ``src``'s keys) for the fused kernel, or None: the explicit rectangles."""
+    return shard.pieces(shard.rank, src) if fused else None
+
+
+def ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shard: ContextShard,
+    ring: Optional[Ring],
+    fused: bool = False,
+) -> tuple:
+    """``(out, lse)`` of this rank's queries against every rank's keys, in the accumulation dtype (module docstring);
+    ``fused``: document pieces by the fused kernel where the layout allows, else explicit masked rectangles."""
     size, rank = shard.size, shard.rank
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc = acc_dtype(q.dtype)
@@ -78,7 +92,11 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: Conte
     for step in range(size):
         src = (rank - step) % size
         pending = ring.start(kv, _TAG_KV) if step < size - 1 else None  # overlaps the compute below
-        for pair in shard.block_pairs(rank, src):
+        pieces = _pieces(shard, src, fused)
+        for piece in pieces or ():
+            block_out, block_lse = piece_forward(q[piece.q], kv[0, piece.k], kv[1, piece.k], piece.causal, scale)
+            merge_(out[piece.q], lse[piece.q], block_out, block_lse)
+        for pair in shard.block_pairs(rank, src) if pieces is None else ():
             visible = None if pair.full else shard.visible(rank, src, pair)
             block_out, block_lse = block_forward(q[pair.q], kv[0, pair.k], kv[1, pair.k], visible, scale)
             merge_(out[pair.q], lse[pair.q], block_out, block_lse)
@@ -96,8 +114,10 @@ def ring_backward(
     lse: torch.Tensor,
     shard: ContextShard,
     ring: Optional[Ring],
+    fused: bool = False,
 ) -> tuple:
-    """``(dq, dk, dv)`` of this rank's q, k, v (module docstring); dK/dV of each block travel with it."""
+    """``(dq, dk, dv)`` of this rank's q, k, v (module docstring); dK/dV of each block travel with it. ``out`` is the
+    forward's output in the model dtype, ``lse`` its log-sum-exp (accumulation dtype)."""
     size, rank = shard.size, shard.rank
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc = acc_dtype(q.dtype)
@@ -109,7 +129,22 @@ def ring_backward(
         src = (rank - step) % size
         kv_pending = ring.start(kv, _TAG_KV) if step < size - 1 else None
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        for pair in shard.block_pairs(rank, src):
+        pieces = _pieces(shard, src, fused)
+        for piece in pieces or ():
+            dq_b, dk_b, dv_b = piece_backward(
+                q[piece.q],
+                kv[0, piece.k],
+                kv[1, piece.k],
+                dout[piece.q],
+                out[piece.q],
+                lse[piece.q],
+                piece.causal,
+                scale,
+            )
+            dq[piece.q] += dq_b
+            dkv[0, piece.k] += dk_b
+            dkv[1, piece.k] += dv_b
+        for pair in shard.block_pairs(rank, src) if pieces is None else ():
             visible = None if pair.full else shard.visible(rank, src, pair)
             dq_b, dk_b, dv_b = block_backward(
                 q[pair.q], kv[0, pair.k], kv[1, pair.k], dout[pair.q], lse[pair.q], delta[pair.q], visible, scale
@@ -130,33 +165,41 @@ def ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, shard, ring):
-        out, lse = ring_forward(q, k, v, shard, ring)
+    def forward(ctx, q, k, v, shard, ring, fused):
+        out, lse = ring_forward(q, k, v, shard, ring, fused)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.shard, ctx.ring = shard, ring
+        ctx.shard, ctx.ring, ctx.fused = shard, ring, fused
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.shard, ctx.ring)
-        return dq, dk, dv, None, None
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.shard, ctx.ring, ctx.fused)
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: ContextShard, group: Optional[Any]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shard: ContextShard,
+    group: Optional[Any],
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Causal attention of this rank's zigzag tokens (q (T/C, Hq, D), k / v (T/C, Hkv, D)) against the whole packed
     sequence; returns (T/C, Hq, D), differentiable in q, k, v. ``group`` is the context group (None: the default
-    group), of ``shard.size`` ranks."""
+    group), of ``shard.size`` ranks. ``backend`` (resolved: "flash", "sdpa" or "reference"): "reference" computes
+    the explicit masked rectangles; any other the document pieces by the fused CPU kernel where it can run (module
+    `block`), else the explicit rectangles."""
     if q.shape[0] != shard.local_tokens or k.shape != v.shape or q.shape[1] % k.shape[1]:
         raise ValueError(
             f"ring attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit a shard of "
             f"{shard.local_tokens} tokens with query heads a multiple of key heads"
         )
     ring = Ring(group, shard.size, shard.rank) if shard.size > 1 else None
-    return _RingAttention.apply(q, k, v, shard, ring)
+    fused = backend != "reference" and fused_available(q.device)
+    return _RingAttention.apply(q, k, v, shard, ring, fused)
 
 
 __all__ = ["Ring", "ring_attention", "ring_backward", "ring_forward"]

@@ -43,6 +43,16 @@ class BlockPair(NamedTuple):
     full: bool
 
 
+class Piece(NamedTuple):
+    """The visible pairs of one document inside a (query chunk, key chunk) pair, in local coordinates: every key of
+    ``k`` visible to every query of ``q`` (``causal`` False: the keys precede the queries) or the causal triangle of
+    the same tokens (``causal`` True: ``q`` and ``k`` are the same global positions)."""
+
+    q: slice
+    k: slice
+    causal: bool
+
+
 class ContextShard:
     """This rank's tokens of one packed micro-batch under context parallelism (module docstring).
 
@@ -72,6 +82,7 @@ class ContextShard:
             self._host.append((positions, self._doc_of(positions)))
         self._tensors: Dict[Tuple[str, int], torch.Tensor] = {}
         self._pairs: Dict[Tuple[int, int], List[BlockPair]] = {}
+        self._pieces: Dict[Tuple[int, int], Optional[List[Piece]]] = {}
         self.index = self.peer_positions(rank)
         self.doc_ids = self.peer_doc_ids(rank)
         positions, doc = self._host[rank]
@@ -142,6 +153,38 @@ class ContextShard:
             self._pairs[key] = pairs
         return self._pairs[key]
 
+    def pieces(self, q_rank: int, k_rank: int) -> Optional[List[Piece]]:
+        """The visible pairs of (queries of ``q_rank``, keys of ``k_rank``) as one `Piece` per document and chunk
+        pair, each computable by a fused kernel without a mask (no piece when nothing is visible); None when some
+        chunk pair overlaps only partly (never with the zigzag or contiguous layouts: their chunks are equal or
+        disjoint), then the caller uses `block_pairs`. Every query row lies in at most one piece. Cached."""
+        key = (q_rank, k_rank)
+        if key not in self._pieces:
+            pieces: Optional[List[Piece]] = []
+            q_off = 0
+            for qa, qb in self.ranges[q_rank]:
+                k_off = 0
+                for ka, kb in self.ranges[k_rank]:
+                    if (ka, kb) != (qa, qb) and not kb <= qa:
+                        if ka < qb:  # neither the same chunk nor wholly before or after the queries
+                            pieces = None
+                            break
+                    elif pieces is not None:
+                        first, last = self._doc_of(np.asarray([max(qa, ka), min(qb, kb) - 1]))
+                        causal = (ka, kb) == (qa, qb)
+                        for d in range(int(first), int(last) + 1):
+                            s, e = int(self._bounds[d]), int(self._bounds[d + 1])
+                            q_lo, q_hi, k_lo, k_hi = max(qa, s), min(qb, e), max(ka, s), min(kb, e)
+                            if q_lo < q_hi and k_lo < k_hi:
+                                q_sl = slice(q_off + q_lo - qa, q_off + q_hi - qa)
+                                pieces.append(Piece(q_sl, slice(k_off + k_lo - ka, k_off + k_hi - ka), causal))
+                    k_off += kb - ka
+                if pieces is None:
+                    break
+                q_off += qb - qa
+            self._pieces[key] = pieces
+        return self._pieces[key]
+
     def visible(self, q_rank: int, k_rank: int, pair: BlockPair) -> torch.Tensor:
         """Boolean (queries, keys) mask of ``pair``: same document and key position <= query position."""
         q_doc, k_doc = self.peer_doc_ids(q_rank)[pair.q], self.peer_doc_ids(k_rank)[pair.k]
@@ -162,4 +205,4 @@ class ContextShard:
         )
 
 
-__all__ = ["BlockPair", "ContextShard"]
+__all__ = ["BlockPair", "ContextShard", "Piece"]

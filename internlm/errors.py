@@ -6,6 +6,24 @@ found it when only that rank can) and exits with status 2, like a config error (
 
 from __future__ import annotations
 
+import os
+
+# A hang (internlm.train.watchdog): a step took longer than monitor.hang_timeout_s; every rank wrote its Python
+# stacks to {work_dir}/hang_rank<r>.txt. 124 is what timeout(1) exits with when its command timed out.
+EXIT_HUNG = 124
+
+# A file to write the exit status into (rank 0): under torchrun the launcher exits 1 for every non-zero worker
+# status, so a requeue wrapper (scripts/slurm_train.sh) reads the trainer's own status (0, 2, 3, 75, 124, 130) here.
+EXIT_STATUS_FILE_ENV = "INTERNLM_EXIT_STATUS_FILE"
+
+
+def record_exit_status(status: int) -> None:
+    """Write ``status`` to the file named by ``$INTERNLM_EXIT_STATUS_FILE`` (rank 0 only; nothing when unset)."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "w") as f:
+            f.write(f"{status}\n")
+
 
 class BadInputError(Exception):
     """A bad input that stops the run before any work is lost; the message is one line naming the file or key
@@ -24,4 +42,11 @@ class WorkDirLocked(BadInputError):
     """Another run holds the work_dir's lock."""
 
 
-__all__ = ["BadInputError", "CheckpointError", "WorkDirLocked"]
+__all__ = [
+    "BadInputError",
+    "CheckpointError",
+    "WorkDirLocked",
+    "EXIT_HUNG",
+    "EXIT_STATUS_FILE_ENV",
+    "record_exit_status",
+]

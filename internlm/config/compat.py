@@ -8,7 +8,7 @@ checks that need another key are in `check_compat`, called from `internlm.config
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping
 
 from .errors import ConfigError
 
@@ -73,17 +73,32 @@ def async_upload(value: bool) -> bool:
 _ALERT_KEYS = ("enable_feishu_alert", "feishu_alert_address", "light_monitor_address")
 
 
+def _webhook_url(name: str, address: str) -> str:
+    """``address`` as an http(s) URL: InternLM's light_monitor_address is ``host:port``, taken as http://."""
+    url = address if "://" in address else f"http://{address}"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{name}={address!r}: only http:// and https:// webhooks are supported")
+    return url
+
+
+def alert_webhooks(value: Mapping[str, Any]) -> List[str]:
+    """The URLs alerts are POSTed to (internlm.train.alerts): feishu_alert_address when enable_feishu_alert is
+    true, and light_monitor_address when set."""
+    webhooks = []
+    if value.get("enable_feishu_alert") and value.get("feishu_alert_address"):
+        webhooks.append(_webhook_url("feishu_alert_address", str(value["feishu_alert_address"])))
+    if value.get("light_monitor_address"):
+        webhooks.append(_webhook_url("light_monitor_address", str(value["light_monitor_address"])))
+    return webhooks
+
+
 def alert(value: Mapping[str, Any]) -> Dict[str, Any]:
+    """InternLM's alert keys, checked (unknown keys, addresses that are not http(s) URLs or host:port)."""
     unknown = sorted(set(value) - set(_ALERT_KEYS))
     if unknown:
         names = ", ".join(map(repr, unknown))
         raise ValueError(f"unknown key(s) {names}; InternLM's keys are {', '.join(_ALERT_KEYS)}")
-    enabled = bool(value.get("enable_feishu_alert", False))
-    if (enabled and value.get("feishu_alert_address")) or value.get("light_monitor_address"):
-        raise ValueError(
-            "alerts are not supported (no Feishu webhook or light_monitor heartbeat is sent); remove the addresses "
-            "and watch train.log, metrics.jsonl and the exit status instead"
-        )
+    alert_webhooks(value)
     return dict(value)
 
 
@@ -162,6 +177,7 @@ __all__ = [
     "tensor_sp",
     "async_upload",
     "alert",
+    "alert_webhooks",
     "load_ckpt_info",
     "check_compat",
 ]

@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from internlm.config import ConfigError, RunConfig, load_run_config
+from internlm.errors import record_exit_status
 
 from .distributed import world_size_from_env
 from .phases import Phase, plan_phases
@@ -132,19 +133,6 @@ def load_phases(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     phases = plan_phases(configs, world_size)
     check_phases(phases)
     return args, phases
-
-
-# A file to write the exit status into (rank 0): under torchrun the launcher exits 1 for every non-zero worker
-# status, so a requeue wrapper (scripts/slurm_train.sh) reads the trainer's own status (0, 2, 3, 75, 130) from here.
-EXIT_STATUS_FILE_ENV = "INTERNLM_EXIT_STATUS_FILE"
-
-
-def record_exit_status(status: int) -> None:
-    """Write ``status`` to the file named by ``$INTERNLM_EXIT_STATUS_FILE`` (rank 0 only; nothing when unset)."""
-    path = os.environ.get(EXIT_STATUS_FILE_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
-        with open(path, "w") as f:
-            f.write(f"{status}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass
@@ -29,11 +30,30 @@ def timeout_of(minutes: float) -> timedelta:
     return timedelta(minutes=float(minutes))
 
 
+def restart_count() -> int:
+    """Which attempt of a torchrun agent this process belongs to: ``$TORCHELASTIC_RESTART_COUNT`` (0 on the first
+    attempt and outside torchrun; ``--max-restarts N`` allows attempts 0..N)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _attempt_store(timeout: timedelta) -> Any:
+    """The env:// rendezvous store, its keys prefixed by the restart attempt (``internlm/attempt<N>/``).
+
+    Why: torchrun's agent hosts one TCPStore for the whole job and keeps it across restarts, and torch names the
+    default group and every ``new_group`` the same way on every attempt, so without a prefix a restarted worker
+    reads the dead attempt's keys: gloo connects to the old workers' addresses (``connectFullMesh failed ...
+    Connection refused``) or waits for keys that are already counted (a hang until the timeout)."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"internlm/attempt{restart_count()}", store)
+
+
 def init_distributed(timeout: Optional[timedelta] = None) -> Launch:
     """Initialise torch.distributed under torchrun: NCCL on GPUs, gloo on CPU. One process: nothing to do.
 
     ``timeout`` (``parallel.timeout_minutes``, see `timeout_of`) bounds every collective of the default group;
-    None keeps torch's default."""
+    None keeps torch's default. The rendezvous store is scoped to the torchrun attempt (`_attempt_store`), so a
+    group restarted by ``torchrun --max-restarts`` meets afresh."""
     world_size = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,8 +63,14 @@ def init_distributed(timeout: Optional[timedelta] = None) -> Launch:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        options = {} if timeout is None else {"timeout": timeout}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
+        timeout = timeout if timeout is not None else default_pg_timeout  # gloo's default (30 minutes)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=_attempt_store(timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
     return Launch(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

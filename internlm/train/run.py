@@ -93,6 +93,28 @@ def _bad_input(exc: Exception, rank: int) -> int:
     return EXIT_BAD_INPUT
 
 
+def _train(trainer: Trainer, rank: int) -> int:
+    """Run the trainer; its exit status (0: finished), also sent as the ``stop`` alert with the reason."""
+    status, reason = 1, "failed"
+    try:
+        trainer.run()
+        status, reason = 0, "finished"
+    except StopRequested as exc:
+        status, reason = EXIT_STOPPED, str(exc)
+    except UnhealthyStop as exc:  # the reason is in train.log and on the console (rank 0)
+        status, reason = EXIT_UNHEALTHY, str(exc)
+    except Aborted as exc:
+        status, reason = EXIT_ABORTED, str(exc)
+    except (ConfigError, BadInputError, DataError) as exc:  # found once checkpoints are read (phases reordered)
+        status, reason = _bad_input(exc, rank), str(exc)
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        trainer.watch.finished(status, reason)
+    return status
+
+
 def run_training(phases: List[Phase]) -> int:
     timeout = timeout_of(phases[0].config.parallel.timeout_minutes)
     launch = init_distributed(timeout)
@@ -109,16 +131,10 @@ def run_training(phases: List[Phase]) -> int:
         except BadInputError as exc:
             return _bad_input(exc, launch.rank)
         trainer = Trainer.build(phases, launch, pc)  # rank 0 prints the banner, steps, the stop reason, the final line
-        try:
-            trainer.run()
-        except StopRequested:
-            return EXIT_STOPPED
-        except UnhealthyStop:  # the reason is in train.log and on the console (rank 0)
-            return EXIT_UNHEALTHY
-        except Aborted:
-            return EXIT_ABORTED
-        except (ConfigError, BadInputError, DataError) as exc:  # found once checkpoints are read (phases reordered)
-            return _bad_input(exc, launch.rank)
+        trainer.watch.started(phases[0].config.work_dir)  # a start (or restart) alert
+        status = _train(trainer, launch.rank)
+        if status:
+            return status
         if launch.rank == 0:
             try:
                 _print_sample(trainer, phases)

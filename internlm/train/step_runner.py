@@ -3,11 +3,11 @@ schedule's forward / backward, the global loss summed over data and pipeline ran
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from internlm.faults import kill_now, kill_point
+from internlm.faults import kill_now, kill_point, sleep_point
 from internlm.labels import IGNORE_INDEX
 from internlm.model import PackedDocs
 from internlm.parallel import all_reduce_
@@ -27,8 +27,9 @@ def _sum_over(value: torch.Tensor, *groups: Any) -> torch.Tensor:
 class StepRunner:
     """Runs a step or a validation pass of the model of the current layout (a `ModelState`) on ``device``."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timer: Optional[Any] = None) -> None:
         self.device = device
+        self.timer = timer  # times the forward/backward passes (a StragglerDetector: begin() / end()) or None
 
     def to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
         """The micro-batch's tensors on the device, plus ``docs``: its `PackedDocs` (device boundaries with the
@@ -67,9 +68,14 @@ class StepRunner:
         optimizer.begin_step(len(batch))
         loss_scale = getattr(optimizer, "loss_scale", None)  # fp16: the dynamic loss scale (device scalar)
         backward_scale = scale if loss_scale is None else loss_scale * scale
+        if self.timer is not None:
+            self.timer.begin()
         loss_sum = schedule.forward_backward(model.chunks, batch, model.loss_fn, backward_scale)
         if kill_point("step", step):  # tests only (INTERNLM_TEST_KILL_AT): kill -9 in the middle of a step
             kill_now()
+        sleep_point("step", step)  # tests only (INTERNLM_TEST_SLEEP_AT): a hung or slow rank
+        if self.timer is not None:
+            self.timer.end()
         # the global loss before the update: a non-finite one skips it, as a non-finite gradient norm does
         loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.pp_group)
         step_result = optimizer.step(skip=~torch.isfinite(loss_sum))

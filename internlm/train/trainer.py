@@ -34,6 +34,7 @@ from .model_state import ModelState
 from .phases import Phase, Progress
 from .profiling import StepProfiler
 from .resume import ResumePlanner
+from .run_watch import RunWatch
 from .step_runner import StepRunner
 from .stop import Aborted, StopController, StopRequested
 
@@ -71,6 +72,7 @@ class Trainer:
         stops: StopController,
         profiler: StepProfiler,
         logger: MetricsLogger,
+        watch: Optional[RunWatch] = None,
     ) -> None:
         self.phases = phases
         self.work_dir = work_dir
@@ -84,6 +86,7 @@ class Trainer:
         self.stops = stops
         self.profiler = profiler
         self.logger = logger
+        self.watch = watch or RunWatch.off()  # hang watchdog, straggler detector, alerts (run_watch.py)
         self.progress = Progress()  # global steps and tokens so far, the history of started phases
         self.last_val_loss: Optional[float] = None
 
@@ -110,12 +113,14 @@ class Trainer:
         stops.install_handlers()
         resume = ResumePlanner(phases, run_wide.work_dir, ckpt, pc.rank, checkpointer, health, logger)
         model = ModelState(pc, device, logger)
+        watch = RunWatch.build(run_wide, pc.rank, pc.world_size, device)
+        runner = StepRunner(device, timer=watch.stragglers)
         return cls(
             phases,
             run_wide.work_dir,
             model_config,
             model,
-            StepRunner(device),
+            runner,
             checkpointer,
             resume,
             health,
@@ -123,6 +128,7 @@ class Trainer:
             stops,
             profiler,
             logger,
+            watch,
         )
 
     # ------------------------------------------------------------------ run
@@ -170,6 +176,7 @@ class Trainer:
 
     def _attempt(self, rollback_to: Optional[str]) -> Optional[Ending]:
         """Start (from ``rollback_to`` on a rollback) and train the phases left; None when they all completed."""
+        self.watch.idle()  # loading a checkpoint is not a step: no hang limit until the next step starts
         start = self.resume.decide(rollback_to)
         if start.unhealthy:
             return Ending(error=UnhealthyStop(start.unhealthy))
@@ -248,6 +255,7 @@ class Trainer:
         # skipped steps so far: read once here (the optimizer may keep the count on the device)
         self.metrics.begin_phase(phase, self.phases[phase.index + 1 :], before, int(self.model.optimizer.skipped_steps))
         for phase_step in range(start, phase.steps):
+            self.watch.step_started(self.progress.step + 1)  # the hang watchdog's limit starts again
             batch = loader.next_global_batch()
             if self.health.skips(self.progress.step + 1):  # data.skip_batches: the batch is drawn and dropped
                 self._skip_batch(phase)
@@ -277,6 +285,7 @@ class Trainer:
                 self.metrics.restart_window()
             if stop and phase.index + 1 < len(self.phases):  # at the run's last step a stop changes nothing
                 return self._stopped(phase)  # at a phase end: the next phase starts from this checkpoint on rerun
+        self.watch.idle()  # a phase's end (a layout change loads a checkpoint, the last save completes) is no step
         self.logger.close_bar()
         return None
 
@@ -344,13 +353,17 @@ class Trainer:
         if read is None:  # nothing was pending
             return False, CONTINUE
         stop = self.stops.decide(read[0], read[1], step) if agree_stop else False
+        if agree_stop:
+            self.watch.logging_step(step, self.logger)  # the ranks' step times compared (stragglers.py)
         return stop, self._health()
 
     def _health(self, at_end: bool = False) -> HealthDecision:
         """The health decision after a flush (or ``at_end`` of training)."""
         if self.health.acting(at_end):  # it reads and marks checkpoints: a background save completes first
             self.checkpointer.finish_saves()
-        return self.health.review(at_end)
+        decision = self.health.review(at_end)
+        self.watch.health(decision, self.progress.step)  # an alert unless it continues
+        return decision
 
     def _validate(self, schedule: Any, valid_batches: List[Dict[str, Any]]) -> None:
         self.last_val_loss = self.runner.validate(self.model, schedule, valid_batches)

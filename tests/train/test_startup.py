@@ -160,8 +160,10 @@ def test_process_group_timeout(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(train_distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_distributed, "_attempt_store", lambda timeout: ("store", timeout))
     init_distributed(timeout_of(45))
-    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=45)}
+    store = ("store", timedelta(minutes=45))  # the rendezvous store is made with the same timeout
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=45), "store": store, "rank": 1, "world_size": 2}
 
     from internlm.config import load_run_config
 

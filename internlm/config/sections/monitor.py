@@ -38,10 +38,33 @@ class MonitorSection:
         Dict[str, Any],
         key(
             {},
-            "InternLM compatibility (Feishu alerts): accepted with no address set (enable_feishu_alert False or "
-            "feishu_alert_address None, light_monitor_address None); a webhook or heartbeat address is rejected",
+            "InternLM's alert keys: with enable_feishu_alert=True, feishu_alert_address is a webhook URL, and "
+            "light_monitor_address (a URL, or host:port for http://host:port) another one; rank 0 POSTs a small JSON "
+            "body (Feishu- and Slack-style text plus the event's fields) to each on start, stop, unhealthy, hang and "
+            "restart events (docs/troubleshooting.md); a failing webhook is warned about once and never stops training",
             compat=EQUIVALENT,
             normalize=compat.alert,
+        ),
+    ]
+    hang_timeout_s: Annotated[
+        Optional[float],
+        key(
+            None,
+            "a training step (with its metrics flush, validation and checkpoint save) that takes longer than this "
+            "many seconds is a hang: every rank writes the Python stacks of its threads to "
+            "{work_dir}/hang_rank<r>.txt and the run exits with status 124; None: 0.9 x parallel.timeout_minutes "
+            "(the stacks are written before a collective's own timeout); 0: off",
+            minimum=0,
+        ),
+    ]
+    straggler_factor: Annotated[
+        float,
+        key(
+            1.5,
+            "at every logging step (monitor.log_every) the ranks' forward/backward times since the previous one are "
+            "gathered; a rank slower than straggler_factor x their median is warned about by rank and host, and the "
+            "times go to metrics.jsonl (step_time_ranks); 0: off",
+            minimum=0,
         ),
     ]
 

@@ -210,18 +210,13 @@ REJECTED = {
         "ckpt.async_upload: True is not supported",
         "ckpt.async_save=True",
     ),
-    "alert_webhook": (
+    "alert_scheme": (  # an address is a webhook (docs/troubleshooting.md): http(s) only
         (
             "enable_feishu_alert=DO_ALERT,\n        feishu_alert_address=None",
-            "enable_feishu_alert=True,\n        feishu_alert_address='https://open.feishu.cn/hook/x'",
+            "enable_feishu_alert=True,\n        feishu_alert_address='ftp://open.feishu.cn/hook/x'",
         ),
-        "monitor.alert: alerts are not supported",
-        "remove the addresses",
-    ),
-    "alert_light_monitor": (
-        ("light_monitor_address=None", "light_monitor_address='10.0.0.1:8080'"),
-        "monitor.alert: alerts are not supported",
-        "train.log, metrics.jsonl and the exit status",
+        "monitor.alert: feishu_alert_address='ftp://open.feishu.cn/hook/x'",
+        "only http:// and https:// webhooks are supported",
     ),
     "pack_sample_into_one": (
         ("pack_sample_into_one=False", "pack_sample_into_one=True"),

@@ -7,6 +7,8 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 from train_utils import REPO, read_metrics
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -77,12 +79,31 @@ def test_slurm_script_parses_and_dry_runs():
     lines = proc.stdout.splitlines()
     assert "python train.py --config configs/internlm_7b/phase1.py --dry-run --world-size 16" in lines
     launch = lines[-1]
-    assert launch.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 8")
+    assert launch.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 8 --max-restarts 2")
     assert (
         "--rdzv_backend c10d --rdzv_endpoint localhost:29500 train.py --config configs/internlm_7b/phase1.py" in launch
     )
     usage = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+@pytest.mark.parametrize("status,requeued", [(124, True), (75, True), (0, False), (2, False), (3, False)])
+def test_slurm_script_requeues_resumable_ends(tmp_path, status, requeued):
+    """With REQUEUE=1 the script requeues the job when train.py's own status is resumable (a fake srun plays the
+    launch: it writes the trainer's status file and fails as torchrun does)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho {status} > "$INTERNLM_EXIT_STATUS_FILE"\nexit {min(status, 1)}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol_args"}\n')
+    for name in ("srun", "scontrol"):
+        os.chmod(bin_dir / name, 0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", REQUEUE="1", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(tmp_path))
+    script = os.path.join(REPO, "scripts", "slurm_train.sh")
+    proc = subprocess.run(["bash", script, "configs/demo.py"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == status, proc.stderr
+    args = tmp_path / "scontrol_args"
+    assert args.exists() == requeued and (not requeued or args.read_text().split() == ["requeue", "4242"])
 
 
 def _write_metrics(folder, phases, truncated=False):

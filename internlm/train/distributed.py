@@ -74,6 +74,23 @@ def init_distributed(timeout: Optional[timedelta] = None) -> Launch:
     return Launch(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer")  # gloo's words for a peer that went away
+
+
+def peer_failure(exc: BaseException, rank: int) -> Optional[str]:
+    """One line for a collective that failed because another rank died or stopped answering (torch's DistError,
+    or gloo's lost connection), None for any other exception (a bug keeps its traceback)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lost = isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(p in text for p in _PEER_LOST))
+    if not lost:
+        return None
+    return (
+        f"rank {rank}: a collective failed because another rank died or stopped answering ({text[:200]}); the rank "
+        f"that failed first is named in torchrun's summary; under torchrun --max-restarts the group restarts and "
+        f"resumes from the last complete checkpoint, otherwise rerun the command"
+    )
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

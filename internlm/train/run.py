@@ -13,7 +13,7 @@ from internlm.config import ConfigError
 from internlm.data.errors import DataError
 from internlm.errors import BadInputError
 
-from .distributed import init_distributed, shutdown_distributed, timeout_of
+from .distributed import init_distributed, peer_failure, shutdown_distributed, timeout_of
 from .health import UnhealthyStop
 from .phases import Phase
 from .startup_checks import start_up
@@ -109,7 +109,11 @@ def _train(trainer: Trainer, rank: int) -> int:
         status, reason = _bad_input(exc, rank), str(exc)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        raise
+        lost = peer_failure(exc, rank)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr, flush=True)  # one line, not the collective's traceback
+        reason = lost
     finally:
         trainer.watch.finished(status, reason)
     return status

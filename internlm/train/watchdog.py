@@ -7,6 +7,10 @@ process with `internlm.errors.EXIT_HUNG`. Every rank arms at its own step start,
 collective on a hung one reaches its deadline too: all ranks write their stacks, and the hung rank's file names the
 frame it is stuck in. The thread waits ``grace_s`` before exiting so that the ranks still waiting see their own
 deadline pass (and write their stacks) before the first exit breaks their collective with an error.
+
+A thread needs the GIL to run: if the main thread is stuck in a C call that holds it, the watchdog thread cannot
+fire. As a backstop each ``arm`` also sets faulthandler's own C-level timer (`BACKSTOP_S` later), which needs no
+GIL: it writes the stacks to stderr and exits with status 1.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from typing import Callable, Optional
 
 from internlm.errors import EXIT_HUNG, record_exit_status
+
+BACKSTOP_S = 60.0  # after the deadline and the grace: faulthandler's timer, for a main thread holding the GIL
 
 
 def hang_timeout(hang_timeout_s: Optional[float], timeout_minutes: float) -> float:
@@ -65,6 +71,7 @@ class HangWatchdog:
         with self._cond:
             self._deadline = time.monotonic() + self.timeout_s
             self._step = step
+            faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + BACKSTOP_S, exit=True)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="internlm-hang-watchdog", daemon=True)
                 self._thread.start()
@@ -75,6 +82,8 @@ class HangWatchdog:
         with self._cond:
             self._deadline = None
             self._cond.notify()
+        if self.enabled:
+            faulthandler.cancel_dump_traceback_later()
 
     def close(self) -> None:
         """Stop the thread (the end of the run)."""
@@ -82,6 +91,8 @@ class HangWatchdog:
             self._closed = True
             self._deadline = None
             self._cond.notify()
+        if self.enabled:
+            faulthandler.cancel_dump_traceback_later()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

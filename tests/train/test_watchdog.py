@@ -167,3 +167,36 @@ def test_rendezvous_store_is_scoped_to_the_torchrun_attempt(monkeypatch):
         train_distributed._attempt_store(timedelta(seconds=10)).set("default_pg/key", f"from {attempt}")
     assert server.get("internlm/attempt0/default_pg/key") == b"from 0"
     assert server.get("internlm/attempt1/default_pg/key") == b"from 1"
+
+
+BACKSTOP_SCRIPT = """
+import time
+from internlm.train import watchdog
+
+def stuck_in_here():
+    time.sleep(60)
+
+watchdog.BACKSTOP_S = 1.0
+# the watchdog thread cannot finish (as when the main thread holds the GIL): faulthandler's C timer ends the process
+dog = watchdog.HangWatchdog(1.0, {work_dir!r}, rank=0, on_hang=lambda message, step: time.sleep(60), grace_s=0.1)
+dog.arm(1)
+stuck_in_here()
+"""
+
+
+def test_watchdog_backstop_needs_no_python_thread(tmp_path):
+    script = BACKSTOP_SCRIPT.format(work_dir=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Timeout (0:00:02.100000)!" in proc.stderr and "in stuck_in_here" in proc.stderr
+
+
+def test_a_lost_peer_is_one_line():
+    gloo = RuntimeError(
+        "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:37046: Connection reset by peer. GLHF"
+    )
+    line = train_distributed.peer_failure(gloo, 0)
+    assert line.startswith("rank 0: a collective failed because another rank died or stopped answering ([../gloo")
+    assert "torchrun --max-restarts" in line and "\n" not in line
+    assert train_distributed.peer_failure(dist.DistBackendError("NCCL watchdog timeout\nmore"), 3).startswith("rank 3")
+    assert train_distributed.peer_failure(RuntimeError("shape mismatch"), 0) is None  # a bug keeps its traceback

@@ -200,3 +200,28 @@ def test_a_lost_peer_is_one_line():
     assert "torchrun --max-restarts" in line and "\n" not in line
     assert train_distributed.peer_failure(dist.DistBackendError("NCCL watchdog timeout\nmore"), 3).startswith("rank 3")
     assert train_distributed.peer_failure(RuntimeError("shape mismatch"), 0) is None  # a bug keeps its traceback
+
+
+def test_run_watch_alerts_on_restart_and_unhealthy_decisions(webhook, monkeypatch):
+    from internlm.train.health import CONTINUE, HealthDecision
+    from internlm.train.run_watch import RunWatch
+    from internlm.train.watchdog import HangWatchdog
+
+    url, bodies = webhook
+    off = RunWatch.off()
+    watch = RunWatch(off.watchdog, off.stragglers, Alerts([url], "job", rank=0, enabled=True))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    watch.started("/w")
+    watch.health(CONTINUE, 5)  # a healthy step: no alert
+    watch.health(HealthDecision("rollback", "loss spike at step 9", "/w/checkpoints/6"), 9)
+    watch.finished(75, "stopped after step 9")
+    assert [b["event"] for b in bodies] == ["restart", "unhealthy", "stop"]
+    restart, unhealthy, stop = bodies
+    assert restart["attempt"] == 2 and restart["work_dir"] == "/w"
+    assert (unhealthy["action"], unhealthy["step"], unhealthy["checkpoint"]) == ("rollback", 9, "/w/checkpoints/6")
+    assert (
+        stop["status"] == 75
+        and stop["attempt"] == 2
+        and stop["text"] == "[job] stop: exit status 75: stopped after step 9"
+    )
+    assert isinstance(off.watchdog, HangWatchdog) and not off.watchdog.enabled and not off.stragglers.enabled

@@ -44,10 +44,11 @@ def min_length(value: int) -> int:
 
 
 def data_type(value: str) -> str:
-    if value != "tokenized":
+    if value not in ("tokenized", "streaming"):
         raise ValueError(
-            f"{value!r} is not supported; only 'tokenized' (tokenize with tools/tokenizer.py, or convert InternLM's "
-            "tokenized .bin files with tools/convert_internlm_data.py)"
+            f"{value!r} is not supported; use 'tokenized' (tokenize with tools/tokenizer.py, or convert InternLM's "
+            "tokenized .bin files with tools/convert_internlm_data.py) or 'streaming' (raw jsonl/txt/parquet files "
+            "tokenized while training with data.tokenizer_path, docs/data.md)"
         )
     return value
 

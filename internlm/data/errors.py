@@ -16,4 +16,11 @@ class DataFileMissing(DataError, FileNotFoundError):
     """A data file or folder that does not exist (also a FileNotFoundError)."""
 
 
-__all__ = ["DataError", "DataFileMissing"]
+class DataChanged(DataError):
+    """A source's files differ from those its checkpointed cursor was recorded on. Every rank finds the same
+    difference, so only rank 0 prints it (``local`` False)."""
+
+    local = False
+
+
+__all__ = ["DataChanged", "DataError", "DataFileMissing"]

@@ -4,43 +4,21 @@
 every one present (the config system fills the defaults; nothing is defaulted here): ``seq_len``, ``micro_bsz``,
 ``micro_num``, ``train_folder`` (a path, a list of paths with equal weights, or ``{path: weight}``),
 ``valid_folder`` (path or None), ``valid_ratio``, ``valid_max_samples``, ``valid_micro_num`` (None: no cap),
-``block_seqs`` (shuffle block of the sampler).
+``block_seqs`` (shuffle block of the sampler). Keys added since (``type``, ``accept_changed_data``, ``text_key``,
+``stream_workers``) take their defaults when absent, so that plain namespaces of the older keys keep working.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from .packing import PackedSequence, collate, pack_window, padding_sequence, window_label_tokens
 from .sampler import MixtureSampler
+from .train_sources import holdout_start, open_stream, open_token_source, unique_identities
 from .stream import TokenStream, source_key
 
-
-@dataclass
-class Source:
-    """One data folder: its stream and the token range used for training ``[0, train_end)``."""
-
-    key: str
-    stream: TokenStream
-    train_end: int
-
-
-def holdout_start(stream: TokenStream, valid_ratio: float) -> int:
-    """First held-out token: the start of the document holding token ``n - round(n * valid_ratio)``.
-
-    Snapping to a document start keeps validation documents whole; if that would leave no
-    training tokens (one huge document) the raw cut is used.
-    """
-    if not 0.0 <= valid_ratio < 1.0:
-        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
-    n = stream.num_tokens
-    cut = n - int(round(n * valid_ratio))
-    if cut >= n:
-        return n
-    start = stream.doc_start_at_or_before(cut)
-    return start if start > 0 else cut
+__all__ = ["TrainLoader", "build_train_loader", "build_valid_batches", "holdout_start", "open_train_sources"]
 
 
 def parse_weights(train_folder: Any) -> Dict[str, float]:
@@ -58,15 +36,17 @@ def parse_weights(train_folder: Any) -> Dict[str, float]:
     return weights
 
 
-def open_train_sources(data: Any) -> Tuple[List[Source], Dict[str, float]]:
-    """The training sources of ``data`` (sorted by path) and their mixture weights."""
+def open_train_sources(data: Any) -> Tuple[List[Any], Dict[str, float]]:
+    """The training sources of ``data`` (sorted by path) and their mixture weights: tokenized folders, or raw
+    files tokenized on the fly when ``data.type`` is ``"streaming"`` (`internlm.data.streaming`)."""
     weights = parse_weights(data.train_folder)
+    if getattr(data, "type", "tokenized") == "streaming":
+        from .streaming import open_streaming_source
+
+        sources = [open_streaming_source(key, data) for key in sorted(weights)]
+        return sources, weights
     ratio = float(data.valid_ratio) if data.valid_folder is None else 0.0
-    sources = []
-    for key in sorted(weights):
-        stream = TokenStream(key)
-        sources.append(Source(key, stream, holdout_start(stream, ratio)))
-    return sources, weights
+    return [open_token_source(key, ratio) for key in sorted(weights)], weights
 
 
 class TrainLoader:
@@ -80,7 +60,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        sources: List[Source],
+        sources: List[Any],
         weights: Mapping[str, float],
         seq_len: int,
         micro_bsz: int,
@@ -89,6 +69,7 @@ class TrainLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         block_seqs: int = 1024,
+        accept_changed_data: bool = False,
     ) -> None:
         sizes = {"seq_len": seq_len, "micro_bsz": micro_bsz, "micro_num": micro_num, "dp_size": dp_size}
         for name, value in sizes.items():
@@ -100,7 +81,11 @@ class TrainLoader:
         self.seq_len, self.micro_bsz, self.micro_num = seq_len, micro_bsz, micro_num
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.global_batch_size = dp_size * micro_bsz * micro_num
-        self.sampler = MixtureSampler({s.key: s.train_end for s in sources}, weights, seq_len, seed, block_seqs)
+        self.sampler = MixtureSampler(
+            dict(self.sources), weights, seq_len, seed, block_seqs, identities=unique_identities(sources)
+        )
+        self.accept_changed_data = accept_changed_data
+        self._notes: List[str] = []  # lines for the console: resume notes, streaming throughput and waits
         self.steps = 0
         self.last_batch_source_tokens: Dict[str, int] = {k: 0 for k in self.sources}
         # label tokens (labels != IGNORE_INDEX) of the last global batch and of this rank's share of it, as
@@ -108,17 +93,16 @@ class TrainLoader:
         self.last_batch_label_tokens = 0
         self.last_rank_label_tokens = 0
 
-    def _sequence(self, key: str, start: int) -> PackedSequence:
-        stream = self.sources[key].stream
-        stop = start + self.seq_len
-        return pack_window(stream.read(start, stop + 1), stream.doc_ends(start, stop) - start, self.seq_len)
+    def _sequence(self, key: str, epoch: int, start: int) -> PackedSequence:
+        source, stop = self.sources[key], start + self.seq_len
+        ends = source.doc_ends(epoch, start, stop) - start
+        return pack_window(source.read(epoch, start, stop + 1), ends, self.seq_len)
 
-    def _label_tokens(self, key: str, start: int) -> int:
-        """Label tokens of the sequence at ``start`` of source ``key``, from its document ends only."""
-        stream = self.sources[key].stream
-        stop = start + self.seq_len
-        ends = stream.doc_ends(start, stop) - start
-        return window_label_tokens(ends, self.seq_len, min(stop + 1, stream.num_tokens) - start)
+    def _label_tokens(self, key: str, epoch: int, start: int) -> int:
+        """Label tokens of the sequence at ``start`` of source ``key``, from its document ends only (every window
+        the sampler draws has its ``seq_len + 1`` tokens inside the training range)."""
+        ends = self.sources[key].doc_ends(epoch, start, start + self.seq_len) - start
+        return window_label_tokens(ends, self.seq_len, self.seq_len + 1)
 
     def next_global_batch(self) -> List[Dict[str, Any]]:
         """This rank's ``micro_num`` micro-batches of the next global batch.
@@ -126,34 +110,56 @@ class TrainLoader:
         Also sets ``last_batch_label_tokens`` (label tokens of the whole global batch: every rank samples it,
         so every rank knows it without communication) and ``last_rank_label_tokens`` (this rank's share).
         """
-        picks = self.sampler.next_sequences(self.global_batch_size)
+        picks = self.sampler.next_picks(self.global_batch_size)
         self.last_batch_source_tokens = {k: 0 for k in self.sources}
-        for key, _ in picks:
+        for key, _, _ in picks:
             self.last_batch_source_tokens[key] += self.seq_len
         per_rank = self.micro_bsz * self.micro_num
         mine = picks[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         self.steps += 1
         batch = [
-            collate([self._sequence(k, s) for k, s in mine[m * self.micro_bsz : (m + 1) * self.micro_bsz]])
+            collate([self._sequence(*pick) for pick in mine[m * self.micro_bsz : (m + 1) * self.micro_bsz]])
             for m in range(self.micro_num)
         ]
         self.last_rank_label_tokens = sum(mb["label_tokens"] for mb in batch)
         # the same computation over the same picks on every rank: the same value everywhere
-        self.last_batch_label_tokens = sum(self._label_tokens(k, s) for k, s in picks)
+        self.last_batch_label_tokens = sum(self._label_tokens(*pick) for pick in picks)
+        for key, source in self.sources.items():  # what no later window can need (streamed sources free it)
+            cursor = self.sampler.samplers[key].cursor
+            source.release(cursor.epoch, cursor.block_start)
+            self._notes.extend(source.messages())
         return batch
+
+    def pop_messages(self) -> List[str]:
+        """Lines for the console since the last call (resume notes, streaming throughput, data waits)."""
+        out, self._notes = self._notes, []
+        return out
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
         while True:
             yield self.next_global_batch()
 
     def state_dict(self) -> Dict[str, Any]:
-        """Per-source cursors keyed by source path, mixture counts, and the number of batches taken."""
+        """Per-source cursors keyed by source id (`internlm.data.sampler_state`), each with the source's fingerprint
+        and, for a streamed source, its reader position; mixture counts; the number of batches taken."""
         state = self.sampler.state_dict()
+        for key, source in self.sources.items():
+            position = getattr(source, "position_state", None)
+            if position is not None:
+                state["sources"][self.sampler.identities[key].sid]["stream"] = position()
         state["steps"] = self.steps
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
+        """Resume from ``state``; raises `DataChanged` when a source's files changed since it was saved, unless
+        ``accept_changed_data``. Notes (a version-1 state, accepted changes) wait in `pop_messages`."""
+        resolved = self.sampler.resolve_state(state, self.accept_changed_data)
+        for key, entry in resolved.entries.items():
+            restore = getattr(self.sources[key], "restore_position", None)
+            if restore is not None:  # a streamed source reopens its reader where the cursor's data starts
+                restore(entry.get("stream"), int(entry["epoch"]), int(entry["block_start"]))
+        self.sampler.load_resolved(resolved)
+        self._notes.extend(f"warning: {note}" for note in resolved.notes)
         self.steps = int(state.get("steps", 0))
 
 
@@ -170,13 +176,14 @@ def build_train_loader(data: Any, seed: int, dp_rank: int, dp_size: int) -> Trai
         dp_rank=dp_rank,
         dp_size=dp_size,
         block_seqs=data.block_seqs,
+        accept_changed_data=bool(getattr(data, "accept_changed_data", False)),
     )
 
 
 def _valid_ranges(data: Any) -> List[Tuple[TokenStream, int]]:
     """``(stream, first token)`` of the data to validate on (to the stream end), in sorted path order."""
     if data.valid_folder is not None:
-        return [(TokenStream(k), 0) for k in sorted(parse_weights(data.valid_folder))]
+        return [(open_stream(k), 0) for k in sorted(parse_weights(data.valid_folder))]
     sources, _ = open_train_sources(data)
     return [(s.stream, s.train_end) for s in sources]
 

@@ -189,15 +189,15 @@ def check_data(phase: Phase) -> None:
     data, file = config.data, config.file
     key = "data.train_folder"
     try:
-        loader = build_train_loader(data, config.seed, 0, phase.layout.data)
-        streams = [source.stream for source in loader.sources.values()]
+        loader = build_train_loader(data, config.seed, 0, phase.layout.data)  # meta read once: the trainer reuses it
+        streams = [source.stream for source in loader.sources.values() if hasattr(source, "stream")]
         key = "data.valid_folder" if data.valid_folder is not None else "data.valid_ratio"
         build_valid_batches(data, config.seed, 0, phase.layout.data)
         if data.valid_folder is not None:
-            from internlm.data import TokenStream
             from internlm.data.loader import parse_weights
+            from internlm.data.train_sources import open_stream
 
-            streams += [TokenStream(k) for k in sorted(parse_weights(data.valid_folder))]
+            streams += [open_stream(k) for k in sorted(parse_weights(data.valid_folder))]
     except (DataError, ValueError, OSError) as exc:
         raise ConfigError(key, str(exc), file) from None
     vocab = config.model_config.vocab_size

@@ -203,7 +203,7 @@ class Trainer:
                 phase.config.data, phase.config.seed, self.model.pc.dp_rank, self.model.pc.dp_size
             )
             if loader_state is not None and (resuming_inside or not phase.config.phase.reset_data):
-                loader.load_state_dict(loader_state)
+                loader.load_state_dict(loader_state)  # DataChanged (exit 2) when the data changed under the cursors
             if not resuming_inside:
                 record = dict(
                     name=phase.name,
@@ -257,6 +257,8 @@ class Trainer:
         for phase_step in range(start, phase.steps):
             self.watch.step_started(self.progress.step + 1)  # the hang watchdog's limit starts again
             batch = loader.next_global_batch()
+            for line in loader.pop_messages():  # resume notes, streaming throughput, waits for data
+                self.logger.message(line)
             if self.health.skips(self.progress.step + 1):  # data.skip_batches: the batch is drawn and dropped
                 self._skip_batch(phase)
             else:

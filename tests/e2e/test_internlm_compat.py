@@ -244,8 +244,8 @@ REJECTED = {
         "'internlm' (our checkpoints) or 'hf'",
     ),
     "data_type": (
-        ("    diag_outlier_ratio=1.1,\n", '    diag_outlier_ratio=1.1,\n    type="streaming",\n'),
-        "data.type: 'streaming' is not supported",
+        ("    diag_outlier_ratio=1.1,\n", '    diag_outlier_ratio=1.1,\n    type="mocked",\n'),
+        "data.type: 'mocked' is not supported",
         "tools/convert_internlm_data.py",
     ),
     "tensor_sp": (  # InternLM's configs/7B_train/*.py: tensor=dict(size=8, sp="flash", intern_overlap=False)

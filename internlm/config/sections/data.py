@@ -149,9 +149,29 @@ class DataSection:
         str,
         key(
             "tokenized",
-            "InternLM compatibility; only 'tokenized' (pre-tokenized shards, what this framework reads)",
+            "'tokenized': train_folder holds tokenized shards; 'streaming' (InternEvo's key): train_folder holds raw "
+            "documents (.txt, .jsonl) tokenized while training with tokenizer_path in background processes, same "
+            "batches as tokenizing them first (docs/data.md)",
             compat=EQUIVALENT,
             normalize=compat.data_type,
+        ),
+    ]
+    text_key: Annotated[str, key("text", "data.type='streaming': the field of a jsonl record holding its text")]
+    stream_workers: Annotated[
+        int,
+        key(
+            1,
+            "data.type='streaming': tokenizer processes per training process (0: tokenize in a background thread); "
+            "never changes the batches",
+            minimum=0,
+        ),
+    ]
+    accept_changed_data: Annotated[
+        bool,
+        key(
+            False,
+            "resume even though a source's files were added, removed or changed since the checkpoint (its position "
+            "is mapped to the same token of the same file, docs/data.md); False stops the run with exit 2",
         ),
     ]
 

@@ -227,6 +227,11 @@ def build_valid_batches(data: Any, seed: int, dp_rank: int, dp_size: int) -> Lis
         limit = min(limit, data.valid_micro_num * micro_bsz)
     if data.valid_folder is None and not data.valid_ratio:
         return []
+    if data.valid_folder is None and getattr(data, "type", "tokenized") == "streaming":
+        raise ValueError(
+            f"valid_ratio={data.valid_ratio} holds out the end of each source, which a streamed source has only once "
+            "read to the end; set data.valid_ratio=0 or data.valid_folder (a tokenized folder)"
+        )
     windows = _interleave(_valid_ranges(data), seq_len, limit)
     rounds = math.ceil(len(windows) / (dp_size * micro_bsz))
     batches = []

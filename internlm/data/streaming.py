@@ -197,7 +197,7 @@ class StreamingSource:
         self.text_key, self.workers = text_key, workers
         self._buffers: Dict[int, _Buffer] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._buffers)
-        self._wait, self.tokens_read, self._last_report = 0.0, 0, time.monotonic()
+        self._wait, self._waits, self.tokens_read, self._last_report = 0.0, 0, 0, time.monotonic()
         first = self._buffer(0)
         first.fill_to(ORDER_TOKENS)
         head = first.tokens[:ORDER_TOKENS]
@@ -257,19 +257,19 @@ class StreamingSource:
 
     def note_wait(self, seconds: float, fresh: bool) -> None:
         if not fresh:
-            self._wait += seconds
+            self._wait, self._waits = self._wait + seconds, self._waits + 1
 
     def messages(self) -> List[str]:
         """Console lines after a batch: a wait for tokens over WAIT_WARN, and the rate every REPORT_EVERY s."""
         out = []
         for buf in self._buffers.values():
             buf.fresh = False
-        if self._wait > WAIT_WARN:
+        if self._waits and self._wait > WAIT_WARN:
             out.append(
                 f"warning: the step waited {self._wait:.1f} s for streamed data of {self.key}; raise "
                 f"data.stream_workers (now {self.workers}) or tokenize it first with tools/tokenizer.py"
             )
-        self._wait = 0.0
+        self._wait, self._waits = 0.0, 0
         now = time.monotonic()
         if now - self._last_report >= REPORT_EVERY:
             rate = self.tokens_read / (now - self._last_report)

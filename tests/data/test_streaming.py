@@ -89,3 +89,19 @@ def test_streaming_errors(corpus):
         build_train_loader(data(corpus, "streaming", tokenizer_path=None), 3, 0, 1)
     with pytest.raises(ValueError, match="no 'body' field"):
         build_train_loader(data(corpus, "streaming", text_key="body"), 3, 0, 1)
+
+
+def test_streaming_console_lines(corpus, monkeypatch):
+    from internlm.data import streaming
+
+    monkeypatch.setattr(streaming, "REPORT_EVERY", 0.0)  # a rate line after every batch
+    monkeypatch.setattr(streaming, "WAIT_WARN", -1.0)  # any wait is reported
+    loader = build_train_loader(data(corpus, "streaming"), 3, 0, 1)
+    batches(loader, 1)  # the readers' start-up is not a stall
+    lines = loader.pop_messages()
+    assert [x for x in lines if x.startswith("streaming ")] and not [x for x in lines if "waited" in x]
+    batches(loader, 30)
+    lines = loader.pop_messages()
+    rates = [float(x.split(": ")[1].split(" tokens/s")[0].replace(",", "")) for x in lines if "tokens/s" in x]
+    assert rates and max(rates) > 0
+    assert any(x.startswith("warning: the step waited") and "data.stream_workers" in x for x in lines)

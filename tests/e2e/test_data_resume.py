@@ -50,3 +50,48 @@ def test_moved_data_resumes_exactly_and_changed_data_stops(tmp_path, demo_data):
     out = run_train([moved_cfg])
     assert "resumed from" in out.stdout and "warning" not in out.stdout
     _same_losses(step_losses(ref_dir), step_losses(cut_dir))
+
+
+WORDS = "the a data model token stream batch step loss train order shard file resume epoch seed".split()
+
+
+def _raw_corpus(root):
+    """Two sources of jsonl documents (one gzip-compressed, one of two files)."""
+    import gzip
+    import json
+    import random
+
+    rng = random.Random(0)
+    docs = lambda n: [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(5, 80)))}) + "\n" for _ in range(n)]  # noqa: E731
+    os.makedirs(os.path.join(root, "docs"))
+    os.makedirs(os.path.join(root, "code"))
+    with gzip.open(os.path.join(root, "docs", "part0.jsonl.gz"), "wt") as f:
+        f.writelines(docs(160))
+    for part in range(2):
+        with open(os.path.join(root, "code", f"part{part}.jsonl"), "w") as f:
+            f.writelines(docs(40))
+
+
+def test_streaming_resumes_exactly_with_the_losses_of_the_tokenized_route(tmp_path, demo_data):
+    import subprocess
+    import sys
+
+    from train_utils import REPO, write_phase
+
+    raw, tok = str(tmp_path / "raw"), str(tmp_path / "tok")
+    _raw_corpus(raw)
+    for name in ("docs", "code"):
+        cmd = [sys.executable, os.path.join(REPO, "tools", "tokenizer.py"), "--input", os.path.join(raw, name)]
+        cmd += ["--tokenizer", demo_data["tokenizer"], "--output", os.path.join(tok, name), "--no-progress"]
+        subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True)
+
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    _config(str(tmp_path / "cfg_ref"), demo_data, tok, ref_dir)
+    run_train([write_phase(str(tmp_path / "cfg_ref"), "p", "data = dict(valid_ratio=0)")])
+    _config(str(tmp_path / "cfg_cut"), demo_data, raw, cut_dir)
+    streaming = write_phase(str(tmp_path / "cfg_cut"), "p", 'data = dict(type="streaming", valid_ratio=0)')
+    request_stop(cut_dir, after_step=3)
+    run_train([streaming], expect=EXIT_STOPPED)
+    out = run_train([streaming])
+    assert "resumed from" in out.stdout
+    _same_losses(step_losses(ref_dir), step_losses(cut_dir))

@@ -14,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "DataError": "errors",
     "DataFileMissing": "errors",
+    "DataChanged": "errors",
     "Tokenizer": "tokenizer",
     "train_sentencepiece": "tokenizer",
     "iter_documents": "corpus",

@@ -135,7 +135,9 @@ class _Buffer:
     """The tokens of one epoch from ``base`` (a document start) on, filled from a `_Reader` on demand."""
 
     def __init__(self, source: "StreamingSource", base: int, file: int, record: int) -> None:
-        self.source, self.base, self.file, self.record = source, base, file, record
+        # a proxy, not a reference: no cycle, so the source's finalizer closes the readers as soon as its loader goes
+        self.source = weakref.proxy(source)
+        self.base, self.file, self.record = base, file, record
         self.tokens = np.zeros(0, np.int64)
         self.ends = np.zeros(0, np.int64)  # absolute document ends
         self.starts = np.zeros((0, 2), np.int64)  # (file, record) of each buffered document

@@ -3,6 +3,8 @@ worker count, and the errors a streamed config can hit."""
 
 import gzip
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -105,3 +107,8 @@ def test_streaming_console_lines(corpus, monkeypatch):
     rates = [float(x.split(": ")[1].split(" tokens/s")[0].replace(",", "")) for x in lines if "tokens/s" in x]
     assert rates and max(rates) > 0
     assert any(x.startswith("warning: the step waited") and "data.stream_workers" in x for x in lines)
+    del loader  # a dropped loader stops its readers (a new phase builds a new loader)
+    deadline = time.monotonic() + 10
+    while any(t.name == "internlm-streaming" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "internlm-streaming" for t in threading.enumerate())

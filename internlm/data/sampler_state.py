@@ -14,7 +14,9 @@ with `DataChanged` (one line naming the source and what changed) unless ``accept
 ``data.accept_changed_data``); then the cursor is mapped: when the file holding its block start is unchanged and
 the block start did not move, it continues exactly; otherwise a fresh block opens at the same token of the same
 file (`fingerprint.map_offset`), or at the start of the next unchanged file when that file changed or went. A
-streamed source restarts at the next epoch (its token counts are not known ahead). A note says so.
+streamed source restarts at the next epoch (its token counts are not known ahead); a source switched between
+``data.type`` "tokenized" and "streaming" keeps its cursor (its token offsets are the same for the same
+documents). A note says so.
 
 **Version 1** (cursors keyed by path, permutations seeded by ``sha256(path)``): each cursor is matched by path and
 keeps ``order = sha256(path)``, so a resumed old checkpoint draws exactly the batches it would have drawn; its
@@ -94,7 +96,13 @@ def check_changes(
 def _mapped(entry: dict, new: Mapping[str, Any]) -> Tuple[dict, str]:
     old = entry["fingerprint"]
     entry = dict(entry, fingerprint=new)
-    if old["tokens"] is None or new["tokens"] is None:  # streamed: token offsets of the new files are unknown
+    if (old["tokens"] is None) != (new["tokens"] is None):  # data.type switched: the same tokens if the same docs
+        entry.pop("stream", None)
+        return entry, (
+            f"it switched between streamed and tokenized files and continues at token {entry['block_start']} of "
+            f"epoch {entry['epoch']} (the same batches when the shards are the streamed documents tokenized)"
+        )
+    if old["tokens"] is None:  # streamed: token offsets of the new files are unknown
         entry.update(epoch=int(entry["epoch"]) + 1, block_start=0, block_len=0, taken=0)
         entry.pop("stream", None)
         return entry, f"it restarts at the beginning of epoch {entry['epoch']}"

@@ -112,3 +112,16 @@ def test_streaming_console_lines(corpus, monkeypatch):
     while any(t.name == "internlm-streaming" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "internlm-streaming" for t in threading.enumerate())
+
+
+def test_switching_between_streamed_and_tokenized_needs_acceptance_then_continues(corpus):
+    tokenized = batches(build_train_loader(data(corpus, "tokenized"), 3, 0, 1), 12)
+    streamed = build_train_loader(data(corpus, "streaming"), 3, 0, 1)
+    head = batches(streamed, 5)
+    state = json.loads(json.dumps(streamed.state_dict()))
+    with pytest.raises(ValueError, match=r"added shard_00000.bin.*removed part0.jsonl.gz"):
+        build_train_loader(data(corpus, "tokenized"), 3, 0, 1).load_state_dict(state)
+    switched = build_train_loader(data(corpus, "tokenized", accept_changed_data=True), 3, 0, 1)
+    switched.load_state_dict(state)
+    assert same(tokenized, head + batches(switched, 7))
+    assert all("switched between streamed and tokenized" in x for x in switched.pop_messages())

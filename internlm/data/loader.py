@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from .packing import PackedSequence, collate, pack_window, padding_sequence, window_label_tokens
 from .sampler import MixtureSampler
-from .train_sources import holdout_start, open_stream, open_token_source, unique_identities
 from .stream import TokenStream, source_key
+from .train_sources import holdout_start, open_stream, open_token_source, unique_identities
 
 __all__ = ["TrainLoader", "build_train_loader", "build_valid_batches", "holdout_start", "open_train_sources"]
 

@@ -125,3 +125,16 @@ def test_switching_between_streamed_and_tokenized_needs_acceptance_then_continue
     switched.load_state_dict(state)
     assert same(tokenized, head + batches(switched, 7))
     assert all("switched between streamed and tokenized" in x for x in switched.pop_messages())
+
+
+def test_streaming_ranks_share_the_global_batch_of_one_process(corpus):
+    def input_ids(loader, steps):
+        return [
+            np.concatenate([mb["input_ids"].numpy().ravel() for mb in loader.next_global_batch()]) for _ in range(steps)
+        ]
+
+    one = input_ids(build_train_loader(data(corpus, "streaming", micro_num=4), 3, 0, 1), 6)
+    ranks = [build_train_loader(data(corpus, "streaming", micro_num=2), 3, r, 2) for r in range(2)]
+    per_rank = [input_ids(loader, 6) for loader in ranks]
+    assert same(one, [np.concatenate([per_rank[0][s], per_rank[1][s]]) for s in range(6)])  # rank 0's, then 1's
+    assert ranks[0].state_dict() == ranks[1].state_dict()

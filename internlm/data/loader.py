@@ -11,10 +11,11 @@ every one present (the config system fills the defaults; nothing is defaulted he
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .packing import PackedSequence, collate, pack_window, padding_sequence, window_label_tokens
 from .sampler import MixtureSampler
+from .sources import check_window_ids
 from .stream import TokenStream, source_key
 from .train_sources import holdout_start, open_stream, open_token_source, unique_identities
 
@@ -70,6 +71,7 @@ class TrainLoader:
         dp_size: int = 1,
         block_seqs: int = 1024,
         accept_changed_data: bool = False,
+        vocab_size: Optional[int] = None,
     ) -> None:
         sizes = {"seq_len": seq_len, "micro_bsz": micro_bsz, "micro_num": micro_num, "dp_size": dp_size}
         for name, value in sizes.items():
@@ -85,6 +87,7 @@ class TrainLoader:
             dict(self.sources), weights, seq_len, seed, block_seqs, identities=unique_identities(sources)
         )
         self.accept_changed_data = accept_changed_data
+        self.vocab_size = vocab_size  # when set, every window read is checked against it (`check_window_ids`)
         self._notes: List[str] = []  # lines for the console: resume notes, streaming throughput and waits
         self.steps = 0
         self.last_batch_source_tokens: Dict[str, int] = {k: 0 for k in self.sources}
@@ -96,7 +99,11 @@ class TrainLoader:
     def _sequence(self, key: str, epoch: int, start: int) -> PackedSequence:
         source, stop = self.sources[key], start + self.seq_len
         ends = source.doc_ends(epoch, start, stop) - start
-        return pack_window(source.read(epoch, start, stop + 1), ends, self.seq_len)
+        tokens = source.read(epoch, start, stop + 1)
+        shards = getattr(getattr(source, "stream", None), "shards", None)
+        if self.vocab_size is not None and shards is not None:  # streamed text: the run's tokenizer, checked at start
+            check_window_ids(tokens, key, shards, self.vocab_size)
+        return pack_window(tokens, ends, self.seq_len)
 
     def _label_tokens(self, key: str, epoch: int, start: int) -> int:
         """Label tokens of the sequence at ``start`` of source ``key``, from its document ends only (every window
@@ -163,8 +170,11 @@ class TrainLoader:
         self.steps = int(state.get("steps", 0))
 
 
-def build_train_loader(data: Any, seed: int, dp_rank: int, dp_size: int) -> TrainLoader:
-    """The trainer's entry point: open the training sources of the ``data`` section, build this rank's loader."""
+def build_train_loader(
+    data: Any, seed: int, dp_rank: int, dp_size: int, vocab_size: Optional[int] = None
+) -> TrainLoader:
+    """The trainer's entry point: open the training sources of the ``data`` section, build this rank's loader;
+    ``vocab_size`` (the model's): token ids of every sequence read are checked against it."""
     sources, weights = open_train_sources(data)
     return TrainLoader(
         sources,
@@ -177,6 +187,7 @@ def build_train_loader(data: Any, seed: int, dp_rank: int, dp_size: int) -> Trai
         dp_size=dp_size,
         block_seqs=data.block_seqs,
         accept_changed_data=bool(getattr(data, "accept_changed_data", False)),
+        vocab_size=vocab_size,
     )
 
 
@@ -207,8 +218,11 @@ def _interleave(ranges: List[Tuple[TokenStream, int]], seq_len: int, limit: int)
     return out
 
 
-def build_valid_batches(data: Any, seed: int, dp_rank: int, dp_size: int) -> List[Dict[str, Any]]:
-    """This rank's validation micro-batches (empty when there is no validation data).
+def build_valid_batches(
+    data: Any, seed: int, dp_rank: int, dp_size: int, vocab_size: Optional[int] = None
+) -> List[Dict[str, Any]]:
+    """This rank's validation micro-batches (empty when there is no validation data); ``vocab_size`` (the
+    model's): token ids of every window read are checked against it.
 
     The validation sequences are consecutive windows of the held-out tail of every training source
     (or of ``valid_folder``), interleaved round-robin over sources in sorted path order; the first
@@ -245,6 +259,8 @@ def build_valid_batches(data: Any, seed: int, dp_rank: int, dp_size: int) -> Lis
             stream, start = windows[g]
             stop = start + seq_len
             tokens = stream.read(start, min(stop + 1, stream.num_tokens))
+            if vocab_size is not None:
+                check_window_ids(tokens, stream.folder, stream.shards, vocab_size)
             seqs.append(pack_window(tokens, stream.doc_ends(start, stop) - start, seq_len))
         batches.append(collate(seqs))
     return batches

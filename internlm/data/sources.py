@@ -1,6 +1,11 @@
 """Which files a source (an entry of ``data.train_folder`` / ``data.valid_folder``) is made of, and the token-id
 check of its files against the model.
 
+Token ids are checked as they are read (`check_window_ids`, called by the loader on every sequence it packs: a
+min and a max over ``seq_len + 1`` tokens), not by a scan at start-up: a scan reads the whole corpus on every rank
+at every start (terabytes for a 104B run), while reading costs only what training consumes. Only a window that
+fails is followed by a scan of its source's shards (`token_id_problem`), to name the shard.
+
 A source is one of:
 
 * a folder of this framework's shards (``NAME.bin`` + ``NAME.bin.meta``, `internlm.data.shard`);
@@ -56,6 +61,18 @@ def token_id_range(shard: AnyShard) -> Tuple[int, int]:
     return _RANGES[key]
 
 
+def check_window_ids(tokens: np.ndarray, source_key: str, shards: Iterable[AnyShard], vocab_size: int) -> None:
+    """Raise `DataError` naming the shard when a window of tokens just read from source ``source_key`` holds an
+    id outside ``[0, vocab_size)``: an id past the embedding would fail in the model as an IndexError naming no
+    file."""
+    if tokens.size == 0 or (int(tokens.min()) >= 0 and int(tokens.max()) < vocab_size):
+        return
+    problem = token_id_problem(shards, vocab_size)
+    raise DataError(
+        source_key, f"model.vocab_size: {problem or f'source {source_key} holds token ids outside [0, {vocab_size})'}"
+    )
+
+
 def _scan(shard: AnyShard) -> Tuple[int, int]:
     lo, hi = None, None
     for start in range(0, shard.num_tokens, SCAN_TOKENS):
@@ -84,4 +101,4 @@ def token_id_problem(shards: Iterable[AnyShard], vocab_size: int) -> Optional[st
     return None
 
 
-__all__ = ["open_shards", "token_id_problem", "token_id_range"]
+__all__ = ["check_window_ids", "open_shards", "token_id_problem", "token_id_range"]

@@ -11,8 +11,8 @@ prints. The checks, in order:
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
   spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded;
 - every phase's data: the loaders are built (each shard's .bin.meta or Megatron .idx read, sizes and document
-  tables checked), the shards' recorded vocabulary fits model.vocab_size, and every token id is < model.vocab_size
-  (`check_token_ids`);
+  tables checked), the shards' recorded vocabulary fits model.vocab_size, and the validation windows' token ids are
+  < model.vocab_size (training windows are checked as they are read: `internlm.data.sources.check_window_ids`);
 - the tokenizer (``data.tokenizer_path``): a SentencePiece model whose vocabulary fits model.vocab_size.
 """
 
@@ -182,7 +182,9 @@ def _check_initial_weights(path: str, current: dict, file: str) -> None:
 
 def check_data(phase: Phase) -> None:
     """Build the phase's training loader and validation batches as rank 0 would (every shard's meta is read and
-    checked), and check that the shards' recorded vocabulary fits model.vocab_size."""
+    checked, the validation windows' token ids too), and check that the shards' recorded vocabulary fits
+    model.vocab_size. Training windows' token ids are checked as the trainer reads them (`check_window_ids`):
+    a start-up scan would read the whole corpus on every rank at every start."""
     from internlm.data import DataError, build_train_loader, build_valid_batches
 
     config = phase.config
@@ -192,7 +194,7 @@ def check_data(phase: Phase) -> None:
         loader = build_train_loader(data, config.seed, 0, phase.layout.data)  # meta read once: the trainer reuses it
         streams = [source.stream for source in loader.sources.values() if hasattr(source, "stream")]
         key = "data.valid_folder" if data.valid_folder is not None else "data.valid_ratio"
-        build_valid_batches(data, config.seed, 0, phase.layout.data)
+        build_valid_batches(data, config.seed, 0, phase.layout.data, vocab_size=config.model_config.vocab_size)
         if data.valid_folder is not None:
             from internlm.data.loader import parse_weights
             from internlm.data.train_sources import open_stream
@@ -211,22 +213,6 @@ def check_data(phase: Phase) -> None:
                 f"model.vocab_size >= {recorded} or re-tokenize with a smaller tokenizer",
                 file,
             )
-    check_token_ids(streams, vocab, file)
-
-
-def check_token_ids(streams: List[Any], vocab: int, file: str) -> None:
-    """Every token id of every shard (this framework's or Megatron's .bin/.idx) lies in ``[0, model.vocab_size)``:
-    an id past the embedding would otherwise fail in step 1 as an IndexError naming no file. The shards are scanned
-    once (memory-mapped, in chunks; skipped when their dtype cannot hold an id >= vocab_size)."""
-    from internlm.data.sources import token_id_problem
-
-    seen = set()
-    for stream in streams:
-        shards = [s for s in stream.shards if s.path not in seen]
-        seen.update(s.path for s in shards)
-        problem = token_id_problem(shards, vocab)
-        if problem:
-            raise ConfigError("model.vocab_size", problem, file)
 
 
 def check_tokenizer(config: RunConfig) -> None:
@@ -301,7 +287,6 @@ __all__ = [
     "metaless_folders",
     "model_difference",
     "check_data",
-    "check_token_ids",
     "check_tokenizer",
     "check_writable",
     "start_up",

@@ -200,7 +200,11 @@ class Trainer:
                 self.checkpointer.load_model(restore_from, self.model)
             self._prepare_optimizer(phase, restore_from, resuming_inside)
             loader = build_train_loader(
-                phase.config.data, phase.config.seed, self.model.pc.dp_rank, self.model.pc.dp_size
+                phase.config.data,
+                phase.config.seed,
+                self.model.pc.dp_rank,
+                self.model.pc.dp_size,
+                vocab_size=phase.config.model_config.vocab_size,
             )
             if loader_state is not None and (resuming_inside or not phase.config.phase.reset_data):
                 loader.load_state_dict(loader_state)  # DataChanged (exit 2) when the data changed under the cursors
@@ -245,7 +249,9 @@ class Trainer:
         Metrics are also flushed before a validation or a checkpoint: metrics.jsonl covers the checkpointed steps."""
         config, pc = phase.config, self.model.pc
         schedule = build_step_schedule(config, pc)
-        valid_batches = build_valid_batches(config.data, config.seed, pc.dp_rank, pc.dp_size)
+        valid_batches = build_valid_batches(
+            config.data, config.seed, pc.dp_rank, pc.dp_size, vocab_size=config.model_config.vocab_size
+        )
         before = self.progress.step - start  # global steps before this phase's first
         self.logger.message(
             f"phase {phase.index + 1}/{len(self.phases)} {phase.name!r}: steps {start + 1}..{phase.steps} (global "

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from internlm.errors import EXIT_HUNG, record_exit_status
 
@@ -71,7 +71,9 @@ class HangWatchdog:
         with self._cond:
             self._deadline = time.monotonic() + self.timeout_s
             self._step = step
-            faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + BACKSTOP_S, exit=True)
+            backstop = _backstop_stream()
+            if backstop is not None:
+                faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + BACKSTOP_S, exit=True, file=backstop)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="internlm-hang-watchdog", daemon=True)
                 self._thread.start()
@@ -142,3 +144,17 @@ class HangWatchdog:
 
 
 __all__ = ["HangWatchdog", "hang_timeout"]
+
+
+def _backstop_stream() -> Optional[Any]:
+    """The process's real stderr for faulthandler's C timer (it writes to a file descriptor), or None when there is
+    none: ``sys.stderr`` may be replaced by an object without one (an in-process run under ``redirect_stderr``, a
+    notebook), and ``sys.__stderr__`` may be closed; the watchdog thread still covers the hang then."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return None

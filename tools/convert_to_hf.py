@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import sys
 import time
 
 from internlm.checkpoint import CheckpointReader, find_checkpoint
+from internlm.errors import BadInputError
 from internlm.model.config import parse_dtype
 from internlm.model.hf import (
     SAFE_INDEX,
@@ -82,7 +84,11 @@ def convert(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> None:
-    convert(parse_args(argv))
+    try:
+        convert(parse_args(argv))
+    except BadInputError as exc:  # e.g. a checkpoint file whose pickle would run code: refused, one line, status 2
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

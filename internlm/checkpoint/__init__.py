@@ -3,6 +3,7 @@
     files.py     file names, writer ranks, meta.json (its fields are documented there), finding checkpoints,
                  the commit; `write_json`, the one fsync-ing JSON writer
     file_io.py   writing a file while computing its CRC-32, checking files against meta.json, the async writer
+    safe_load.py the one torch.load: weights-only unpickling, nothing in a file runs (old RNG files converted)
     reader.py    full tensors of a checkpoint of any layout (the one parser of model files), picking a step
     verify.py    resume verification over the ranks, moving damaged checkpoints aside, fallback
     manager.py   `CheckpointManager`: the collective save (and its commit), prune, same-layout load

@@ -48,11 +48,33 @@ from .files import (
     write_json,
     writes_optimizer_file,
 )
+from .safe_load import load_checkpoint_file
 
 
 # ---------------------------------------------------------------------- RNG
+def _numpy_rng_state() -> Dict[str, Any]:
+    """numpy's global RNG state as plain values (``numpy.random.get_state()``'s tuple, its key array as an int64
+    tensor): a file of them loads with weights-only unpickling (safe_load.py)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(
+        bit_generator=str(name),
+        keys=torch.from_numpy(keys.astype(np.int64)),
+        pos=int(pos),
+        has_gauss=int(has_gauss),
+        cached_gaussian=float(cached),
+    )
+
+
+def _set_numpy_rng_state(state: Any) -> None:
+    """Restore `_numpy_rng_state`'s dict, or the tuple of ``numpy.random.get_state()`` old checkpoints hold."""
+    if isinstance(state, dict):
+        keys = state["keys"].numpy().astype(np.uint32)
+        state = (state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    np.random.set_state(state)
+
+
 def _rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +82,7 @@ def _rng_state() -> Dict[str, Any]:
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_rng_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -252,7 +274,7 @@ class CheckpointManager:
                 f"checkpoint {path} has no {self._model_file()}: it was saved under another parallel layout "
                 f"(see its {META_FILE}); load it with internlm.checkpoint.reshard.load_model_resharded"
             )
-        states = torch.load(model_path, map_location="cpu", weights_only=False, mmap=True)["chunks"]
+        states = load_checkpoint_file(model_path, mmap=True)["chunks"]
         if len(states) != len(model_chunks):
             raise ValueError(f"checkpoint {path} holds {len(states)} model chunks, this run has {len(model_chunks)}")
         for chunk, state in zip(model_chunks, states):
@@ -260,7 +282,7 @@ class CheckpointManager:
 
     def load_optimizer(self, path: str, optimizer) -> None:
         """Restore this rank's optimizer shard (the file of its zero1 rank, memory-mapped)."""
-        state = torch.load(os.path.join(path, self._optim_file()), map_location="cpu", weights_only=False, mmap=True)
+        state = load_checkpoint_file(os.path.join(path, self._optim_file()), mmap=True)
         optimizer.load_state_dict(state)
 
     def load_train_state(self, path: str, restore_rng: bool = True) -> Dict[str, Any]:
@@ -268,8 +290,9 @@ class CheckpointManager:
         ranks); return the rank-0 train state (sampler, phase history), which is layout independent."""
         rng_path = os.path.join(path, rng_file(self.pc.rank))
         if restore_rng and os.path.isfile(rng_path):
-            _set_rng_state(torch.load(rng_path, weights_only=False))
-        return torch.load(os.path.join(path, TRAIN_STATE_FILE), weights_only=False)
+            # numpy arrays allowed: RNG files of checkpoints saved before the states were plain values
+            _set_rng_state(load_checkpoint_file(rng_path, legacy_numpy=True))
+        return load_checkpoint_file(os.path.join(path, TRAIN_STATE_FILE))
 
 
 __all__ = ["CheckpointManager"]

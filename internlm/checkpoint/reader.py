@@ -4,9 +4,10 @@ The full tensor of a parameter split over the tensor group is the concatenation 
 ``dim`` (the file's ``tp_shards`` record ``(dim, rank, size)``); a replicated one is tensor rank 0's. Pipeline
 stages and chunks hold disjoint names (layers keep their global index).
 
-Files are opened with ``torch.load(..., mmap=True)`` (`load_file`): only their pickled index is read, and a
-tensor's bytes are read when it is used. `CheckpointReader.iter_tensors` yields one full tensor at a time, so a
-consumer that copies each into place (`InternLM.from_pretrained`, the HF exporter) never holds the model twice;
+Files are opened memory-mapped with weights-only unpickling (`load_file`, `safe_load.load_checkpoint_file`):
+only their pickled index is read, and a tensor's bytes are read when it is used. `CheckpointReader.iter_tensors`
+yields one full tensor at a time, so a consumer that copies each into place (`InternLM.from_pretrained`, the HF
+exporter) never holds the model twice;
 `CheckpointReader.pieces` gives the saved pieces of one tensor, which resharding copies into a rank's shards
 (`internlm.checkpoint.reshard`). This is the one parser of model files.
 
@@ -25,6 +26,7 @@ import torch
 
 from .file_io import checkpoint_problems
 from .files import META_FILE, complete_checkpoints, is_checkpoint, model_file, read_meta
+from .safe_load import load_checkpoint_file
 
 
 def load_file(path: str, name: str, layout_text: str) -> Any:
@@ -33,7 +35,7 @@ def load_file(path: str, name: str, layout_text: str) -> Any:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"checkpoint {path}: {name} is missing (its {META_FILE} records {layout_text})")
-    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    return load_checkpoint_file(file, mmap=True)
 
 
 def model_file_problems(path: str) -> List[str]:

@@ -9,7 +9,8 @@ prints. The checks, in order:
   (`internlm.planning.checkpoint_bytes`: weights + fp32 master and Adam moments), no ``<step>/`` folder holding
   files without meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
-  spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded;
+  spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded; the
+  files of either whose pickle would run code are refused (`check_checkpoint_files`, a scan without loading);
 - every phase's data: the loaders are built (each shard's .bin.meta or Megatron .idx read, sizes and document
   tables checked), the shards' recorded vocabulary fits model.vocab_size, and the validation windows' token ids are
   < model.vocab_size (training windows are checked as they are read: `internlm.data.sources.check_window_ids`);
@@ -24,6 +25,7 @@ import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from internlm.checkpoint import META_FILE, checkpoint_problems, complete_checkpoints, read_meta
+from internlm.checkpoint.safe_load import check_checkpoint_files
 from internlm.config import ConfigError, RunConfig
 from internlm.errors import BadInputError, CheckpointError
 from internlm.planning import checkpoint_bytes
@@ -135,7 +137,9 @@ def check_checkpoints(config: RunConfig, warn: Callable[[str], None], loads_init
             if problems:
                 damaged.append(f"{path}: {'; '.join(problems)}")
                 continue
-            _check_model(path, read_meta(path), current, "this run's checkpoint folder")
+            meta = read_meta(path)
+            _check_model(path, meta, current, "this run's checkpoint folder")
+            check_checkpoint_files(path, meta.get("files") or os.listdir(path))  # no pickle that runs code
             break
         else:
             if damaged:
@@ -178,6 +182,7 @@ def _check_initial_weights(path: str, current: dict, file: str) -> None:
             f"ckpt.load_ckpt_folder at another checkpoint"
         )
     _check_model(path, meta, current, "ckpt.load_ckpt_folder")
+    check_checkpoint_files(path, [n for n in os.listdir(path) if n.startswith("model_")])
 
 
 def check_data(phase: Phase) -> None:

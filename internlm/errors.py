@@ -42,9 +42,19 @@ class WorkDirLocked(BadInputError):
     """Another run holds the work_dir's lock."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, an I/O error) on some rank: nothing of it is kept (its partial
+    folder is removed), the earlier checkpoints are intact. The message is one line naming the step folder, the rank
+    and file that failed and what to do; train.py exits with its own status (docs/troubleshooting.md)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
 __all__ = [
     "BadInputError",
     "CheckpointError",
+    "CheckpointSaveError",
     "WorkDirLocked",
     "EXIT_HUNG",
     "EXIT_STATUS_FILE_ENV",

@@ -29,12 +29,17 @@ class _HashingWriter:
         self._file = file
         self.crc = 0
         self.bytes = 0
+        self.os_error: Optional[OSError] = None  # torch.save reports a failed write as its own "unexpected pos"
 
     def write(self, data) -> int:
         view = memoryview(data)
         self.crc = zlib.crc32(view, self.crc)
         self.bytes += view.nbytes
-        return self._file.write(view)
+        try:
+            return self._file.write(view)
+        except OSError as exc:
+            self.os_error = exc
+            raise
 
     def flush(self) -> None:
         self._file.flush()
@@ -48,9 +53,14 @@ def write_file(obj: Any, path: str) -> Dict[str, Any]:
     """``torch.save(obj)`` to ``path`` (flushed to disk with fsync); returns its record (bytes, crc32)."""
     with open(path, "wb") as f:
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        except Exception:
+            if writer.os_error is not None:  # the cause (e.g. ENOSPC), not torch's consequence
+                raise writer.os_error from None
+            raise
     return _record(writer.crc, writer.bytes)
 
 
@@ -130,6 +140,7 @@ class FileWriter:
         self._files = list(files)
         self.records: Dict[str, Dict[str, Any]] = {}
         self.error: Optional[BaseException] = None
+        self.failed_file: Optional[str] = None  # the file being written when the error came
         self._thread: Optional[threading.Thread] = None
         if background:
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -138,13 +149,14 @@ class FileWriter:
             self._run()
 
     def _run(self) -> None:
+        name = None
         try:
             while self._files:
                 name, obj = self._files.pop(0)
                 self.records[name] = write_file(obj, os.path.join(self.folder, name))
                 del obj
         except BaseException as exc:  # reported by wait(), on the training thread
-            self.error = exc
+            self.error, self.failed_file = exc, name
             self._files = []
 
     @property
@@ -158,8 +170,18 @@ class FileWriter:
             self._thread.join()
             self._thread = None
         if self.error is not None:
-            raise RuntimeError(f"writing checkpoint files into {self.folder} failed: {self.error!r}") from self.error
+            error = self.error
+            what = f"{error.strerror} (errno {error.errno})" if isinstance(error, OSError) and error.strerror else error
+            where = f"writing checkpoint file {self.failed_file} into {self.folder}"
+            raise RuntimeError(f"{where} failed: {what}") from error
         return self.records
+
+    def remove_written(self) -> None:
+        """Delete the files this writer created (after a failure: they are of no use, and free the space the
+        failure report needs). Call after `wait`."""
+        for name in [*self.records, self.failed_file]:
+            if name is not None and os.path.exists(os.path.join(self.folder, name)):
+                os.remove(os.path.join(self.folder, name))
 
 
 __all__ = ["FileWriter", "checkpoint_problems", "cpu_snapshot", "file_problem", "file_record", "write_file"]

@@ -53,6 +53,7 @@ META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 2
 DAMAGED_SUFFIX = ".damaged"
+TMP_PREFIX = ".tmp-"  # a save in progress: .tmp-<step>/
 
 
 # ---------------------------------------------------------------------- names and writers
@@ -109,6 +110,32 @@ def complete_checkpoints(root: str) -> List[int]:
     if not os.path.isdir(root):
         return []
     return sorted(int(name) for name in os.listdir(root) if name.isdigit() and is_checkpoint(os.path.join(root, name)))
+
+
+def partial_saves(root: str) -> List[Tuple[str, int]]:
+    """``(path, bytes held)`` of every ``.tmp-<step>`` folder under ``root``: a save that did not complete (killed,
+    or failed without cleaning up), never a checkpoint; the next save removes them."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(TMP_PREFIX) and os.path.isdir(path):
+            held = 0
+            for folder, _, files in os.walk(path):
+                held += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+            out.append((path, held))
+    return out
+
+
+def accounted_bytes(path: str) -> Optional[int]:
+    """The bytes of checkpoint ``path``'s files as its meta.json records them (``files``; meta.json itself, a few
+    KB, left out), None when it records none (before checksums) or cannot be read."""
+    try:
+        files = read_meta(path).get("files")
+        return sum(int(record["bytes"]) for record in files.values()) if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
@@ -184,7 +211,9 @@ __all__ = [
     "DAMAGED_SUFFIX",
     "FORMAT_VERSION",
     "META_FILE",
+    "TMP_PREFIX",
     "TRAIN_STATE_FILE",
+    "accounted_bytes",
     "checkpoint_healthy",
     "commit_checkpoint",
     "complete_checkpoints",
@@ -195,6 +224,7 @@ __all__ = [
     "model_file",
     "model_writer_dp",
     "optim_file",
+    "partial_saves",
     "read_meta",
     "rewrite_meta",
     "rng_file",

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from internlm.errors import CheckpointSaveError
 from internlm.faults import kill_now, kill_point
 from internlm.parallel import Layout, param_shards
 from internlm.parallel.comm import default_group_barrier, default_group_rank
@@ -36,6 +37,7 @@ from internlm.parallel.comm import default_group_barrier, default_group_rank
 from .file_io import FileWriter, cpu_snapshot
 from .files import (
     META_FILE,
+    TMP_PREFIX,
     TRAIN_STATE_FILE,
     checkpoint_healthy,
     commit_checkpoint,
@@ -97,6 +99,12 @@ def _plain(value: Any) -> Any:
 
 _RECORDS_PREFIX = ".records-rank"
 _FAILED_PREFIX = ".failed-"
+NO_RECORDS = "its records file could not be written or read"
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 @dataclass
@@ -170,14 +178,23 @@ class CheckpointManager:
         # meta as it is now (the trainer keeps changing its phase history); meta.json is written by finish()
         record = json.loads(json.dumps(meta, default=_plain))
         final = os.path.join(self.root, str(step))
-        tmp = os.path.join(self.root, f".tmp-{step}")
+        tmp = os.path.join(self.root, f"{TMP_PREFIX}{step}")
+        setup_error = None
         if self.pc.rank == 0:
-            os.makedirs(self.root, exist_ok=True)
-            for name in os.listdir(self.root):
-                if name.startswith((".tmp-", _FAILED_PREFIX)):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-            os.makedirs(tmp)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                for name in os.listdir(self.root):
+                    if name.startswith(TMP_PREFIX):
+                        shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                    elif name.startswith(_FAILED_PREFIX):
+                        os.remove(os.path.join(self.root, name))
+                os.makedirs(tmp)
+            except OSError as exc:  # reached the barrier all the same: every rank sees the folder is missing
+                setup_error = exc
         default_group_barrier()
+        if not os.path.isdir(tmp):
+            why = f": {setup_error.strerror} (errno {setup_error.errno})" if setup_error is not None else ""
+            raise CheckpointSaveError(f"checkpoint {final} was not saved: rank 0 could not create {tmp}{why}")
         files = self.snapshot(model_chunks, optimizer, train_state, copy=async_save)
         writer = FileWriter(tmp, files, background=async_save)
         del files
@@ -189,8 +206,9 @@ class CheckpointManager:
     def finish(self) -> Optional[str]:
         """Complete the pending save (collective; a no-op returning None when there is none): wait for this
         rank's writer, hand its file records to rank 0, which writes meta.json, renames the folder and prunes.
-        Returns the checkpoint's path. Raises RuntimeError on every rank when any rank failed to write (the
-        partial folder is removed; no checkpoint is recorded).
+        Returns the checkpoint's path. Raises `CheckpointSaveError` on every rank when any rank failed to write (a
+        full disk included: a rank that failed deletes its files, then writes its records file; one that cannot is
+        reported by rank 0 as having none); the partial folder is removed and no checkpoint is recorded.
 
         The records travel through the shared checkpoint folder (``.records-rank{r}.json``, removed before the
         rename) between two barriers, not through ``all_gather_object``: a barrier issued right after a
@@ -206,31 +224,48 @@ class CheckpointManager:
             records = pending.writer.wait()
         except Exception as exc:  # every rank must reach the barriers, or the others hang
             records, error = {}, f"rank {rank}: {exc}"
+            pending.writer.remove_written()  # useless now; frees the room the records file needs on a full disk
         if kill_point("save", pending.step):  # tests only: kill -9 in the middle of a save
             kill_now()
-        write_json(os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json"), {"records": records, "error": error})
+        records_file = os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json")
+        try:
+            write_json(records_file, {"records": records, "error": error})
+        except OSError:  # a full disk: rank 0 finds no records of this rank and fails the save
+            _remove(records_file)
         default_group_barrier()
         failed = os.path.join(self.root, f"{_FAILED_PREFIX}{pending.step}")
+        errors: List[str] = []
         if rank == 0:
-            errors, gathered = self._collect_records(pending, world)
+            errors, gathered = self._collect_records(pending, world, own={"records": records, "error": error})
+            _remove(failed)
+            if not errors:
+                try:
+                    commit_checkpoint(pending.tmp, pending.final, pending.meta, gathered)
+                except OSError as exc:  # meta.json did not fit
+                    errors = [f"rank 0: writing {META_FILE} failed: {exc.strerror} (errno {exc.errno})"]
+                else:
+                    self._prune()
             if errors:
-                write_json(failed, errors)
-                shutil.rmtree(pending.tmp, ignore_errors=True)
-            else:
-                if os.path.exists(failed):
-                    os.remove(failed)
-                commit_checkpoint(pending.tmp, pending.final, pending.meta, gathered)
-                self._prune()
+                shutil.rmtree(pending.tmp, ignore_errors=True)  # first: the failure record needs room
+                try:
+                    write_json(failed, errors)  # how the other ranks learn of it
+                except OSError:
+                    _remove(failed)  # they cannot: rank 0's error ends the run, they fail at the next collective
         default_group_barrier()
-        if os.path.exists(failed):
+        if rank != 0 and os.path.exists(failed):
             with open(failed) as f:
                 errors = json.load(f)
-            raise RuntimeError(f"checkpoint {pending.final} was not saved: {'; '.join(errors)}")
+        if errors:
+            raise CheckpointSaveError(
+                f"checkpoint {pending.final} was not saved: {'; '.join(errors)}; its partial folder {pending.tmp} "
+                f"was removed and the earlier checkpoints are intact"
+            )
         return pending.final
 
     @staticmethod
-    def _collect_records(pending: _PendingSave, world: int) -> Tuple[List[str], Dict[str, Any]]:
-        """Rank 0: every rank's records file (removed once read) -> (errors, meta.json's ``files`` table)."""
+    def _collect_records(pending: _PendingSave, world: int, own: Dict[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
+        """Rank 0: every rank's records file (removed once read; ``own``: rank 0's, in memory) -> (errors,
+        meta.json's ``files`` table)."""
         errors: List[str] = []
         gathered = []
         for rank in range(world):
@@ -240,8 +275,11 @@ class CheckpointManager:
                     entry = json.load(f)
                 os.remove(path)
             except (OSError, ValueError) as exc:
-                errors.append(f"rank {rank} reported no file records ({exc})")
-                continue
+                if rank == 0:
+                    entry = own
+                else:
+                    errors.append(f"rank {rank} reported no file records (a full disk? {NO_RECORDS}: {exc})")
+                    continue
             if entry["error"]:
                 errors.append(entry["error"])
             gathered.append((rank, entry["records"]))
@@ -295,4 +333,4 @@ class CheckpointManager:
         return load_checkpoint_file(os.path.join(path, TRAIN_STATE_FILE))
 
 
-__all__ = ["CheckpointManager"]
+__all__ = ["NO_RECORDS", "CheckpointManager"]

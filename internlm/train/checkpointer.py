@@ -4,22 +4,27 @@ one, resharded when another layout saved it. The format itself lives in checkpoi
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
-from internlm.checkpoint import META_FILE, read_meta
-from internlm.checkpoint.manager import CheckpointManager
+from internlm.checkpoint import META_FILE, accounted_bytes, latest_checkpoint, read_meta
+from internlm.checkpoint.manager import NO_RECORDS, CheckpointManager
 from internlm.checkpoint.reshard import (
     checkpoint_layout,
     load_model_resharded,
     load_optimizer_resharded,
     trainable_names,
 )
+from internlm.errors import CheckpointSaveError
 from internlm.parallel import ParallelContext
+from internlm.planning import checkpoint_bytes
 
 from .health import HealthGuard
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, format_bytes
 from .model_state import ModelState
 from .phases import Phase, Progress
 
@@ -89,7 +94,8 @@ class Checkpointer:
         train_state = dict(loader=loader_state, history=progress.history, **health.state_dict())
         async_save = phase.config.ckpt.async_save
         manager = self._manager(model)
-        path = manager.save(progress.step, model.chunks, model.optimizer, train_state, meta, async_save=async_save)
+        with self._save_failure():
+            path = manager.save(progress.step, model.chunks, model.optimizer, train_state, meta, async_save=async_save)
         self.last_path = path
         if async_save:
             self._in_flight = manager  # completed by the next save, the end of training or a stop
@@ -103,8 +109,32 @@ class Checkpointer:
         manager, self._in_flight = self._in_flight, None
         if manager is not None and manager.pending:
             started = time.perf_counter()
-            path = manager.finish()
+            with self._save_failure():
+                path = manager.finish()
             self.logger.message(f"saved checkpoint {path} (waited {time.perf_counter() - started:.1f} s)")
+
+    @contextlib.contextmanager
+    def _save_failure(self) -> Iterator[None]:
+        """A failed save's `CheckpointSaveError` with what to do: on a full disk, the space one checkpoint takes
+        (the files of the newest complete one as its meta.json accounts them, else `checkpoint_bytes`' estimate)
+        against the space free; then where a rerun resumes."""
+        try:
+            yield
+        except CheckpointSaveError as exc:
+            latest = latest_checkpoint(self.root)
+            resume = f"rerun to resume from {latest}" if latest else "rerun (no checkpoint yet: it starts afresh)"
+            if os.strerror(errno.ENOSPC) not in str(exc) and NO_RECORDS not in str(exc):
+                raise CheckpointSaveError(f"{exc}; fix the file system, then {resume}") from None
+            need = accounted_bytes(latest) if latest else None
+            size = f"{format_bytes(need)} (as {latest} holds)" if need else None
+            if size is None:  # no checkpoint yet: the estimate start-up checked the free space against
+                estimate = format_bytes(checkpoint_bytes(self.model_config)["total"])
+                size = f"about {estimate} (weights + fp32 optimizer state)"
+            free = format_bytes(shutil.disk_usage(self.root).free) if os.path.isdir(self.root) else "?"
+            raise CheckpointSaveError(
+                f"{exc}; one checkpoint of this model takes {size} and {self.root} has {free} free: free space, "
+                f"lower ckpt.keep_last or point ckpt.save_ckpt_folder at a larger disk, then {resume}"
+            ) from None
 
     def phase_end_checkpoint(self, phase: Phase, step: int) -> str:
         """The final checkpoint of the phase before ``phase`` (saved by this process at ``step``), to reshard

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from internlm.config import ConfigError
 from internlm.data.errors import DataError
-from internlm.errors import BadInputError
+from internlm.errors import BadInputError, CheckpointSaveError
 
 from .distributed import init_distributed, peer_failure, shutdown_distributed, timeout_of
 from .health import UnhealthyStop
@@ -25,11 +25,13 @@ from .trainer import Trainer
 # healthy checkpoint to resume from), no checkpoint saved while unhealthy; EXIT_STOPPED: stopped on SIGTERM or
 # ckpt.stop_file_path after saving a checkpoint, resumable by rerunning the command (EX_TEMPFAIL of sysexits.h, so a
 # requeue wrapper can tell it from a finished run); EXIT_ABORTED: a second Ctrl-C, nothing saved (128 + SIGINT,
-# what a shell reports for a process killed by Ctrl-C)
+# what a shell reports for a process killed by Ctrl-C); EXIT_SAVE_FAILED: a checkpoint could not be written (EX_IOERR:
+# a full disk, an I/O error), its partial folder removed, not requeued as 75 is (a rerun would fail the same way)
 EXIT_BAD_INPUT = 2
 EXIT_UNHEALTHY = 3
 EXIT_STOPPED = 75
 EXIT_ABORTED = 130
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (full disk, I/O error): EX_IOERR; earlier ones intact
 
 
 def cpu_threads(local_processes: int) -> int:
@@ -105,6 +107,10 @@ def _train(trainer: Trainer, rank: int) -> int:
         status, reason = EXIT_UNHEALTHY, str(exc)
     except Aborted as exc:
         status, reason = EXIT_ABORTED, str(exc)
+    except CheckpointSaveError as exc:  # one line (rank 0); the partial save is removed
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        status, reason = EXIT_SAVE_FAILED, str(exc)
     except (ConfigError, BadInputError, DataError) as exc:  # found once checkpoints are read (phases reordered)
         status, reason = _bad_input(exc, rank), str(exc)
     except BaseException as exc:

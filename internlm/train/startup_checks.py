@@ -5,7 +5,9 @@ run with exit status 2 and one line naming the file or key and what to do (docs/
 (`WorkDirLock`) and runs `startup_checks`; its verdict is broadcast, so every rank stops alike and only rank 0
 prints. The checks, in order:
 
-- the checkpoint folder: writable (a probe file is created and removed), free space >= one checkpoint
+- the checkpoint folder: a ``.tmp-<step>`` folder left by a save that did not complete is named with its size
+  and removed (when this run saves: its next save would remove it), writable (a probe file is created and
+  removed), free space >= one checkpoint
   (`internlm.planning.checkpoint_bytes`: weights + fp32 master and Adam moments), no ``<step>/`` folder holding
   files without meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
@@ -24,7 +26,7 @@ import shutil
 import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from internlm.checkpoint import META_FILE, checkpoint_problems, complete_checkpoints, read_meta
+from internlm.checkpoint import META_FILE, checkpoint_problems, complete_checkpoints, partial_saves, read_meta
 from internlm.checkpoint.safe_load import check_checkpoint_files
 from internlm.config import ConfigError, RunConfig
 from internlm.errors import BadInputError, CheckpointError
@@ -106,6 +108,11 @@ def check_checkpoints(config: RunConfig, warn: Callable[[str], None], loads_init
     ckpt, file = config.ckpt, config.file
     root = ckpt.save_ckpt_folder
     current = config.model_config.to_dict()
+    for path, held in partial_saves(root):  # a save cut short (killed, or failed without cleaning up)
+        if ckpt.enable_save_ckpt:  # the next save would remove it anyway: give its space back before counting
+            shutil.rmtree(path, ignore_errors=True)
+        done = "removed" if ckpt.enable_save_ckpt else "kept (ckpt.enable_save_ckpt is off): delete it to free that"
+        warn(f"{path} is a checkpoint save that did not complete ({format_bytes(held)}); {done}")
     if ckpt.enable_save_ckpt:
         base = check_writable(root, "ckpt.save_ckpt_folder", file)
         need = checkpoint_bytes(config.model_config)["total"]

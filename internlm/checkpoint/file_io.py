@@ -25,13 +25,16 @@ _BLOCK = 8 * 1024 * 1024
 class _HashingWriter:
     """A write-only file object that checksums and counts what passes through it."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file, cancel: Optional[threading.Event] = None) -> None:
         self._file = file
+        self._cancel = cancel
         self.crc = 0
         self.bytes = 0
         self.os_error: Optional[OSError] = None  # torch.save reports a failed write as its own "unexpected pos"
 
     def write(self, data) -> int:
+        if self._cancel is not None and self._cancel.is_set():
+            raise RuntimeError("cancelled")  # FileWriter.cancel: the save is abandoned
         view = memoryview(data)
         self.crc = zlib.crc32(view, self.crc)
         self.bytes += view.nbytes
@@ -49,10 +52,11 @@ def _record(crc: int, size: int) -> Dict[str, Any]:
     return {"bytes": size, "crc32": f"{crc & 0xFFFFFFFF:08x}"}
 
 
-def write_file(obj: Any, path: str) -> Dict[str, Any]:
-    """``torch.save(obj)`` to ``path`` (flushed to disk with fsync); returns its record (bytes, crc32)."""
+def write_file(obj: Any, path: str, cancel: Optional[threading.Event] = None) -> Dict[str, Any]:
+    """``torch.save(obj)`` to ``path`` (flushed to disk with fsync); returns its record (bytes, crc32). Once
+    ``cancel`` is set, the next write raises RuntimeError."""
     with open(path, "wb") as f:
-        writer = _HashingWriter(f)
+        writer = _HashingWriter(f, cancel)
         try:
             torch.save(obj, writer)
             f.flush()
@@ -142,6 +146,7 @@ class FileWriter:
         self.error: Optional[BaseException] = None
         self.failed_file: Optional[str] = None  # the file being written when the error came
         self._thread: Optional[threading.Thread] = None
+        self._cancel = threading.Event()
         if background:
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
             self._thread.start()
@@ -153,7 +158,7 @@ class FileWriter:
         try:
             while self._files:
                 name, obj = self._files.pop(0)
-                self.records[name] = write_file(obj, os.path.join(self.folder, name))
+                self.records[name] = write_file(obj, os.path.join(self.folder, name), self._cancel)
                 del obj
         except BaseException as exc:  # reported by wait(), on the training thread
             self.error, self.failed_file = exc, name
@@ -175,6 +180,16 @@ class FileWriter:
             where = f"writing checkpoint file {self.failed_file} into {self.folder}"
             raise RuntimeError(f"{where} failed: {what}") from error
         return self.records
+
+    def cancel(self) -> None:
+        """Abandon the writing: the thread stops at its next write and is joined (a thread still writing when the
+        interpreter exits aborts the process: "terminate called without an active exception", status 134). The
+        files written so far stay; nothing is raised."""
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._files = []
 
     def remove_written(self) -> None:
         """Delete the files this writer created (after a failure: they are of no use, and free the space the

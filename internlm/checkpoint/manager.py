@@ -55,12 +55,12 @@ from .safe_load import load_checkpoint_file
 
 # ---------------------------------------------------------------------- RNG
 def _numpy_rng_state() -> Dict[str, Any]:
-    """numpy's global RNG state as plain values (``numpy.random.get_state()``'s tuple, its key array as an int64
+    """numpy's global RNG state as plain values (``numpy.random.get_state()``'s tuple, its key array as a uint32
     tensor): a file of them loads with weights-only unpickling (safe_load.py)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return dict(
         bit_generator=str(name),
-        keys=torch.from_numpy(keys.astype(np.int64)),
+        keys=torch.from_numpy(keys.astype(np.uint32)),
         pos=int(pos),
         has_gauss=int(has_gauss),
         cached_gaussian=float(cached),
@@ -70,7 +70,7 @@ def _numpy_rng_state() -> Dict[str, Any]:
 def _set_numpy_rng_state(state: Any) -> None:
     """Restore `_numpy_rng_state`'s dict, or the tuple of ``numpy.random.get_state()`` old checkpoints hold."""
     if isinstance(state, dict):
-        keys = state["keys"].numpy().astype(np.uint32)
+        keys = state["keys"].numpy()
         state = (state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
     np.random.set_state(state)
 
@@ -215,16 +215,17 @@ class CheckpointManager:
         collective on Python-owned tensors keeps that collective's work alive on gloo's worker thread, and when
         the process exits just after the last save, that thread then frees Python objects during interpreter
         shutdown and aborts the process ("terminate called without an active exception")."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return None
         rank, world = self.pc.rank, default_group_rank()[1]
         error = None
         try:
-            records = pending.writer.wait()
+            records = pending.writer.wait()  # a Ctrl-C here leaves the save pending, for `abandon`
         except Exception as exc:  # every rank must reach the barriers, or the others hang
             records, error = {}, f"rank {rank}: {exc}"
             pending.writer.remove_written()  # useless now; frees the room the records file needs on a full disk
+        self._pending = None
         if kill_point("save", pending.step):  # tests only: kill -9 in the middle of a save
             kill_now()
         records_file = os.path.join(pending.tmp, f"{_RECORDS_PREFIX}{rank}.json")
@@ -261,6 +262,14 @@ class CheckpointManager:
                 f"was removed and the earlier checkpoints are intact"
             )
         return pending.final
+
+    def abandon(self) -> None:
+        """Drop the pending save without completing it (a second Ctrl-C): this rank's writer thread is stopped and
+        joined (`FileWriter.cancel`), so no thread outlives the run; its ``.tmp-<step>`` folder stays, for the next
+        save or the next start-up to remove. Not collective."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.writer.cancel()
 
     @staticmethod
     def _collect_records(pending: _PendingSave, world: int, own: Dict[str, Any]) -> Tuple[List[str], Dict[str, Any]]:

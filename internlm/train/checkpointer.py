@@ -106,12 +106,19 @@ class Checkpointer:
     def finish_saves(self) -> None:
         """Wait for a checkpoint being written in the background (ckpt.async_save) and complete it
         (collective: every rank calls this at the same point)."""
-        manager, self._in_flight = self._in_flight, None
+        manager = self._in_flight
         if manager is not None and manager.pending:
             started = time.perf_counter()
             with self._save_failure():
                 path = manager.finish()
             self.logger.message(f"saved checkpoint {path} (waited {time.perf_counter() - started:.1f} s)")
+        self._in_flight = None  # only now: an abort while waiting must not count the save as complete
+
+    def abandon_saves(self) -> None:
+        """Stop a background save without completing it (an abort, a crash): its writer thread is joined, so
+        none is left running at interpreter exit; the checkpoint does not count (`last_complete`)."""
+        if self._in_flight is not None:
+            self._in_flight.abandon()
 
     @contextlib.contextmanager
     def _save_failure(self) -> Iterator[None]:

@@ -9,7 +9,8 @@ prints. The checks, in order:
   and removed (when this run saves: its next save would remove it), writable (a probe file is created and
   removed), free space >= one checkpoint
   (`internlm.planning.checkpoint_bytes`: weights + fp32 master and Adam moments), no ``<step>/`` folder holding
-  files without meta.json, the newest readable checkpoint of this model (`model_difference`) and at least one complete
+  files without meta.json, the newest readable checkpoint of this model (`model_difference`) and its model.dtype
+  (`_check_dtype`: resuming under another dtype is refused), at least one complete
   checkpoint whose files have their recorded sizes (the CRC-32 check itself runs when the trainer resumes,
   spread over the ranks), and ``ckpt.load_ckpt_folder``'s model files and model when it will be loaded; the
   files of either whose pickle would run code are refused (`check_checkpoint_files`, a scan without loading);
@@ -146,6 +147,7 @@ def check_checkpoints(config: RunConfig, warn: Callable[[str], None], loads_init
                 continue
             meta = read_meta(path)
             _check_model(path, meta, current, "this run's checkpoint folder")
+            _check_dtype(path, meta, current, file)
             check_checkpoint_files(path, meta.get("files") or os.listdir(path))  # no pickle that runs code
             break
         else:
@@ -165,6 +167,20 @@ def _check_model(path: str, meta: Any, current: dict, what: str) -> None:
         raise CheckpointError(
             f"checkpoint {path} ({what}) holds another model: {', '.join(differences)}; set the model keys back to "
             f"the checkpoint's, or give the new model its own work_dir / ckpt.save_ckpt_folder"
+        )
+
+
+def _check_dtype(path: str, meta: Any, current: dict, file: str) -> None:
+    """Resuming needs the checkpoint's model.dtype: its optimizer shards hold flat buffers of that dtype (the
+    weights alone convert: ckpt.load_ckpt_folder casts them)."""
+    saved = meta.get("model_config", {}).get("dtype") if isinstance(meta, dict) else None
+    if saved is not None and saved != current.get("dtype"):
+        raise ConfigError(
+            "model.dtype",
+            f"{current.get('dtype')} differs from {saved}, the dtype of checkpoint {path} this run would resume "
+            f"(its optimizer state is laid out for it); set model.dtype='{saved}' to resume, or to change the dtype "
+            f"start a new work_dir from its weights with ckpt.load_ckpt_folder={path} (fresh optimizer state)",
+            file,
         )
 
 

@@ -40,6 +40,7 @@ class StopController:
         self.terminated = False  # SIGTERM or a first Ctrl-C: stop at the next logging step
         self.interrupted = False  # a first Ctrl-C was pressed: the next one aborts
         self.stop_at: Optional[int] = None  # a later step a stop file named, agreed on by every rank
+        self._warned_stop_text: Optional[str] = ""  # the unusable stop file content last warned about
 
     def install_handlers(self) -> None:
         """SIGTERM (a scheduler's preemption) or a first Ctrl-C: finish the step, save, stop; a second Ctrl-C
@@ -66,18 +67,33 @@ class StopController:
         (after this step, if it is empty). A collective: every rank calls it at the same (logging) steps.
         """
         path = phase.config.ckpt.stop_file_path
-        target = math.inf
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                text = f.read().strip()
-            if not text:
-                target = step
-            elif text.isdigit():
-                target = int(text)
+        target = self._file_target(path, step) if path and os.path.isfile(path) else math.inf
         flags = torch.tensor([1.0 if self.terminated else 0.0, -target], dtype=torch.float64, device=device)
         if world_size > 1:
             all_reduce_(flags, dist.group.WORLD, op=dist.ReduceOp.MAX)
         return flags
+
+    def _file_target(self, path: str, step: int) -> float:
+        """The step the stop file names: its number, ``step`` when it is empty, inf (no stop) when it is anything
+        else or cannot be read, which is warned about once per content (a typo must not go unnoticed)."""
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            text, problem = None, f"cannot be read ({exc})"
+        else:
+            if not text:
+                return step
+            if text.isdigit():
+                return int(text)
+            problem = f"reads {text[:40]!r}, not a step number"
+        if text != self._warned_stop_text:
+            self._warned_stop_text = text
+            self.logger.message(
+                f"warning: ckpt.stop_file_path {path} {problem}: ignored; write the global step to stop after "
+                f"(e.g. '{step + 1}'), or leave the file empty to stop after the current step"
+            )
+        return math.inf
 
     def decide(self, now: float, minus_target: float, step: int) -> bool:
         """Whether to stop after ``step``, from the agreed `flags` read back; a stop file naming a later step is

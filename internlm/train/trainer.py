@@ -172,6 +172,7 @@ class Trainer:
             self.logger.log_only(f"error: {type(exc).__name__}: {exc}")
             raise
         finally:
+            self.checkpointer.abandon_saves()  # a save still in flight after an abort or a crash: stop its thread
             self.logger.close()
 
     def _attempt(self, rollback_to: Optional[str]) -> Optional[Ending]:

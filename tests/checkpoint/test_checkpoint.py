@@ -242,7 +242,8 @@ def test_failed_write_records_no_checkpoint(tmp_path):
     manager = CheckpointManager(root, _single_pc())
     unpicklable = {"loader": {"oops": lambda: None}, "history": []}
     manager.save(1, [model], make_opt(model, _single_pc()), unpicklable, _meta(1), async_save=True)
-    with pytest.raises(RuntimeError, match=r"checkpoint .*1 was not saved: rank 0: writing checkpoint file train_state.pt into "):
+    expected = r"checkpoint .*1 was not saved: rank 0: writing checkpoint file train_state.pt into "
+    with pytest.raises(RuntimeError, match=expected):
         manager.finish()
     assert complete_checkpoints(root) == [] and [n for n in os.listdir(root) if not n.startswith(".failed-")] == []
 

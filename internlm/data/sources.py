@@ -61,16 +61,23 @@ def token_id_range(shard: AnyShard) -> Tuple[int, int]:
     return _RANGES[key]
 
 
+class TokenIdError(DataError):
+    """A token id outside ``[0, model.vocab_size)``: the message is ``model.vocab_size: `` + ``problem`` (which
+    names the shard), as the run prints it when a step reads the window."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.problem = problem
+        super().__init__(path, f"model.vocab_size: {problem}")
+
+
 def check_window_ids(tokens: np.ndarray, source_key: str, shards: Iterable[AnyShard], vocab_size: int) -> None:
-    """Raise `DataError` naming the shard when a window of tokens just read from source ``source_key`` holds an
+    """Raise `TokenIdError` naming the shard when a window of tokens just read from source ``source_key`` holds an
     id outside ``[0, vocab_size)``: an id past the embedding would fail in the model as an IndexError naming no
     file."""
     if tokens.size == 0 or (int(tokens.min()) >= 0 and int(tokens.max()) < vocab_size):
         return
     problem = token_id_problem(shards, vocab_size)
-    raise DataError(
-        source_key, f"model.vocab_size: {problem or f'source {source_key} holds token ids outside [0, {vocab_size})'}"
-    )
+    raise TokenIdError(source_key, problem or f"source {source_key} holds token ids outside [0, {vocab_size})")
 
 
 def _scan(shard: AnyShard) -> Tuple[int, int]:
@@ -101,4 +108,4 @@ def token_id_problem(shards: Iterable[AnyShard], vocab_size: int) -> Optional[st
     return None
 
 
-__all__ = ["check_window_ids", "open_shards", "token_id_problem", "token_id_range"]
+__all__ = ["TokenIdError", "check_window_ids", "open_shards", "token_id_problem", "token_id_range"]

@@ -214,24 +214,24 @@ def check_data(phase: Phase) -> None:
     model.vocab_size. Training windows' token ids are checked as the trainer reads them (`check_window_ids`):
     a start-up scan would read the whole corpus on every rank at every start."""
     from internlm.data import DataError, build_train_loader, build_valid_batches
+    from internlm.data.sources import TokenIdError
 
     config = phase.config
     data, file = config.data, config.file
     key = "data.train_folder"
+    vocab = config.model_config.vocab_size
     try:
         loader = build_train_loader(data, config.seed, 0, phase.layout.data)  # meta read once: the trainer reuses it
         streams = [source.stream for source in loader.sources.values() if hasattr(source, "stream")]
-        key = "data.valid_folder" if data.valid_folder is not None else "data.valid_ratio"
-        build_valid_batches(data, config.seed, 0, phase.layout.data, vocab_size=config.model_config.vocab_size)
         if data.valid_folder is not None:
             from internlm.data.loader import parse_weights
             from internlm.data.train_sources import open_stream
 
+            key = "data.valid_folder"
             streams += [open_stream(k) for k in sorted(parse_weights(data.valid_folder))]
     except (DataError, ValueError, OSError) as exc:
         raise ConfigError(key, str(exc), file) from None
-    vocab = config.model_config.vocab_size
-    for stream in streams:
+    for stream in streams:  # the recorded vocabulary first: it names the cause better than a token id would
         recorded = getattr(stream, "vocab_size", None)
         if recorded is not None and int(recorded) > vocab:
             raise ConfigError(
@@ -241,6 +241,13 @@ def check_data(phase: Phase) -> None:
                 f"model.vocab_size >= {recorded} or re-tokenize with a smaller tokenizer",
                 file,
             )
+    key = "data.valid_folder" if data.valid_folder is not None else "data.valid_ratio"
+    try:
+        build_valid_batches(data, config.seed, 0, phase.layout.data, vocab_size=vocab)
+    except TokenIdError as exc:
+        raise ConfigError("model.vocab_size", exc.problem, file) from None
+    except (DataError, ValueError, OSError) as exc:
+        raise ConfigError(key, str(exc), file) from None
 
 
 def check_tokenizer(config: RunConfig) -> None:

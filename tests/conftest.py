@@ -1,5 +1,6 @@
 import os
 import sys
+from types import SimpleNamespace
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,3 +32,18 @@ def demo_data(tmp_path_factory):
     from internlm.data import prepare_demo_data
 
     return prepare_demo_data(str(tmp_path_factory.mktemp("demo_cache")), vocab_size=2048)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, demo_data):
+    """The reference run, trained once per session and shared by every test that needs it: `train_utils.TINY_BASE`
+    as it is (6 steps, one process, checkpoints at steps 3 and 6, one validation). ``work_dir``, ``config`` and
+    ``losses`` (per step). Read only: a test that resumes, damages or reruns it works on a copy
+    (`train_utils.copy_run`)."""
+    from train_utils import run_train, step_losses, write_base
+
+    folder = tmp_path_factory.mktemp("reference_run")
+    work_dir = str(folder / "work")
+    config = write_base(str(folder / "cfg"), demo_data, work_dir)
+    run_train([config])
+    return SimpleNamespace(work_dir=work_dir, config=config, losses=step_losses(work_dir))

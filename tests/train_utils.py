@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,14 @@ def write_base(folder: str, demo: Dict[str, str], work_dir: str) -> str:
             )
         )
     return path
+
+
+def copy_run(work_dir: str, folder: str, demo: Dict[str, str]) -> tuple:
+    """A copy of a finished run's ``work_dir`` under ``folder`` and a base config pointing at the copy: (work_dir,
+    config). For tests that resume, damage or rerun the shared `reference_run` (conftest) without changing it."""
+    copy = os.path.join(folder, "work")
+    shutil.copytree(work_dir, copy)
+    return copy, write_base(os.path.join(folder, "cfg"), demo, copy)
 
 
 def write_phase(folder: str, name: str, body: str) -> str:

@@ -3,7 +3,7 @@ starts) and the final line."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,15 +23,23 @@ def final_line(summary: Dict[str, Any]) -> str:
     return text
 
 
-def banner(phases: Sequence[Phase], model_config: Any, device: torch.device, pc: ParallelContext, work_dir: str) -> str:
-    """The start-up banner: model, device, dtype, attention, layout, work_dir, where the run starts; the rank
-    formula and process groups when there are several processes (``pc``: the first phase's context)."""
+def banner(
+    phases: Sequence[Phase],
+    model_config: Any,
+    device: torch.device,
+    pc: ParallelContext,
+    work_dir: str,
+    verified: Optional[Tuple[Optional[str], int]] = None,
+) -> str:
+    """The start-up banner: model, device, dtype, attention, layout, work_dir, where the run starts (``verified``:
+    the checkpoint it resumes from and the damaged ones skipped, `ResumePlanner.verify_latest`); the rank formula
+    and process groups when there are several processes (``pc``: the first phase's context)."""
     from internlm.model.attention import resolve_backend
 
     from .start_point import resume_point_text
 
     mc = model_config
-    start, next_index = resume_point_text(phases)
+    start, next_index = resume_point_text(list(phases), verified)
     layout = phases[min(next_index, len(phases) - 1)].layout
     try:
         attention = resolve_backend(mc.attn_backend, device, mc.dtype)

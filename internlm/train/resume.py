@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from internlm.checkpoint import read_meta
 from internlm.checkpoint.reshard import load_hf_weights
@@ -71,16 +71,37 @@ class ResumePlanner:
         self.checkpointer = checkpointer
         self.health = health
         self.logger = logger
+        self._verified: Optional[Tuple[Optional[str], List[str]]] = None  # verify_latest's, until decide uses it
+
+    def _dump_configs(self) -> None:
+        if self.rank == 0:
+            for phase in self.phases:
+                dump_config(phase.config.raw, os.path.join(self.work_dir, f"config_{phase.name}.py"))
+
+    def verify_latest(self) -> Tuple[Optional[str], int]:
+        """Verify the checkpoints before the banner (collective: every rank checks its share of the files), so that
+        its start line names the checkpoint the run resumes from: ``(that checkpoint or None, how many damaged
+        newer ones were moved aside)``. Their warnings are held until `decide`, which uses this result once."""
+        self._dump_configs()  # first, as decide did before verifying (a run refused for damage still records them)
+        held: List[str] = []
+        latest = latest_verified_checkpoint(self.checkpointer.root, held.append) if self.ckpt.auto_resume else None
+        self._verified = (latest, held)
+        return latest, len(held)
 
     def decide(self, rollback_to: Optional[str]) -> StartDecision:
         """Write every phase's config to work_dir and decide where the run starts: from ``rollback_to`` when a
         rollback goes back to that checkpoint, else by the precedence of the module docstring."""
-        if self.rank == 0:
-            for phase in self.phases:
-                dump_config(phase.config.raw, os.path.join(self.work_dir, f"config_{phase.name}.py"))
+        if self._verified is None:
+            self._dump_configs()
         warn = lambda text: self.logger.message(f"warning: {text}")  # noqa: E731
         # the newest checkpoint whose files match their checksums (damaged ones are reported and skipped)
-        latest = latest_verified_checkpoint(self.checkpointer.root, warn) if self.ckpt.auto_resume else None
+        if self._verified is not None:  # verified before the banner: its warnings are due now
+            latest, held = self._verified
+            self._verified = None
+            for text in held:
+                warn(text)
+        else:
+            latest = latest_verified_checkpoint(self.checkpointer.root, warn) if self.ckpt.auto_resume else None
         # one marked unhealthy: the newest healthy one before it
         healthy = self.health.healthy_resume(latest, rolling_back=rollback_to is not None)
         if not healthy.proceed:

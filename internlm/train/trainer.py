@@ -138,10 +138,10 @@ class Trainer:
         train.log gets the stop reason or the final line."""
         try:
             with warnings_to_log(self.logger):
+                verified = self.resume.verify_latest()  # collective: the banner names the checkpoint used
                 if self.logger.enabled:
-                    self.logger.message(
-                        banner(self.phases, self.model_config, self.model.device, self.model.pc, self.work_dir)
-                    )
+                    device, pc = self.model.device, self.model.pc
+                    self.logger.message(banner(self.phases, self.model_config, device, pc, self.work_dir, verified))
                 ending = self._attempt(rollback_to=None)
                 while ending is not None and ending.rollback_to is not None:  # health.rollback: start again there
                     self.metrics.drop_pending()

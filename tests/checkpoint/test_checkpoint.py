@@ -130,9 +130,8 @@ def test_dp4_zero1_2_checkpoint_has_single_process_bytes_and_one_writer_per_file
         assert opened == ["model_tp0_pp0.pt", f"optim_tp0_pp0_dp{rank % 2}.pt", f"rng_rank{rank}.pt", "train_state.pt"]
 
 
-def test_async_save_resumes_exactly(tmp_path, demo_data):
-    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    run_train([write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)])
+def test_async_save_resumes_exactly(tmp_path, demo_data, reference_run):
+    ref_dir, cut_dir = reference_run.work_dir, str(tmp_path / "cut")
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=3)
     out = run_train([cut_cfg], sets=["ckpt.async_save=True", "ckpt.checkpoint_every=2"], expect=EXIT_STOPPED)
@@ -160,12 +159,11 @@ def _flip_bytes(path: str, count: int = 64) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
-def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_resumes(tmp_path, demo_data):
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_resumes(tmp_path, demo_data, reference_run):
     """A corrupted file (bytes overwritten) and a missing file in the newest checkpoint: the run names the file,
     resumes from the previous complete checkpoint and reproduces the same losses."""
-    base_dir = str(tmp_path / "base")
-    run_train([write_base(str(tmp_path / "cfg_base"), demo_data, base_dir)])  # checkpoints at steps 3 and 6
-    ref = step_losses(base_dir)
+    base_dir = reference_run.work_dir  # checkpoints at steps 3 and 6; copied below
+    ref = dict(reference_run.losses)
     for damage, report in (
         ("corrupt", "optim_tp0_pp0_dp0.pt fails its checksum"),
         ("missing", "model_tp0_pp0.pt is missing"),
@@ -181,6 +179,14 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_resumes(tmp_
 
         out = run_train([write_base(str(tmp_path / f"cfg_{damage}"), demo_data, work_dir)])
         assert f"checkpoint {newest} is damaged: {report}" in out.stdout
+        # the banner's start line says what the run does (it said "checkpoint .../6: ... nothing to do" before)
+        previous = os.path.join(work_dir, "checkpoints", "3")
+        start = next(line for line in out.stdout.splitlines() if line.startswith("  start "))
+        assert start.split(None, 1)[1] == (
+            f"resumes from checkpoint {previous} (step 3): phase 1 'base' step 4 (global step 4); "
+            "1 newer checkpoint(s) damaged and skipped (warning below)"
+        ), start
+        assert "nothing to do" not in out.stdout
         assert f"resumed from {os.path.join(work_dir, 'checkpoints', '3')} (step 3" in out.stdout
         _assert_same_losses(ref, step_losses(work_dir), range(1, 7))
         assert os.path.isdir(newest + DAMAGED_SUFFIX)  # kept for inspection

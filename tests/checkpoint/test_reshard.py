@@ -458,11 +458,11 @@ DP2_TP2 = ["parallel.tensor=2", "parallel.zero1=2", "data.micro_num=2"]  # 4 pro
 PP2_TP2 = ["parallel.tensor=2", "parallel.pipeline.size=2", "data.micro_num=4"]  # 4 processes, global batch 8
 
 
-def test_resume_under_other_layouts(tmp_path, demo_data):
+def test_resume_under_other_layouts(tmp_path, demo_data, reference_run):
     """Saved by dp2 x tp2 (zero1=2) after 3 of 6 steps; resumed by one process and by pp2 x tp2."""
-    ref_dir, cut_dir, other_dir = (str(tmp_path / d) for d in ("ref", "cut", "other"))
-    run_train([write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)])
-    ref = step_losses(ref_dir)
+    ref_dir = reference_run.work_dir
+    cut_dir, other_dir = (str(tmp_path / d) for d in ("cut", "other"))
+    ref = dict(reference_run.losses)
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
     request_stop(cut_dir, after_step=3)
     run_train([cut_cfg], nproc=4, sets=DP2_TP2, expect=EXIT_STOPPED)

@@ -5,8 +5,9 @@ import os
 import torch
 
 from internlm.checkpoint import complete_checkpoints, merge_model_checkpoint, read_meta
+from internlm.checkpoint.reshard import merge_optimizer_checkpoint
 from internlm.train.run import EXIT_STOPPED
-from train_utils import read_metrics, request_stop, run_train, step_losses, write_base, write_phase
+from train_utils import copy_run, read_metrics, request_stop, run_train, step_losses, write_base, write_phase
 
 
 def _assert_same_losses(a, b):
@@ -15,11 +16,9 @@ def _assert_same_losses(a, b):
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
 
 
-def test_exact_resume_and_metrics(tmp_path, demo_data):
-    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-    ref_cfg = write_base(str(tmp_path / "cfg_ref"), demo_data, ref_dir)
+def test_exact_resume_and_metrics(tmp_path, demo_data, reference_run):
+    ref_dir, cut_dir = reference_run.work_dir, str(tmp_path / "cut")
     cut_cfg = write_base(str(tmp_path / "cfg_cut"), demo_data, cut_dir)
-    run_train([ref_cfg])
     request_stop(cut_dir, after_step=3)
     out = run_train([cut_cfg], expect=EXIT_STOPPED)
     assert "stopped after step 3" in out.stdout
@@ -35,8 +34,9 @@ def test_exact_resume_and_metrics(tmp_path, demo_data):
     assert "optim_state_bytes" in records[0]
     assert [r["tokens"] for r in records] == [2 * 4 * 32 * (i + 1) for i in range(6)]
     assert any("val_loss" in r for r in read_metrics(ref_dir))
-    # a rerun of a finished command does nothing
-    out = run_train([ref_cfg])
+    # a rerun of a finished command does nothing (on a copy: the reference is shared)
+    _, ref_copy_cfg = copy_run(ref_dir, str(tmp_path / "ref_copy"), demo_data)
+    out = run_train([ref_copy_cfg])
     assert "nothing to do" in out.stdout
     final_ref = merge_model_checkpoint(os.path.join(ref_dir, "checkpoints", "6"))
     final_cut = merge_model_checkpoint(os.path.join(cut_dir, "checkpoints", "6"))
@@ -167,3 +167,21 @@ def test_sigterm_saves_and_stops(tmp_path, demo_data):
     assert complete_checkpoints(os.path.join(work_dir, "checkpoints"))[-1] == stopped_at
     run_train([config], sets=[f"data.total_steps={stopped_at + 2}"])
     assert sorted(step_losses(work_dir)) == list(range(1, stopped_at + 3))
+
+
+def test_phase_reset_optimizer_and_reset_data(tmp_path, demo_data):
+    """Phase 2 (same data) sets phase.reset_optimizer and phase.reset_data: it starts with fresh Adam state (its
+    update count starts again) and at the beginning of the data (after its 3 steps the data position is phase 1's
+    after its 3). Carried over, the count would be 6 and the position that of 6 steps."""
+    work_dir, folder = str(tmp_path / "run"), str(tmp_path / "cfg")
+    write_base(folder, demo_data, work_dir)
+    p1 = write_phase(folder, "p1", "data = dict(total_steps=3)")
+    reset = "phase = dict(name='p2', reset_optimizer=True, reset_data=True)\ndata = dict(total_steps=3)"
+    p2 = write_phase(folder, "p2", reset)
+    out = run_train([p1, p2])
+    assert out.stdout.count("fresh optimizer state (phase.reset_optimizer)") == 1
+    end1, end2 = (os.path.join(work_dir, "checkpoints", step) for step in ("3", "6"))
+    assert merge_optimizer_checkpoint(end1)["num_updates"] == 3
+    assert merge_optimizer_checkpoint(end2)["num_updates"] == 3  # fresh at phase 2's start
+    assert read_meta(end2)["data"] == read_meta(end1)["data"]  # the same 3 steps of the same data again
+    assert read_meta(end2)["step"] == 6

@@ -12,7 +12,7 @@ from test_model import _hf_llama
 from internlm.model import InternLM, InternLMConfig, generate
 from internlm.model.generate import filter_logits
 from internlm.model.kv_cache import KVCache
-from train_utils import REPO, run_train, write_base
+from train_utils import REPO
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3, 4, 90, 17]]
 
@@ -140,13 +140,11 @@ def test_sampling_is_seeded():
     assert generate(model, PROMPTS[0], max_new_tokens=4, seed=0) == generate(model, [PROMPTS[0]], 4, seed=0)[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(demo_data, tmp_path_factory):
-    """A 2-step train.py run of the tiny test config (checkpoint at step 2, the demo tokenizer recorded)."""
-    folder = tmp_path_factory.mktemp("generate_run")
-    work_dir = str(folder / "work")
-    run_train([write_base(str(folder / "cfg"), demo_data, work_dir)], sets=["data.total_steps=2"])
-    return work_dir
+@pytest.fixture
+def tiny_run(reference_run):
+    """A train.py run of the tiny test config (the session's shared 6-step reference run: checkpoint at step 6, the
+    demo tokenizer recorded); only read here."""
+    return reference_run.work_dir
 
 
 def test_tools_generate_on_checkpoint(tiny_run, tmp_path):

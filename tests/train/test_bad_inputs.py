@@ -56,13 +56,11 @@ def _assert_one_line_error(stderr, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_data):
-    """A finished 6-step run (checkpoints at steps 3 and 6) and its losses."""
-    folder = tmp_path_factory.mktemp("trained")
-    work_dir = str(folder / "work")
-    run_train([write_base(str(folder / "cfg"), demo_data, work_dir)])
-    return work_dir, step_losses(work_dir)
+@pytest.fixture
+def trained(reference_run):
+    """A finished 6-step run (checkpoints at steps 3 and 6) and its losses: the session's shared reference run
+    (tests copy it before changing it)."""
+    return reference_run.work_dir, dict(reference_run.losses)
 
 
 def _copy_run(trained, tmp_path, demo_data):

@@ -193,10 +193,20 @@ def test_resume_point_text(piped_run, tmp_path):
     text, index = resume_point_text(load_phases(["--config", piped_run.config, "--set", *sets])[1])
     expected = f"resumes from checkpoint {root}/3 (step 3): phase 1 'p1' step 4 (global step 4)"
     assert (text, index) == (expected, 0)
+    # a newer checkpoint with a missing file: the line names the one the run will resume from, not the newest
+    # (the dry run checks sizes; training passes what it verified: the same text)
+    shutil.copytree(os.path.join(piped_run.work_dir, "checkpoints", "6"), os.path.join(root, "6"))
+    os.remove(os.path.join(root, "6", "model_tp0_pp0.pt"))
+    phases = load_phases(["--config", piped_run.config, "--set", *sets])[1]
+    skipped = expected + "; 1 newer checkpoint(s) damaged and skipped (warning below)"
+    assert resume_point_text(phases) == (skipped, 0)
+    assert resume_point_text(phases, (f"{root}/3", 1)) == (skipped, 0)
 
 
 def test_dry_run_units(tmp_path, capsys):
-    assert main(["--config", "configs/demo.py", "--dry-run", "--set", f"work_dir={tmp_path}"]) == 0
+    assert (
+        main(["--config", os.path.join(REPO, "configs", "demo.py"), "--dry-run", "--set", f"work_dir={tmp_path}"]) == 0
+    )
     out = capsys.readouterr().out
     assert "model: 4.00M parameters" in out and "0.00B" not in out and "0.0 GiB" not in out
     assert "= 819.20k tokens (2.05k tokens/step" in out
@@ -204,7 +214,7 @@ def test_dry_run_units(tmp_path, capsys):
     assert "optimizer state fresh" in out and "carried over" not in out
     assert f"start: from scratch (no checkpoint in {tmp_path}/checkpoints)" in out
     assert "start-up estimate:" in out and "total: 819.20k tokens in " in out
-    phases = ["configs/demo/phase1.py", "configs/demo/phase2.py"]
+    phases = [os.path.join(REPO, "configs", "demo", name) for name in ("phase1.py", "phase2.py")]
     assert main(["--config", *phases, "--dry-run", "--set", f"work_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert out.count("optimizer state fresh") == 1 and out.count("optimizer state carried over") == 1

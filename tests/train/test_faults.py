@@ -14,13 +14,10 @@ from internlm.train.lock import LOCK_FILE
 from train_utils import run_train, step_losses, write_base
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, demo_data):
-    """Losses of an uninterrupted 6-step run (one process)."""
-    folder = tmp_path_factory.mktemp("reference")
-    work_dir = str(folder / "work")
-    run_train([write_base(str(folder / "cfg"), demo_data, work_dir)])
-    return step_losses(work_dir)
+@pytest.fixture
+def reference(reference_run):
+    """Losses of an uninterrupted 6-step run (one process): the session's shared reference run."""
+    return dict(reference_run.losses)
 
 
 def _killed_then_rerun(tmp_path, demo_data, kill_at, nproc=1, sets=None):

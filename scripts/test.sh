@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 python -m ruff check .
 python -m ruff format --check .
+python tools/docs_tables.py --check  # the docs' tables of figures are what the code gives (docs/parallel.md ...)
 OMP_NUM_THREADS=1 python -m pytest -q -rs tests "$@"

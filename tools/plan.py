@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 from internlm.model import PRESETS, InternLMConfig
@@ -42,7 +43,8 @@ from internlm.planning import (
 from internlm.planning.report import print_estimate, print_header, print_ranking
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of this tool (also what tools/docs_tables.py passes for each planned row)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a model preset (batch defaults below)")
@@ -73,7 +75,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--intra-bw", type=float, help="GB/s per GPU inside a node (default: per device type)")
     p.add_argument("--inter-bw", type=float, help="GB/s per GPU across nodes (default: per device type)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def plan_inputs(args: argparse.Namespace) -> SimpleNamespace:
+    """What one plan is made of: model config, layout, batch, checkpoint, hardware, attention backend, fused loss
+    and the source's name, from the config or preset with the flags applied (flags win)."""
     hardware = Hardware(
         PLANNER_DEVICES[args.device_type], args.mfu_cap, args.gpus_per_node, args.intra_bw or 0.0, args.inter_bw or 0.0
     )
@@ -119,6 +126,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     batch = Batch(**batch_args)
 
+    return SimpleNamespace(
+        mc=mc,
+        layout=layout,
+        batch=batch,
+        checkpoint=checkpoint,
+        hardware=hardware,
+        attn_backend=attn_backend,
+        fused_loss=fused_loss,
+        source=source,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    plan = plan_inputs(args)
+    mc, layout, batch, checkpoint, hardware = plan.mc, plan.layout, plan.batch, plan.checkpoint, plan.hardware
+    attn_backend, fused_loss, source = plan.attn_backend, plan.fused_loss, plan.source
     print_header(mc, source, args.devices, hardware)
     problems = layout.fit_problems(mc, batch.micro_bsz, batch.seq_len, batch.micro_num)
     if problems:

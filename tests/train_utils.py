@@ -81,8 +81,23 @@ def step_losses(work_dir: str) -> Dict[int, float]:
     return out
 
 
+def demo_cwd(folder: str, demo: Dict[str, str]) -> str:
+    """A working directory for commands that use the shipped demo configs (their data is ``data_cache/demo``,
+    relative to the working directory): ``folder/data_cache/demo`` links to the session's demo corpus, so nothing
+    is built in, or read from, the checkout's data_cache."""
+    link = os.path.join(folder, "data_cache", "demo")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(os.path.dirname(demo["docs"]), link)
+    return folder
+
+
 def run_train(
-    configs: List[str], nproc: int = 1, sets: Optional[List[str]] = None, timeout: int = 300, expect: int = 0
+    configs: List[str],
+    nproc: int = 1,
+    sets: Optional[List[str]] = None,
+    timeout: int = 300,
+    expect: int = 0,
+    cwd: str = REPO,
 ):
     """Run train.py as a user would (torchrun for several processes); returns the CompletedProcess, checking its
     exit status is ``expect`` (e.g. 75 after a stop file: internlm.train.run.EXIT_STOPPED). torchrun exits 1 for
@@ -106,7 +121,7 @@ def run_train(
     with tempfile.TemporaryDirectory() as tmp:
         status_file = os.path.join(tmp, "exit_status")  # rank 0 writes its status there (internlm.train.cli)
         env["INTERNLM_EXIT_STATUS_FILE"] = status_file
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         recorded = int(open(status_file).read()) if os.path.exists(status_file) else None
     if expect < 0:  # killed by a signal: nothing recorded
         recorded = expect

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train_utils import REPO, read_metrics
+from train_utils import REPO, demo_cwd, read_metrics, write_base
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import plot_metrics  # noqa: E402
@@ -21,11 +21,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_nodes_on_localhost(tmp_path):
-    """Each "node" is its own torchrun with one process; they meet through the c10d rendezvous, as two hosts do."""
+def _two_nodes(cmd, cwd):
+    """Start both "nodes" and wait for them: (return codes, outputs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    nodes = [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    return [node.returncode for node in nodes], outputs
+
+
+def test_two_torchrun_nodes_on_localhost(tmp_path, demo_data):
+    """Each "node" is its own torchrun with one process; they meet through the c10d rendezvous, as two hosts do.
+    Run from a temporary directory (the demo config's data_cache/demo there is the session's demo corpus)."""
     work_dir = str(tmp_path / "run")
-    port = _free_port()
-    cmd = [
+    cwd = demo_cwd(str(tmp_path / "cwd"), demo_data)
+    # Two torchruns must agree on one port, so it cannot be torchrun's own pick (localhost:0): the OS gives a free
+    # one, and should another process take it before the rendezvous binds it, the launch is retried on a new one.
+    for _ in range(3):
+        codes, outputs = _two_nodes(_two_nodes_cmd(work_dir, _free_port()), cwd)
+        if codes == [0, 0] or not any("Address already in use" in out for out in outputs):
+            break
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    assert any("done: step 3" in out for out in outputs)
+    records = [r for r in read_metrics(work_dir) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    with open(os.path.join(work_dir, "checkpoints", "3", "meta.json")) as f:
+        layout = json.load(f)["layout"]
+    assert (layout["world_size"], layout["data"], layout["zero1"]) == (2, 2, 2)
+
+
+def _two_nodes_cmd(work_dir, port):
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -41,7 +69,7 @@ def test_two_torchrun_nodes_on_localhost(tmp_path):
         f"localhost:{port}",
         os.path.join(REPO, "train.py"),
         "--config",
-        "configs/demo.py",
+        os.path.join(REPO, "configs", "demo.py"),
         "--set",
         "data.total_steps=3",
         "model.num_layers=2",
@@ -49,19 +77,6 @@ def test_two_torchrun_nodes_on_localhost(tmp_path):
         f"work_dir={work_dir}",
         "parallel.zero1=2",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    nodes = [
-        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
-    assert any("done: step 3" in out for out in outputs)
-    records = [r for r in read_metrics(work_dir) if "loss" in r]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    with open(os.path.join(work_dir, "checkpoints", "3", "meta.json")) as f:
-        layout = json.load(f)["layout"]
-    assert (layout["world_size"], layout["data"], layout["zero1"]) == (2, 2, 2)
 
 
 def test_slurm_script_parses_and_dry_runs():
@@ -134,3 +149,37 @@ def test_plot_metrics_two_runs_with_phases(tmp_path):
     width, height = struct.unpack(">II", header[16:24])
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and width > 500 and height > 500
     assert plot_metrics.main([str(tmp_path / "missing"), "--output", out]) == 2
+
+
+def test_demo_script_parses_and_dry_runs():
+    """scripts/demo.sh --dry-run: the install command it would run, then train.py's plan of both demo phases."""
+    script = os.path.join(REPO, "scripts", "demo.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "bash scripts/install.sh"
+    assert "phase1" in proc.stdout and "phase2" in proc.stdout and "start: " in proc.stdout
+
+
+def test_torchrun_node_script_trains_one_node(tmp_path, demo_data):
+    """scripts/torchrun_node.sh as one node of one (NNODES=1, one process): a 2-step run of the tiny config."""
+    script = os.path.join(REPO, "scripts", "torchrun_node.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    work_dir = str(tmp_path / "run")
+    config = write_base(str(tmp_path / "cfg"), demo_data, work_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, NNODES="1", GPUS_PER_NODE="1")
+    env.update(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(
+        ["bash", script, config, "--set", "data.total_steps=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(work_dir) if "loss" in r] == [1, 2]
+    missing = subprocess.run(["bash", script, config], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert missing.returncode != 0 and "set NNODES" in missing.stderr

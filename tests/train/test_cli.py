@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from train_utils import REPO, read_metrics, run_train
+from train_utils import REPO, demo_cwd, read_metrics, run_train
 
 
 def _train_py(*args):
@@ -54,11 +54,14 @@ def test_dry_run_104b_on_2048_gpus():
     assert "1,600.01B tokens" in out
 
 
-def test_two_phase_demo_small(tmp_path):
-    """The README's main command, shortened: both phases run, mixture and sequence length change, a sample prints."""
+def test_two_phase_demo_small(tmp_path, demo_data):
+    """The README's main command, shortened: both phases run, mixture and sequence length change, a sample prints.
+    Run from a temporary directory whose data_cache/demo is the session's demo corpus: nothing written to the
+    checkout."""
     work_dir = str(tmp_path / "demo")
     proc = run_train(
-        ["configs/demo/phase1.py", "configs/demo/phase2.py"],
+        [os.path.join(REPO, "configs", "demo", name) for name in ("phase1.py", "phase2.py")],
+        cwd=demo_cwd(str(tmp_path / "cwd"), demo_data),
         sets=[
             f"work_dir={work_dir}",
             "model.num_layers=2",

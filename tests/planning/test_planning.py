@@ -169,3 +169,20 @@ def test_plan_tool_accepts_every_checkpoint_mode(capsys):
     assert tool.main(["--config", os.path.join(REPO, "configs", "demo.py"), "--devices", "1", "--set",
                       "model.checkpoint=attn"]) == 0  # fmt: skip
     assert "checkpoint attn" in capsys.readouterr().out
+
+
+def test_plan_tool_config_with_layout_flags(capsys):
+    """--config with layout and batch flags: the flags replace the config's layout (tensor, pipeline, chunks, SP,
+    zero1) and batch; what the flags leave alone stays the config's (configs/internlm_7b/phase1.py: S 2048)."""
+    tool = _plan_tool()
+    config = os.path.join(REPO, "configs", "internlm_7b", "phase1.py")
+    flags = ["--tensor", "2", "--sp", "--pipeline", "2", "--chunks", "2", "--zero1", "8", "--micro-num", "4"]
+    assert tool.main(["--config", config, "--devices", "64", "--device-type", "a100-80gb", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "layout: tp2+sp x pp2 x dp16 (zero1 8, 2 chunks, 64 ranks)" in out, out
+    assert "batch: seq_len 2,048 x micro_bsz 1 x micro_num 4 x dp 16 = 64 sequences" in out, out
+    plan = tool.plan_inputs(tool.parse_args(["--config", config, "--devices", "64", *flags]))
+    assert (plan.layout.tensor, plan.layout.pipeline, plan.layout.num_chunks, plan.layout.zero1) == (2, 2, 2, 8)
+    # a layout the flags make impossible is refused with the reason (exit 2), not planned
+    assert tool.main(["--config", config, "--devices", "64", "--tensor", "3"]) == 2
+    assert "the given layout cannot run" in capsys.readouterr().out

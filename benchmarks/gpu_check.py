@@ -183,7 +183,7 @@ def main() -> None:
                         f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.4f}",
                         f"{tflops / peak:.1%}" if peak else "n/a",
                         f"{memory:.1f}" if memory is not None else "n/a",
-                        f"{first_loss:.4f}",
+                        f"{first_loss:.6f}",
                         f"{build_s:.0f} + {warm_s:.0f}",
                         ", ".join(f"{k} {v}" for k, v in sorted(kernels.items())) or "-",
                     )

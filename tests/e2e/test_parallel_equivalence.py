@@ -28,6 +28,18 @@ LAYOUTS = {
     "dp2_tp2_pp2_zero2": (8, ["parallel.tensor=2", "parallel.pipeline.size=2", "parallel.zero1=2", "data.micro_num=2"]),
     "dp4_zero2_hybrid": (4, ["parallel.zero1=2", "data.micro_num=1"]),
     "tp4_gqa_kv_replicated": (4, ["parallel.tensor=4", "parallel.sequence_parallel=True"]),
+    # pipeline x sequence parallel and interleaved x tensor parallel in one run: 2 stages of 2 chunks each, every
+    # chunk tensor-parallel with sequence-sharded activations between them
+    "pp2_interleaved_tp2_sp": (
+        4,
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=True",
+            "parallel.pipeline.size=2",
+            "parallel.pipeline.interleaved_overlap=True",
+            "model.num_chunks=2",
+        ],
+    ),
 }
 
 

@@ -34,3 +34,14 @@ data = dict(
 adam = dict(lr=3e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.01)
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 ckpt = dict(checkpoint_every=100, keep_last=2)
+# Downstream tasks scored during training (docs/evaluation.md), built before the run from the held-out tail of
+# the demo corpus: pick the true next line of held-out docs / code among 4 (chance 0.25), held-out perplexity.
+evaluation = dict(
+    every=50,
+    prepare_demo_tasks=f"{DEMO_DATA}/eval",
+    tasks=[
+        dict(name="next_line", kind="multiple_choice", path=f"{DEMO_DATA}/eval/next_line.jsonl"),
+        dict(name="heldout_docs", kind="perplexity", path=f"{DEMO_DATA}/eval/heldout_docs.jsonl"),
+        dict(name="heldout_code", kind="perplexity", path=f"{DEMO_DATA}/eval/heldout_code.jsonl"),
+    ],
+)

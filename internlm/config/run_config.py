@@ -20,6 +20,7 @@ from .sections import (
     Beta2SchedulerSection,
     CkptSection,
     DataSection,
+    EvaluationSection,
     GradScalerSection,
     HealthSection,
     HybridZeroOptimizerSection,
@@ -65,6 +66,7 @@ class RunConfig:
     profile: ProfileSection
     health: HealthSection
     phase: PhaseSection
+    evaluation: EvaluationSection
     raw: Config = dataclasses.field(repr=False)
     file: str
     model_config: InternLMConfig

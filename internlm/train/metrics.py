@@ -129,12 +129,26 @@ def progress_bar(done: int, total: int, width: int = 12) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def scalar_tag(key: str) -> str:
+    """The TensorBoard / W&B name of a metrics.jsonl key: ``train/<key>``, ``valid/loss``, ``eval/<task>/<metric>``."""
+    if key == "val_loss":
+        return "valid/loss"
+    return key if key.startswith("eval/") else f"train/{key}"
+
+
 class MetricsLogger:
     """Appends metrics to work_dir/metrics.jsonl and TensorBoard; step lines, messages, warnings, the stop reason
     and the final line to work_dir/train.log (time-stamped); the console gets a progress bar redrawn in place on a
     terminal, else (nohup, Slurm, a pipe: ``console`` False) plain step lines."""
 
-    def __init__(self, work_dir: str, enabled: bool, tensorboard: bool = True, console: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        work_dir: str,
+        enabled: bool,
+        tensorboard: bool = True,
+        console: Optional[bool] = None,
+        wandb: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         self.enabled = enabled
         self.path = os.path.join(work_dir, "metrics.jsonl")
         self.log_path = os.path.join(work_dir, "train.log")
@@ -142,12 +156,17 @@ class MetricsLogger:
         self._bar: Optional[str] = None  # the progress bar line on the terminal, while one is drawn
         self._log_file = None
         self._console = console
+        self._wandb = None  # a WandbLogger when monitor.wandb is set
         if not enabled:
             return
         os.makedirs(work_dir, exist_ok=True)
         self._log_file = open(self.log_path, "a")
         self._tb_dir = os.path.join(work_dir, "tensorboard") if tensorboard else None
         self._open_tensorboard(purge_step=None)
+        if wandb:
+            from .wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(wandb, work_dir, scalar_tag)
 
     @property
     def out(self) -> TextIO:
@@ -215,7 +234,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     if math.isfinite(value):
-                        self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "valid/loss", value, step)
+                        self._tb.add_scalar(scalar_tag(key), value, step)
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def step(self, head: str, fields: str, done: int, total: int, show: bool = True) -> None:
         """One training step: ``head`` (``phase1 step 120/300 (global 120/450)``) and its ``fields`` go to
@@ -267,6 +288,9 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from internlm.data import build_train_loader, build_valid_batches
+from internlm.data import Tokenizer, build_train_loader, build_valid_batches
+from internlm.evaluation.evaluator import Evaluator
 from internlm.parallel import ParallelContext
 from internlm.planning import peak_tflops
 
@@ -73,6 +74,7 @@ class Trainer:
         profiler: StepProfiler,
         logger: MetricsLogger,
         watch: Optional[RunWatch] = None,
+        evaluator: Optional[Evaluator] = None,
     ) -> None:
         self.phases = phases
         self.work_dir = work_dir
@@ -87,6 +89,7 @@ class Trainer:
         self.profiler = profiler
         self.logger = logger
         self.watch = watch or RunWatch.off()  # hang watchdog, straggler detector, alerts (run_watch.py)
+        self.evaluator = evaluator  # the evaluation section's tasks (internlm/evaluation); None: none
         self.progress = Progress()  # global steps and tokens so far, the history of started phases
         self.last_val_loss: Optional[float] = None
 
@@ -96,7 +99,8 @@ class Trainer:
         Installs the SIGTERM / SIGINT handlers (`StopController`). Run-wide settings are the first phase's: the
         CLI checks that every phase shares work_dir and the model."""
         run_wide, device = phases[0].config, launch.device
-        logger = MetricsLogger(run_wide.work_dir, enabled=pc.rank == 0, tensorboard=run_wide.monitor.tensorboard)
+        monitor = run_wide.monitor
+        logger = MetricsLogger(run_wide.work_dir, pc.rank == 0, monitor.tensorboard, wandb=monitor.wandb)
         torch.manual_seed(run_wide.seed)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = run_wide.cudnn_deterministic
@@ -129,6 +133,7 @@ class Trainer:
             profiler,
             logger,
             watch,
+            Evaluator(run_wide.evaluation, logger.log, logger.message, Tokenizer),
         )
 
     # ------------------------------------------------------------------ run
@@ -261,6 +266,7 @@ class Trainer:
         )
         # skipped steps so far: read once here (the optimizer may keep the count on the device)
         self.metrics.begin_phase(phase, self.phases[phase.index + 1 :], before, int(self.model.optimizer.skipped_steps))
+        self._evaluate(schedule, phase, self.progress.step, False)  # at global step 0 (evaluation.at_start)
         for phase_step in range(start, phase.steps):
             self.watch.step_started(self.progress.step + 1)  # the hang watchdog's limit starts again
             batch = loader.next_global_batch()
@@ -289,6 +295,7 @@ class Trainer:
             if validate:
                 self._validate(schedule, valid_batches)
                 self.metrics.restart_window()
+            self._evaluate(schedule, phase, step, last)
             if save:
                 self.checkpointer.save(self.model, phase, phase_step + 1, last, self.progress, loader, self.health)
                 self.metrics.restart_window()
@@ -378,6 +385,11 @@ class Trainer:
         self.last_val_loss = self.runner.validate(self.model, schedule, valid_batches)
         self.logger.log(dict(step=self.progress.step, val_loss=self.last_val_loss))
         self.logger.message(f"step {self.progress.step}: validation loss {self.last_val_loss:.4f}")
+
+    def _evaluate(self, schedule: Any, phase: Phase, step: int, last: bool) -> None:
+        if self.evaluator is not None and self.evaluator.due(step, last):
+            self.evaluator.run(self.model, self.runner, schedule, phase.config.data, step)
+            self.metrics.restart_window()
 
     def _stopped(self, phase: Phase) -> Ending:
         """End the run after a stop request (its checkpoint is saved)."""

@@ -4,12 +4,13 @@
     data.seq_len, data.micro_bsz
 
 One module per part of a run: model.py, data.py, parallel.py (with its tensor, pipeline and zero1 sections),
-optim.py (adam, schedulers, ZeRO optimizer, loss scaling, loss), ckpt.py, monitor.py (monitor, profile, health)
-and phase.py. `internlm.config.RunConfig` holds them all, with the top-level keys.
+optim.py (adam, schedulers, ZeRO optimizer, loss scaling, loss), ckpt.py, monitor.py (monitor, profile, health),
+phase.py and evaluation.py. `internlm.config.RunConfig` holds them all, with the top-level keys.
 """
 
 from .ckpt import CkptSection
 from .data import DataSection
+from .evaluation import EvaluationSection
 from .model import ModelSection
 from .monitor import HealthSection, MonitorSection, ProfileSection
 from .optim import (
@@ -43,4 +44,5 @@ __all__ = [
     "ProfileSection",
     "PhaseSection",
     "HealthSection",
+    "EvaluationSection",
 ]

@@ -1,10 +1,25 @@
 """What a run reports: the ``monitor`` (logging), ``profile`` (torch.profiler traces) and ``health`` sections."""
 
 import dataclasses
-from typing import Annotated, Any, Dict, Optional
+from typing import Annotated, Any, Dict, Mapping, Optional
 
 from .. import compat
 from ..keys import EQUIVALENT, key, section
+
+WANDB_KEYS = ("project", "mode", "name", "entity", "dir", "tags", "group")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_settings(value: Mapping[str, Any]) -> Dict[str, Any]:
+    """``monitor.wandb`` checked: known keys, a project, a mode of `WANDB_MODES` (internlm/train/wandb_logger.py)."""
+    unknown = sorted(set(value) - set(WANDB_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; keys: {', '.join(WANDB_KEYS)}")
+    if value and not value.get("project"):
+        raise ValueError("needs a project name: dict(project=..., mode='offline')")
+    if value.get("mode", "online") not in WANDB_MODES:
+        raise ValueError(f"mode {value.get('mode')!r} must be one of {', '.join(WANDB_MODES)}")
+    return dict(value)
 
 
 @section("monitor")
@@ -32,6 +47,15 @@ class MonitorSection:
             "peak TFLOP/s of one device, the denominator of MFU; None: known GPUs' dense bf16 figure "
             "(internlm.planning.devices); on a CPU or an unknown device MFU is then not reported (n/a)",
             minimum=0,
+        ),
+    ]
+    wandb: Annotated[
+        Dict[str, Any],
+        key(
+            {},
+            "Weights & Biases logging beside TensorBoard: dict(project=..., mode='online'|'offline'|'disabled', "
+            "name, entity, group, tags, dir (default {work_dir}/wandb)); offline needs no network; {}: off",
+            normalize=wandb_settings,
         ),
     ]
     alert: Annotated[

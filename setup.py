@@ -18,6 +18,9 @@ setup(
         "plot": ["matplotlib"],
         # tools/tokenizer.py inputs beyond .txt/.jsonl: .jsonl.zst, .parquet/.arrow, saved Hugging Face datasets
         "data": ["pyarrow", "datasets", "zstandard"],
+        # lm-evaluation-harness with the model class "internlm" (tools/eval_harness.py), accelerate for its hf model
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate"],
+        "wandb": ["wandb"],  # monitor.wandb
         "test": [
             "pytest",
             "pytest-timeout",
@@ -29,6 +32,9 @@ setup(
             "datasets",
             "zstandard",
             "megatron-core",  # tests write Megatron indexed datasets with its own builder
+            "lm-eval>=0.4.13,<0.5",
+            "accelerate",
+            "wandb",
         ],
     },
     py_modules=[],

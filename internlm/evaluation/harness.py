@@ -11,12 +11,12 @@ layout, `InternLM.from_pretrained`), ``step``, ``dtype`` (float32, bfloat16, ...
 ``tokenizer`` (a SentencePiece .model; default the checkpoint's: its folder's tokenizer.model or the run's
 data.tokenizer_path, `find_tokenizer`), ``max_length`` (default max_position_embeddings), ``max_gen_toks`` (256).
 
-The requests are encoded by lm-eval's own rule (`TemplateLM`, no BOS, an empty context becomes EOS), as its ``hf``
-model does, so a checkpoint and its `tools/convert_to_hf.py` export score alike. ``loglikelihood``: the summed
-log-probability of the continuation's tokens (context cut from the left to ``max_length``) and whether each is the
-argmax; ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length``; ``generate_until``: greedy
-(or sampled with ``do_sample``/``temperature``) with the KV cache of `internlm.model.generate`, cut at the first
-stop string.
+The requests are encoded by lm-eval's own rule (`TemplateLM`: no BOS; an empty context and a rolling window start
+from BOS, or EOS without one), as its ``hf`` model does, so a checkpoint and its `tools/convert_to_hf.py` export
+score alike. ``loglikelihood``: the summed log-probability of the continuation's tokens (context cut from the left
+to ``max_length``) and whether each is the argmax; ``loglikelihood_rolling``: lm-eval's disjoint rolling windows
+of ``max_length``; ``generate_until``: greedy (or sampled with ``do_sample``/``temperature``) with the KV cache of
+`internlm.model.generate`, cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ class InternLMHarnessModel(TemplateLM):
         return self.tokenizer.eos_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context and a rolling window start from: BOS when the tokenizer has one, else EOS (as
+        lm-eval's hf model, so that the two score alike)."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else self.tokenizer.eos_id
+
+    @property
     def device(self) -> torch.device:
         return self._device
 
@@ -109,7 +115,8 @@ class InternLMHarnessModel(TemplateLM):
         return [results[i] for i in range(len(requests))]
 
     def loglikelihood_rolling(self, requests: List[Any], disable_tqdm: bool = False) -> List[float]:
-        """The log-likelihood of each whole text: lm-eval's disjoint windows of ``max_length`` from EOS."""
+        """The log-likelihood of each whole text: lm-eval's disjoint windows of ``max_length`` (`prefix_token_id`
+        first)."""
         out = []
         for request in requests:
             (text,) = request.args

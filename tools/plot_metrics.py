@@ -4,7 +4,9 @@
     python tools/plot_metrics.py work_dirs/tp2 work_dirs/pp2 --output compare.png     # compare layouts
 
 Panels: training loss with validation loss (overall and per data folder when the run logged it), learning
-rate, gradient norm, throughput (tokens per device per second). Phase boundaries are dashed vertical lines
+rate, gradient norm, throughput (tokens per device per second), then one panel per evaluation task (the
+``evaluation`` section's ``eval/<task>/<metric>`` records: accuracy and length-normalised accuracy with the chance
+level dotted, or perplexity; docs/evaluation.md). Phase boundaries are dashed vertical lines
 labelled with the phase name. Steps are the global optimizer steps, so the phases of a run follow each other.
 A truncated last line (a run killed while appending) is skipped.
 """
@@ -17,6 +19,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+EVAL_METRICS = ("acc", "acc_norm", "ppl")  # chance is drawn as a level, loss is ppl's logarithm
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tgs", "tokens / device / s"))
 
 
@@ -57,6 +60,19 @@ def phase_starts(records: Sequence[dict]) -> List[Tuple[int, str]]:
     return starts
 
 
+def eval_tasks(records: Sequence[dict]) -> Dict[str, List[str]]:
+    """``{task: its plotted metrics}`` from the ``eval/<task>/<metric>`` keys, in first-seen order."""
+    out: Dict[str, List[str]] = {}
+    for record in records:
+        for key in record:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in EVAL_METRICS:
+                metrics = out.setdefault(parts[1], [])
+                if parts[2] not in metrics:
+                    metrics.append(parts[2])
+    return out
+
+
 def validation_series(records: Sequence[dict]) -> Dict[str, Tuple[List[int], List[float]]]:
     """Validation curves: ``val_loss`` and, when logged, one per data folder (``val_loss_by_source``)."""
     out = {"validation": series(records, "val_loss")}
@@ -68,6 +84,21 @@ def validation_series(records: Sequence[dict]) -> Dict[str, Tuple[List[int], Lis
     return {name: curve for name, curve in out.items() if curve[0]}
 
 
+def _plot_task(ax, records: Sequence[dict], task: str, metrics: List[str], run: str, color: str) -> None:
+    """One evaluation task's panel: its metrics over steps (acc solid, acc_norm dashed), the chance level dotted."""
+    styles = {"acc": "o-", "acc_norm": "s--", "ppl": "o-"}
+    for metric in metrics:
+        steps, values = series(records, f"eval/{task}/{metric}")
+        if steps:
+            ax.plot(steps, values, styles[metric], color=color, ms=3, lw=1.2, label=f"{run} {metric}".strip())
+    steps, chance = series(records, f"eval/{task}/chance")
+    if chance:
+        ax.axhline(chance[-1], color="gray", ls=":", lw=1, label=f"chance {chance[-1]:.3g}")
+    if metrics == ["ppl"]:
+        ax.set_yscale("log")
+    ax.set_ylabel(f"{task}\n{'perplexity' if metrics == ['ppl'] else 'accuracy'}")
+
+
 def plot(work_dirs: Sequence[str], output: str, title: Optional[str] = None) -> str:
     """Draw the panels for every run in ``work_dirs`` into the PNG ``output``; returns its path."""
     import matplotlib
@@ -75,10 +106,17 @@ def plot(work_dirs: Sequence[str], output: str, title: Optional[str] = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 3 * len(PANELS)), sharex=True)
+    runs = [read_records(work_dir) for work_dir in work_dirs]
+    tasks: Dict[str, List[str]] = {}
+    for records in runs:
+        for task, metrics in eval_tasks(records).items():
+            tasks.setdefault(task, [])
+            tasks[task] += [m for m in metrics if m not in tasks[task]]
+    rows = len(PANELS) + len(tasks)
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3 * rows), sharex=True, squeeze=False)
+    axes = list(axes[:, 0])
     several = len(work_dirs) > 1
-    for index, work_dir in enumerate(work_dirs):
-        records = read_records(work_dir)
+    for index, (work_dir, records) in enumerate(zip(work_dirs, runs)):
         run = os.path.basename(os.path.normpath(work_dir)) if several else ""
         color = f"C{index % 10}"
         for ax, (key, label) in zip(axes, PANELS):
@@ -87,6 +125,8 @@ def plot(work_dirs: Sequence[str], output: str, title: Optional[str] = None) -> 
                 name = f"{run} train".strip() if key == "loss" else run or None
                 ax.plot(steps, values, color=color, lw=1.2, label=name)
             ax.set_ylabel(label)
+        for ax, (task, metrics) in zip(axes[len(PANELS) :], tasks.items()):
+            _plot_task(ax, records, task, metrics, run, color)
         for offset, (name, (steps, values)) in enumerate(validation_series(records).items()):
             axes[0].plot(
                 steps, values, "o--", color=color, alpha=1.0 - 0.2 * min(offset, 3), ms=4, label=f"{run} {name}".strip()

@@ -37,7 +37,7 @@ ckpt = dict(checkpoint_every=100, keep_last=2)
 # Downstream tasks scored during training (docs/evaluation.md), built before the run from the held-out tail of
 # the demo corpus: pick the true next line of held-out docs / code among 4 (chance 0.25), held-out perplexity.
 evaluation = dict(
-    every=50,
+    every=75,
     prepare_demo_tasks=f"{DEMO_DATA}/eval",
     tasks=[
         dict(name="next_line", kind="multiple_choice", path=f"{DEMO_DATA}/eval/next_line.jsonl"),

@@ -22,7 +22,7 @@ CONTEXT_LINES = 3
 CHOICES = 4
 MIN_LINE_CHARS = 12  # shorter lines (blank, "    else:", "]") are neither asked nor used as distractors
 ITEMS_PER_SOURCE = 100
-PPL_CHARS_PER_SOURCE = 20_000
+PPL_CHARS_PER_SOURCE = 8_000
 
 
 def heldout_documents(data: Any, tokenizer: Tokenizer) -> Dict[str, List[str]]:

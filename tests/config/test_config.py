@@ -317,6 +317,7 @@ def test_section_classes_follow_the_schema():
         "profile": "ProfileSection",
         "phase": "PhaseSection",
         "health": "HealthSection",
+        "evaluation": "EvaluationSection",
     }
     for path, spec in iter_fields():
         if isinstance(spec, Section):

@@ -84,3 +84,6 @@ def test_two_phase_demo_small(tmp_path, demo_data):
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert os.listdir(os.path.join(work_dir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(work_dir, "checkpoints"))) == ["30", "60"]
+    # the demo's evaluation tasks (docs/evaluation.md): at the start and at each phase's end
+    assert [r["step"] for r in read_metrics(work_dir) if "eval/next_line/acc" in r] == [0, 30, 60]
+    assert proc.stdout.count("eval next_line acc") == 3

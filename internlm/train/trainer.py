@@ -266,7 +266,8 @@ class Trainer:
         )
         # skipped steps so far: read once here (the optimizer may keep the count on the device)
         self.metrics.begin_phase(phase, self.phases[phase.index + 1 :], before, int(self.model.optimizer.skipped_steps))
-        self._evaluate(schedule, phase, self.progress.step, False)  # at global step 0 (evaluation.at_start)
+        if self.progress.step == 0:  # a run from scratch: evaluation.at_start
+            self._evaluate(schedule, phase, 0, False)
         for phase_step in range(start, phase.steps):
             self.watch.step_started(self.progress.step + 1)  # the hang watchdog's limit starts again
             batch = loader.next_global_batch()

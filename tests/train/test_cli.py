@@ -68,6 +68,7 @@ def test_two_phase_demo_small(tmp_path, demo_data):
             "model.hidden_size=128",
             "data.total_steps=30",
             "data.valid_every=15",
+            "evaluation.every=30",  # phase 2 starts on an evaluated step: not evaluated twice
         ],
     )
     assert "sample from the trained model" in proc.stdout

@@ -56,6 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pipeline", type=int)
     p.add_argument("--zero1", type=int, help="zero1 group size; <= 0: the whole data-parallel group")
     p.add_argument("--chunks", type=int, help="model chunks per pipeline rank (interleaved schedule)")
+    p.add_argument("--context", type=int, help="context-parallel size (parallel.context)")
+    p.add_argument("--context-mode", choices=("ring", "a2a"), help="parallel.context_mode")
     p.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None, help="sequence parallel")
     p.add_argument("--micro-bsz", type=int)
     p.add_argument("--micro-num", type=int)
@@ -96,6 +98,8 @@ def plan_inputs(args: argparse.Namespace) -> SimpleNamespace:
             zero1=run.parallel.zero1.size,
             chunks=run.model.num_chunks,
             sp=run.parallel.sequence_parallel,
+            context=run.parallel.context,
+            context_mode=run.parallel.context_mode,
         )
         batch_args = dict(micro_bsz=run.data.micro_bsz, micro_num=run.data.micro_num, seq_len=run.data.seq_len)
         checkpoint: Checkpoint = run.model.checkpoint
@@ -103,7 +107,7 @@ def plan_inputs(args: argparse.Namespace) -> SimpleNamespace:
         source = f"{args.config}"
     else:
         mc = InternLMConfig.preset(args.preset, dtype="bf16")
-        layout_args = dict(tensor=1, pipeline=1, zero1=-1, chunks=1, sp=False)
+        layout_args = dict(tensor=1, pipeline=1, zero1=-1, chunks=1, sp=False, context=1, context_mode="ring")
         batch_args = dict(micro_bsz=1, micro_num=8, seq_len=mc.max_position_embeddings)
         checkpoint, fused_loss = False, True
         source = f"preset {args.preset} (bf16)"
@@ -123,6 +127,8 @@ def plan_inputs(args: argparse.Namespace) -> SimpleNamespace:
         layout_args["zero1"],
         layout_args["chunks"],
         layout_args["sp"],
+        layout_args["context"],
+        layout_args["context_mode"],
     )
     batch = Batch(**batch_args)
 
@@ -158,7 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         estimates = [
             estimate(mc, cand, cand_batch, ck, hardware, attn_backend, fused_loss)
             for cand, cand_batch in candidate_layouts(
-                mc, args.devices, global_sequences, batch.micro_bsz, batch.seq_len, args.gpus_per_node
+                mc,
+                args.devices,
+                global_sequences,
+                batch.micro_bsz,
+                batch.seq_len,
+                args.gpus_per_node,
+                layout.context,
+                layout.context_mode,
             )
             for ck in CHECKPOINT_CANDIDATES
         ]

@@ -143,7 +143,8 @@ class CheckpointManager:
         copies (async saves), else the live tensors, written before training goes on."""
         pc = self.pc
         files: List[Tuple[str, Any]] = []
-        if pc.dp_rank == model_writer_dp(pc.layout):
+        writer = pc.cp_rank == 0  # context ranks hold the same weights and optimizer slices as context rank 0
+        if writer and pc.dp_rank == model_writer_dp(pc.layout):
             model = {
                 "chunks": [chunk.state_dict() for chunk in model_chunks],
                 "tp_shards": [
@@ -151,7 +152,7 @@ class CheckpointManager:
                 ],
             }
             files.append((self._model_file(), cpu_snapshot(model) if copy else model))
-        if writes_optimizer_file(pc.layout, pc.dp_rank):
+        if writer and writes_optimizer_file(pc.layout, pc.dp_rank):
             state = optimizer.state_dict(copy=copy, device="cpu" if copy else None)
             files.append((self._optim_file(), state))
         files.append((rng_file(pc.rank), _rng_state()))

@@ -87,6 +87,8 @@ class RunConfig:
             zero1=self.parallel.zero1.size,
             num_chunks=self.model.num_chunks,
             sequence_parallel=self.parallel.sequence_parallel,
+            context=self.parallel.context,
+            context_mode=self.parallel.context_mode,
         )
 
 

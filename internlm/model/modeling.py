@@ -253,7 +253,8 @@ class InternLM(nn.Module):
             cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, device=input_ids.device, dtype=torch.int32)
             cu_seqlens_list = list(range(0, (batch + 1) * seq, seq))
             max_seqlen = seq
-        docs = cu_seqlens if isinstance(cu_seqlens, PackedDocs) else PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen)
+        # a tensor becomes PackedDocs; any other docs object (PackedDocs, a context-parallel shard) goes to the cores
+        docs = PackedDocs(cu_seqlens, cu_seqlens_list, max_seqlen) if torch.is_tensor(cu_seqlens) else cu_seqlens
         rope_len = None
         if dynamic_rope(self.config):
             if given_max_seqlen is not None or position_ids is None:

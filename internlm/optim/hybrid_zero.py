@@ -45,7 +45,7 @@ class HybridZeroOptimizer:
     """AdamW over flat sharded fp32 master weights, with bucketed overlapped gradient reduction.
 
     ``pc`` is any object with ``dp_size, dp_rank, dp_group, zero1_size, zero1_rank, zero1_group, tp_size,
-    tp_rank, tp_group, pp_size, pp_group`` and, when ``dp_size > zero1_size``, ``zero1_replica_group`` (groups
+    tp_rank, tp_group, pp_size, pp_group`` and, when ``dp_size * cp_size > zero1_size``, ``zero1_replica_group`` (groups
     are ``None`` for size 1). Weight decay applies to parameters with two or more dimensions (matrices,
     embeddings), not to norm weights or biases.
 
@@ -347,11 +347,11 @@ def _check_context(pc: Any) -> None:
         raise ValueError(f"zero1_group has {group_size(pc.zero1_group)} ranks but zero1_size={pc.zero1_size}")
     if group_size(pc.dp_group) != pc.dp_size:
         raise ValueError(f"dp_group has {group_size(pc.dp_group)} ranks but dp_size={pc.dp_size}")
+    # context ranks hold the same weights as data ranks: the replica group sums their gradients too
     replicas = group_size(getattr(pc, "zero1_replica_group", None))
-    if replicas != pc.dp_size // pc.zero1_size:
-        raise ValueError(
-            f"zero1_replica_group has {replicas} ranks but dp_size / zero1_size = {pc.dp_size // pc.zero1_size}"
-        )
+    expected = pc.dp_size // pc.zero1_size * getattr(pc, "cp_size", 1)
+    if replicas != expected:
+        raise ValueError(f"zero1_replica_group has {replicas} ranks but dp_size / zero1_size * cp_size = {expected}")
 
 
 def _build_buffers(

@@ -27,6 +27,7 @@ from torch import nn
 
 from internlm.model import InternLM, RMSNorm
 
+from .context.attention import ContextAttentionCore
 from .layout import tensor_split_problems
 from .process_groups import ParallelContext
 from .tensor_parallel import (
@@ -114,12 +115,24 @@ def _kv_projection(linear: nn.Linear, pc: ParallelContext, heads: int, kv_heads:
     return _adopt(layer, linear)
 
 
-def parallelize_model(model: InternLM, pc: ParallelContext) -> InternLM:
-    """Shard ``model`` in place for this rank's tensor group and declare every parameter's `TPShard`; returns it.
+def parallelize_context(model: InternLM, pc: ParallelContext) -> InternLM:
+    """Under context parallelism (``pc.cp_size > 1``) every layer's attention core becomes a
+    `ContextAttentionCore` over ``pc.cp_group`` (ring or all-to-all by the layout's ``context_mode``); the rest of
+    the layer works token by token on this rank's tokens and needs no change. Returns ``model``."""
+    if getattr(pc, "cp_size", 1) > 1:
+        for layer in model.layers.values():
+            layer.self_attn.core = ContextAttentionCore(pc.cp_group)
+    return model
 
-    A no-op when ``pc.tp_size == 1``. Raises ValueError (naming the config key) when the model cannot be
-    split over ``pc.tp_size`` ranks.
+
+def parallelize_model(model: InternLM, pc: ParallelContext) -> InternLM:
+    """Shard ``model`` in place for this rank's tensor group and declare every parameter's `TPShard`; swap in the
+    context-parallel attention core (`parallelize_context`); returns it.
+
+    The tensor split is a no-op when ``pc.tp_size == 1``. Raises ValueError (naming the config key) when the model
+    cannot be split over ``pc.tp_size`` ranks.
     """
+    parallelize_context(model, pc)
     if pc.tp_size == 1:
         return model
     cfg = model.config
@@ -174,4 +187,4 @@ def _check_declared(model: nn.Module, pc: ParallelContext) -> None:
             )
 
 
-__all__ = ["parallelize_model"]
+__all__ = ["parallelize_context", "parallelize_model"]

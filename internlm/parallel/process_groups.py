@@ -1,8 +1,8 @@
-"""The process-group grid: tensor x data x pipeline, plus hybrid-ZeRO subgroups of the data dimension.
+"""The process-group grid: tensor x context x data x pipeline, plus hybrid-ZeRO subgroups of the data dimension.
 
-The grid is the one a `Layout` describes (tensor fastest, then data, then pipeline)::
+The grid is the one a `Layout` describes (tensor fastest, then context, then data, then pipeline)::
 
-    rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+    rank = tp_rank + tp_size * (cp_rank + cp_size * (dp_rank + dp_size * pp_rank))
 
 `init_parallel_context` creates the groups of every kind (`Layout.group_ranks`) collectively and returns
 this process's `ParallelContext`.
@@ -26,8 +26,9 @@ class ParallelContext:
     """This process's place in a `Layout`: its rank in every dimension and the groups it belongs to.
 
     Sizes are read from ``layout`` (``pc.tp_size == pc.layout.tensor``); the zero1 replica group has
-    ``dp_size // zero1_size`` members (`zero1_replicas`). Groups are ``None`` in a single process; every
-    collective in `internlm.parallel` is skipped when its group is ``None`` or has size 1.
+    ``dp_size // zero1_size * cp_size`` members (`zero1_replicas`: context ranks are replicas too). Groups are
+    ``None`` in a single process; every collective in `internlm.parallel` is skipped when its group is ``None`` or
+    has size 1.
     ``pp_prev_rank`` / ``pp_next_rank`` are global ranks (None at the ends).
     """
 
@@ -43,7 +44,9 @@ class ParallelContext:
     dp_group: Optional[ProcessGroup] = None
     zero1_rank: int = 0
     zero1_group: Optional[ProcessGroup] = None
-    zero1_replica_group: Optional[ProcessGroup] = None  # same zero1 rank in every zero1 block of the dp group
+    zero1_replica_group: Optional[ProcessGroup] = None  # same zero1 rank in every zero1 block and context rank
+    cp_rank: int = 0
+    cp_group: Optional[ProcessGroup] = None  # the ranks splitting one sequence (None when context == 1)
 
     @property
     def world_size(self) -> int:
@@ -66,9 +69,14 @@ class ParallelContext:
         return self.layout.zero1
 
     @property
+    def cp_size(self) -> int:
+        return self.layout.context
+
+    @property
     def zero1_replicas(self) -> int:
-        """Number of zero1 blocks in the data-parallel group, the size of ``zero1_replica_group``."""
-        return self.layout.data // self.layout.zero1
+        """Ranks holding the same optimizer slice, the size of ``zero1_replica_group``: the zero1 blocks of the
+        data-parallel group times the context ranks (weights are replicated across both)."""
+        return self.layout.data // self.layout.zero1 * self.layout.context
 
     @property
     def sequence_parallel(self) -> bool:
@@ -101,11 +109,19 @@ def init_parallel_context(layout: Layout, rank: int, timeout: Optional[timedelta
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     tp_rank, dp_rank, pp_rank = layout.coords(rank)
+    cp_rank = layout.cp_rank(rank)
     pc = ParallelContext(
-        layout, rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, zero1_rank=dp_rank % layout.zero1
+        layout,
+        rank,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        dp_rank=dp_rank,
+        zero1_rank=dp_rank % layout.zero1,
+        cp_rank=cp_rank,
     )
-    pc.pp_prev_rank = layout.rank_of(tp_rank, dp_rank, pp_rank - 1) if pp_rank > 0 else None
-    pc.pp_next_rank = layout.rank_of(tp_rank, dp_rank, pp_rank + 1) if pp_rank < layout.pipeline - 1 else None
+    last = layout.pipeline - 1
+    pc.pp_prev_rank = layout.rank_of(tp_rank, dp_rank, pp_rank - 1, cp_rank) if pp_rank > 0 else None
+    pc.pp_next_rank = layout.rank_of(tp_rank, dp_rank, pp_rank + 1, cp_rank) if pp_rank < last else None
     if world_size == 1:
         return pc
     if not dist.is_initialized():
@@ -127,11 +143,18 @@ def init_parallel_context(layout: Layout, rank: int, timeout: Optional[timedelta
 def describe_groups(pc: ParallelContext) -> str:
     """A short table of which global ranks form each group (rank 0 prints it at start-up)."""
     groups = pc.layout.group_ranks()
-    lines = [
-        f"world {pc.world_size} = tensor {pc.tp_size} x data {pc.dp_size} x pipeline {pc.pp_size}; "
-        f"zero1 {pc.zero1_size}; sequence_parallel {pc.sequence_parallel}",
-        "rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)",
-    ]
+    if pc.cp_size > 1:
+        lines = [
+            f"world {pc.world_size} = tensor {pc.tp_size} x context {pc.cp_size} ({pc.layout.context_mode}) x data "
+            f"{pc.dp_size} x pipeline {pc.pp_size}; zero1 {pc.zero1_size}; sequence_parallel {pc.sequence_parallel}",
+            "rank = tp_rank + tp_size * (cp_rank + cp_size * (dp_rank + dp_size * pp_rank))",
+        ]
+    else:
+        lines = [
+            f"world {pc.world_size} = tensor {pc.tp_size} x data {pc.dp_size} x pipeline {pc.pp_size}; "
+            f"zero1 {pc.zero1_size}; sequence_parallel {pc.sequence_parallel}",
+            "rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)",
+        ]
     width = max(len(k) for k in groups if k != "zero1_replica")  # the long name does not widen the table
     for kind, lists in groups.items():
         shown = lists if len(lists) <= 8 else lists[:4] + [["..."]] + lists[-2:]

@@ -2,7 +2,8 @@
 
 Bytes are what one device *sends* per optimizer step with ring collectives (an all-reduce of n bytes over g
 ranks sends 2 (g-1)/g n, an all-gather or reduce-scatter of n bytes in total (g-1)/g n), for the most loaded
-pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b bytes, T = tensor size:
+pipeline stage. With N = micro_bsz * seq_len / C * hidden activation elements of b bytes (C = context size: a
+context rank holds 1/C of the tokens), T = tensor size:
 
     tensor    per layer and micro-batch 8 (T-1)/T N b (2 collectives forward, 2 backward, with or without
               sequence parallelism); with full recomputation 10 (T-1)/T N b, 11 under sequence parallelism: the
@@ -19,12 +20,20 @@ pipeline stage. With N = micro_bsz * seq_len * hidden activation elements of b b
               no activation (one message per micro-batch), the interleaved schedule's first (last) rank sends no
               gradient of chunk 0 (no activation of the last chunk): 2 V - 1 per micro-batch
     data      P parameters per device (`most_loaded_stage_params`, or `stage_params` of ``pipeline_rank``),
-              z = zero1, r = data / zero1 replicas: fp32
+              z = zero1, r = data / zero1 * C replicas (context ranks hold replicated weights): fp32
               gradient reduce-scatter in the zero1 group (z-1)/z 4 P, all-reduce of the owned shard across
               replicas 2 (r-1)/r 4 P/z, and the all-gather of the updated parameters (z-1)/z b P
 
-Tensor groups are neighbours (inside a node: NVLink); data-parallel and pipeline neighbours stride by the
-tensor size and so, with tensor = GPUs per node, sit on other nodes (the network).
+    context   per layer and micro-batch, with n = micro_bsz * seq_len / C tokens per rank, A query and K kv heads per
+              tensor rank, D head dim (`context_layer_bytes`):
+              ring: forward (C-1) sends of this rank's K and V blocks, n K D b each; backward (C-1) sends of K,
+                    V, dK and dV: 6 (C-1) n K D b per layer (a recomputed forward adds 2 (C-1) n K D b)
+              a2a:  4 all-to-alls forward (q, k, v, out) and 4 backward, each sending (C-1)/C of the tensor:
+                    2 (C-1)/C n D b (2 A + 2 L) per layer, L = lcm(K, C) kv heads after the replication that
+                    C > K needs (a recomputed forward adds half of it)
+
+Tensor groups are neighbours (inside a node: NVLink), context groups next to them; data-parallel and pipeline
+neighbours stride by tensor x context and so, with tensor x context = GPUs per node, sit on other nodes (the network).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ class StepCommunication:
     pipeline: float
     data_gradients: float
     data_params: float
+    context: float = 0.0
 
     @property
     def data(self) -> float:
@@ -54,7 +64,29 @@ class StepCommunication:
 
     def by_link(self) -> Dict[str, float]:
         """Bytes per link type when the tensor group fills a node (intra-node) and the rest crosses nodes."""
-        return {"intra-node (tensor)": self.tensor, "inter-node (pipeline + data)": self.pipeline + self.data}
+        return {
+            "intra-node (tensor + context)": self.tensor + self.context,
+            "inter-node (pipeline + data)": self.pipeline + self.data,
+        }
+
+
+def context_layer_bytes(model_config: Any, layout: Any, tokens: int, recomputed: bool = False) -> float:
+    """Bytes one context rank sends for one decoder layer and one micro-batch of ``tokens`` (global) tokens, forward
+    and backward (module docstring); ``recomputed``: the forward runs twice (activation checkpointing)."""
+    c = getattr(layout, "context", 1)
+    if c <= 1:
+        return 0.0
+    b, d = dtype_bytes(model_config.dtype), model_config.head_dim
+    heads = model_config.num_attention_heads // layout.tensor
+    kv_heads = model_config.num_kv_attention_heads or model_config.num_attention_heads
+    kv = kv_heads // layout.tensor if kv_heads % layout.tensor == 0 else 1
+    n = tokens / c
+    if layout.context_mode == "ring":
+        block = n * kv * d * b
+        return (c - 1) * block * (6 + (2 if recomputed else 0))
+    replicated_kv = kv * c // math.gcd(kv, c)  # lcm(K, C): the a2a replicates kv heads that C does not divide
+    forward = (c - 1) / c * n * d * b * (2 * heads + 2 * replicated_kv)
+    return forward * (3 if recomputed else 2)
 
 
 def step_communication(
@@ -71,9 +103,9 @@ def step_communication(
     messages of that rank (default: a middle rank, the most a rank sends)."""
     mc = model_config
     b = dtype_bytes(mc.dtype)
-    t, pp, z = layout.tensor, layout.pipeline, layout.zero1
-    replicas = layout.data // z
-    n_bytes = micro_bsz * seq_len * mc.hidden_size * b
+    t, pp, z, c = layout.tensor, layout.pipeline, layout.zero1, getattr(layout, "context", 1)
+    replicas = layout.data // z * c
+    n_bytes = micro_bsz * seq_len // c * mc.hidden_size * b
     ring = (t - 1) / t
     layers = math.ceil(mc.num_layers / pp)
     if pipeline_rank is not None:  # that rank's chunks' layers (`partition_layers`)
@@ -100,7 +132,15 @@ def step_communication(
     params = most_loaded_stage_params(mc, layout) if pipeline_rank is None else stage_params(mc, layout, pipeline_rank)
     gradients = (z - 1) / z * 4 * params + 2 * (replicas - 1) / replicas * 4 * params / z
     gather = (z - 1) / z * b * params
-    return StepCommunication(tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather)
+    recomputed_layers = checkpointed_layer_count(checkpoint, mc.num_layers) * layers / mc.num_layers
+    if checkpoint == "attn":
+        recomputed_layers = layers
+    per_layer = context_layer_bytes(mc, layout, micro_bsz * seq_len)
+    again = context_layer_bytes(mc, layout, micro_bsz * seq_len, recomputed=True) - per_layer
+    context = micro_num * (layers * per_layer + recomputed_layers * again)
+    return StepCommunication(
+        tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather, context=context
+    )
 
 
 def checkpoint_bytes(model_config: Any) -> Dict[str, float]:
@@ -114,4 +154,4 @@ def checkpoint_bytes(model_config: Any) -> Dict[str, float]:
     return out
 
 
-__all__ = ["StepCommunication", "step_communication", "checkpoint_bytes"]
+__all__ = ["StepCommunication", "context_layer_bytes", "step_communication", "checkpoint_bytes"]

@@ -26,6 +26,11 @@ Stage-to-stage tensors that outlive their micro-batch are held too: 1F1B's loop 
 input and output gradients (``b N H / s`` each), and the interleaved schedule keeps every exchange of the step
 (received activations, their input gradients, received output gradients) until the step ends.
 
+**Context parallelism** (``parallel.context = C``): a context rank holds ``N / C`` tokens of every micro-batch
+from embedding to loss, so every activation term above is taken with ``N / C`` tokens; the model states do not
+change (weights are replicated across context ranks, optimizer slices over zero1 as before). Ring attention's
+in-flight K/V blocks (two (N / C, K, D) blocks) are left out, like other kernels' scratch.
+
 **Peak per device** = weights + gradients + optimizer + max over the schedule of (activations held + transient of
 the running step: the loss forward or backward, or one layer's backward working set and recomputation). The most
 loaded pipeline rank is reported. Not counted: the CUDA context, NCCL and cuBLAS workspaces, allocator
@@ -118,7 +123,7 @@ def stage_memory(
     mc = model_config
     tp, pp, zero1, chunks, sp = _layout_sizes(layout)
     b = dtype_bytes(mc.dtype)
-    n = micro_bsz * seq_len
+    n = micro_bsz * seq_len // getattr(layout, "context", 1)  # a context rank's tokens: activations / C
     selective = selective_mode(checkpoint)
     full_layer = layer_activation_bytes(mc, n, tp, sp, attn_backend)
     # a selectively recomputed layer saves less, and rebuilds the difference during its backward

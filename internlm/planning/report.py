@@ -68,13 +68,16 @@ def print_estimate(model_config: Any, e: Estimate, hardware: Hardware, usable: f
     c = e.comm
     print("\ncommunication per device per step (bytes sent, ring collectives; internlm/planning/communication.py):")
     print(f"  tensor   {_gb(c.tensor)}")
+    if c.context:
+        print(f"  context  {_gb(c.context)} ({layout.context_mode}: context_layer_bytes)")
     print(f"  pipeline {_gb(c.pipeline)}")
     print(f"  data     {_gb(c.data)} (gradients {_gb(c.data_gradients)}, parameter gather {_gb(c.data_params)})")
     t = e.times
+    context_time = f" + context {t['context']:.2f}" if c.context else ""
     print(
         f"\nstep time estimate: {t['step']:.2f} s = compute {t['compute']:.2f} + bubble {t['bubble']:.2f} + tensor "
-        f"{t['tensor']:.2f} + pipeline {t['pipeline']:.2f} + exposed data {t['data_exposed']:.2f} (data total "
-        f"{t['data']:.2f}, overlapped)"
+        f"{t['tensor']:.2f}{context_time} + pipeline {t['pipeline']:.2f} + exposed data {t['data_exposed']:.2f} "
+        f"(data total {t['data']:.2f}, overlapped)"
     )
     print(f"  {t['tokens_per_device_s']:,.0f} tokens/device/s, MFU {t['mfu']:.1%}")
     print(

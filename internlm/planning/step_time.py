@@ -7,19 +7,23 @@ An estimate, with these assumptions:
                ``InternLMConfig.flops_per_token`` (6 N + attention), plus the head's 6 V H on the last stage, plus
                one more forward of what is recomputed: a recomputed layer 1/3 of its FLOPs, ``"attn"``
                attention's core 2 S H per layer and token, ``"mlp"`` the MLP matmuls 6 H F; a fraction counts
-               ``round(f x layers)`` of each chunk, as the runtime wraps them) x the data rank's tokens / tensor,
+               ``round(f x layers)`` of each chunk, as the runtime wraps them) x the data rank's tokens / (tensor
+               x context),
                at ``mfu_cap`` (default 50%) of the device's dense bf16 peak. Every stage waits for the slowest
                one, so an uneven split (82 layers over 8 virtual stages) or the head costs step time
     bubble     (pipeline - 1) / (chunks x micro_num) x compute (1F1B and interleaved schedules)
     tensor     tensor-parallel bytes / intra-node bandwidth (inter-node when tensor > GPUs per node): not
                overlapped, the collectives sit between the matmuls
+    context    context-parallel bytes (ring sends or all-to-alls) / intra-node bandwidth (inter-node when tensor x
+               context exceeds a node): not overlapped (ring attention overlaps them with the blocks' attention
+               in practice, so this is an upper bound)
     pipeline   pipeline bytes / the bandwidth of the link between stages (intra-node when tensor x data x
                pipeline fits a node): not overlapped
     data       zero1 reduce-scatter and parameter all-gather over the zero1 group (intra-node when tensor x
                zero1 fits a node), replica all-reduce across zero1 blocks (inter-node unless the whole
                data-parallel group fits a node); overlapped with compute (gradients with the backward, 2/3 of
                compute; the gather with the next forward, 1/3), only the excess is counted
-    step       compute + bubble + tensor + pipeline + exposed data;  MFU = model FLOPs / (step x peak)
+    step       compute + bubble + tensor + context + pipeline + exposed data;  MFU = model FLOPs / (step x peak)
 
 Bytes come from `internlm.planning.communication.step_communication`; bandwidths are effective per-GPU bus
 bandwidths of NCCL collectives, assumed per device type (`internlm.planning.devices`) unless given.
@@ -128,27 +132,31 @@ def step_time(
     peak = hw.device.peak_tflops * 1e12
     replica_tokens = batch.micro_bsz * batch.micro_num * batch.seq_len  # one data rank's tokens
     slowest = max(stage_flops_per_token(mc, layout, checkpoint, batch.seq_len))
-    compute = slowest * replica_tokens / layout.tensor / (peak * hw.mfu_cap)
+    cp = getattr(layout, "context", 1)
+    compute = slowest * replica_tokens / (layout.tensor * cp) / (peak * hw.mfu_cap)
     bubble = (layout.pipeline - 1) / (layout.num_chunks * batch.micro_num) * compute if layout.pipeline > 1 else 0.0
     gb, nodes = 1e9, hw.gpus_per_node
     tp_bw = hw.intra if _same_node(layout.tensor, nodes) else hw.inter
-    pp_bw = hw.intra if _same_node(layout.tensor * layout.data * layout.pipeline, nodes) else hw.inter
+    pp_bw = hw.intra if _same_node(layout.tensor * cp * layout.data * layout.pipeline, nodes) else hw.inter
+    cp_bw = hw.intra if _same_node(layout.tensor * cp, nodes) else hw.inter
     tensor = comm.tensor / (tp_bw * gb)
+    context = comm.context / (cp_bw * gb)
     pipeline = comm.pipeline / (pp_bw * gb)
     # split the data-parallel bytes by link: zero1 group (stride tensor) and the replica all-reduce
-    z, r = layout.zero1, layout.data // layout.zero1
+    z, r = layout.zero1, layout.data // layout.zero1 * cp
     params = comm.data_params / (dtype_bytes(mc.dtype) * (z - 1) / z) if z > 1 else 0.0
     replica = comm.data_gradients - ((z - 1) / z * 4 * params if z > 1 else 0.0)
-    zero1_bw = hw.intra if _same_node(layout.tensor * z, nodes) else hw.inter
-    replica_bw = hw.intra if _same_node(layout.tensor * layout.data, nodes) else hw.inter
+    zero1_bw = hw.intra if _same_node(layout.tensor * cp * z, nodes) else hw.inter
+    replica_bw = hw.intra if _same_node(layout.tensor * cp * layout.data, nodes) else hw.inter
     grads = (comm.data_gradients - replica) / (zero1_bw * gb) + (replica / (replica_bw * gb) if r > 1 else 0.0)
     gather = comm.data_params / (zero1_bw * gb)
     data_exposed = max(0.0, grads - 2 / 3 * compute) + max(0.0, gather - compute / 3)
-    step = compute + bubble + tensor + pipeline + data_exposed
+    step = compute + bubble + tensor + context + pipeline + data_exposed
     times = dict(
         compute=compute,
         bubble=bubble,
         tensor=tensor,
+        context=context,
         pipeline=pipeline,
         data=grads + gather,
         data_exposed=data_exposed,

@@ -27,8 +27,9 @@ class Prediction:
     checkpoint_bytes: float
 
 
-def predict(config: Any, layout: Any, pp_rank: int, dp_rank: int) -> Prediction:
-    """The planner's figures for the rank at pipeline rank ``pp_rank``, data rank ``dp_rank`` of ``layout``."""
+def predict(config: Any, layout: Any, pp_rank: int, dp_rank: int, cp_rank: int = 0) -> Prediction:
+    """The planner's figures for the rank at pipeline rank ``pp_rank``, data rank ``dp_rank``, context rank
+    ``cp_rank`` of ``layout``."""
     mc, data, checkpoint = config.model_config, config.data, config.model.checkpoint
     comm = step_communication(mc, layout, data.micro_bsz, data.seq_len, data.micro_num, checkpoint, pp_rank)
     backend = resolve_backend(mc.attn_backend, "cpu", mc.dtype, flash_installed=False)
@@ -38,9 +39,10 @@ def predict(config: Any, layout: Any, pp_rank: int, dp_rank: int) -> Prediction:
     # `checkpoint_bytes` per parameter, for the parameters of this rank's stage (the first and last hold more)
     ckpt, params = checkpoint_bytes(mc), stage_params(mc, layout, pp_rank)
     written = 0.0
-    if dp_rank == model_writer_dp(layout):
+    writer = cp_rank == 0  # context ranks > 0 hold copies and write nothing
+    if writer and dp_rank == model_writer_dp(layout):
         written += ckpt["model"] / mc.num_params() * params
-    if dp_rank < layout.zero1:
+    if writer and dp_rank < layout.zero1:
         written += ckpt["optimizer"] / mc.num_params() * params / layout.zero1
     return Prediction(
         bytes={
@@ -48,6 +50,7 @@ def predict(config: Any, layout: Any, pp_rank: int, dp_rank: int) -> Prediction:
             "pipeline": comm.pipeline,
             "data_gradients": comm.data_gradients,
             "data_params": comm.data_params,
+            "context": comm.context,
         },
         peak_memory_bytes=memory.total,
         memory=memory.as_dict(),

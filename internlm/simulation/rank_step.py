@@ -153,9 +153,10 @@ def checkpoint_write_bytes_of(model: ModelState, pc: Any) -> int:
     first zero1 block. (The snapshot itself reads the update count back from the device, which fake tensors
     cannot.)"""
     total = 0
-    if pc.dp_rank == model_writer_dp(pc.layout):
+    writer = pc.cp_rank == 0  # as CheckpointManager.snapshot: context ranks > 0 write no model or optimizer file
+    if writer and pc.dp_rank == model_writer_dp(pc.layout):
         total += checkpoint_write_bytes([("model", [chunk.state_dict() for chunk in model.chunks])])
-    if writes_optimizer_file(pc.layout, pc.dp_rank):
+    if writer and writes_optimizer_file(pc.layout, pc.dp_rank):
         total += model.optimizer.optim_state_bytes()
     return total
 
@@ -206,9 +207,12 @@ def simulate_rank(phase: Phase, world_size: int, rank: int) -> RankResult:
     finally:
         dist.destroy_process_group()
     tp_rank, dp_rank, pp_rank = layout.coords(rank)
+    coords = {"tensor": tp_rank, "data": dp_rank, "pipeline": pp_rank, "zero1": pc.zero1_rank}
+    if layout.context > 1:
+        coords["context"] = pc.cp_rank
     return RankResult(
         rank=rank,
-        coords={"tensor": tp_rank, "data": dp_rank, "pipeline": pp_rank, "zero1": pc.zero1_rank},
+        coords=coords,
         layout=layout.describe(),
         ops=recorder.ops,
         bytes=bytes_by_dimension(recorder.ops, pc),
@@ -217,7 +221,7 @@ def simulate_rank(phase: Phase, world_size: int, rank: int) -> RankResult:
         checkpoint_bytes=ckpt,
         build_seconds=build_seconds,
         step_seconds=step_seconds,
-        prediction=predict(config, layout, pp_rank, dp_rank),
+        prediction=predict(config, layout, pp_rank, dp_rank, pc.cp_rank),
         first_step_ops=first_ops,
     )
 

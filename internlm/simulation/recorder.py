@@ -8,12 +8,14 @@ bytes this rank *sends* with ring algorithms (``B`` = bytes of the full tensor, 
     all_reduce        2 (g-1)/g B
     reduce_scatter    (g-1)/g B      (B = the input, the whole tensor)
     all_gather        (g-1)/g B      (B = the output)
+    all_to_all_single (g-1)/g B      (B = the input; the piece for itself stays)
     broadcast         (g-1)/g B      (the root's pipeline share; counted on every rank alike)
     send / isend      B               (a receive sends nothing)
 
 `dimension_of` names the parallel dimension of an op by the `ParallelContext` group it ran on: ``tensor``,
-``pipeline``, ``data_gradients`` (reductions over the data, zero1 or zero1 replica group) and ``data_params``
-(gathers over them), or ``world`` for the default group.
+``pipeline``, ``context`` (ring sends and all-to-alls of context-parallel attention), ``data_gradients``
+(reductions over the data, zero1 or zero1 replica group) and ``data_params`` (gathers over them), or ``world``
+for the default group.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ COLLECTIVES = (
     "all_gather",
     "reduce_scatter",
     "broadcast",
+    "all_to_all_single",
 )
 # isend / irecv stay unwrapped: `dist.P2POp` accepts only the original functions; their batch is recorded
 POINT_TO_POINT = ("send", "recv", "batch_isend_irecv")
-DIMENSIONS = ("tensor", "pipeline", "data_gradients", "data_params")
+DIMENSIONS = ("tensor", "pipeline", "data_gradients", "data_params", "context")
 
 
 @dataclass
@@ -98,6 +101,8 @@ def describe_collective(name: str, args: tuple, kwargs: Dict[str, Any]) -> Op:
         tensor, full = args[1], sum(_nbytes(t) for t in first)
     elif name.startswith("all_gather"):  # (output, input): the full tensor is the output
         tensor, full = args[1], _nbytes(first)
+    elif name == "all_to_all_single":  # (output, input): every rank sends all but its own piece of the input
+        tensor, full = args[1], _nbytes(args[1])
     elif name.startswith("reduce_scatter"):  # (output, input): the full tensor is the input
         inputs = args[1]
         tensor = inputs if torch.is_tensor(inputs) else inputs[0]
@@ -202,6 +207,8 @@ def dimension_of(op: Op, pc: Any) -> str:
         return "tensor"
     if op.group is not None and op.group is pc.pp_group:
         return "pipeline"
+    if op.group is not None and op.group is getattr(pc, "cp_group", None):
+        return "context"
     data_groups = [g for g in (pc.dp_group, pc.zero1_group, pc.zero1_replica_group) if g is not None]
     if any(op.group is g for g in data_groups):
         return "data_params" if op.kind.startswith("all_gather") or op.kind == "broadcast" else "data_gradients"

@@ -36,6 +36,8 @@ def rank_table(result: RankResult) -> str:
         f"  {'per step':<22} {'simulated':>14} {'predicted':>14} {'diff':>8}",
     ]
     for dim in DIMENSIONS:
+        if dim == "context" and not (p.bytes[dim] or result.bytes.get(dim)):
+            continue  # no context parallelism: the line says nothing
         lines.append(
             f"  {dim + ' bytes':<22} {_gb(result.bytes.get(dim, 0.0)):>14} {_gb(p.bytes[dim]):>14} "
             f"{_diff(result.bytes.get(dim, 0.0), p.bytes[dim]):>8}"

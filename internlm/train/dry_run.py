@@ -19,6 +19,7 @@ from internlm.planning import (
     most_loaded_stage_params,
     planned_attn_backend,
     startup_estimate,
+    step_communication,
 )
 
 from .lr_schedule import warmup_cosine_lr
@@ -119,6 +120,17 @@ def print_dry_run(phases: List[Phase], throughput: Optional[float] = None) -> No
             f"{format_bytes(mem['activations'])}, transient {format_bytes(mem['transient'])}; attention "
             f"{planned_attn_backend(mc)}, activation checkpointing {config.model.checkpoint})"
         )
+        if phase.layout.context > 1:  # context-parallel traffic, the one new cost next to the smaller activations
+            data = config.data
+            comm = step_communication(
+                mc, phase.layout, data.micro_bsz, data.seq_len, data.micro_num, config.model.checkpoint
+            )
+            print(
+                f"  context parallel: {phase.layout.context} ranks ({phase.layout.context_mode}), "
+                f"{data.micro_bsz * data.seq_len // phase.layout.context:,} tokens of each micro-batch per rank "
+                f"(activations / {phase.layout.context}); {format_bytes(comm.context)} sent per device per step "
+                f"(tensor {format_bytes(comm.tensor)}, data {format_bytes(comm.data)})"
+            )
         print(f"  time: {format_duration(seconds)} at {tgs:,.0f} tokens/device/s ({source})")
         tensor = phase.layout.tensor
         if tensor not in probes:

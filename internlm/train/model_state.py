@@ -19,7 +19,7 @@ from .phases import Phase
 def _release_groups(pc: ParallelContext) -> None:
     """Destroy the process groups of a parallel context that is being replaced (after a world barrier, so no
     rank still has work queued on them)."""
-    kinds = (pc.tp_group, pc.pp_group, pc.dp_group, pc.zero1_group, pc.zero1_replica_group)
+    kinds = (pc.tp_group, pc.pp_group, pc.dp_group, pc.zero1_group, pc.zero1_replica_group, pc.cp_group)
     groups = {id(g): g for g in kinds if g is not None}
     if not groups:
         return

@@ -1,5 +1,5 @@
 """One optimizer update over this rank's micro-batches, and validation: micro-batches onto the device, the
-schedule's forward / backward, the global loss summed over data and pipeline ranks without a host sync."""
+schedule's forward / backward, the global loss summed over data, context and pipeline ranks without a host sync."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from internlm.labels import IGNORE_INDEX
 from internlm.model import PackedDocs
 from internlm.parallel import all_reduce_
 
+from .context_batch import split_for_context
 from .model_state import ModelState
 
 _TENSOR_KEYS = ("input_ids", "labels", "cu_seqlens", "position_ids")
@@ -31,14 +32,17 @@ class StepRunner:
         self.device = device
         self.timer = timer  # times the forward/backward passes (a StragglerDetector: begin() / end()) or None
 
-    def to_device(self, micro_batch: Dict[str, Any]) -> Dict[str, Any]:
+    def to_device(self, micro_batch: Dict[str, Any], pc: Any = None) -> Dict[str, Any]:
         """The micro-batch's tensors on the device, plus ``docs``: its `PackedDocs` (device boundaries with the
-        loader's host-side values), shared by every chunk and layer that processes it."""
+        loader's host-side values), shared by every chunk and layer that processes it. Under context parallelism
+        (``pc.cp_size > 1``) only this context rank's tokens, ``docs`` their `ContextShard` (`split_for_context`)."""
         out = dict(micro_batch)
         for key in _TENSOR_KEYS:
             out[key] = micro_batch[key].to(self.device, non_blocking=True)
-        out["docs"] = PackedDocs(out["cu_seqlens"], micro_batch.get("cu_seqlens_list"), micro_batch.get("max_seqlen"))
-        return out
+        docs = PackedDocs(out["cu_seqlens"], micro_batch.get("cu_seqlens_list"), micro_batch.get("max_seqlen"))
+        if pc is None:
+            return dict(out, docs=docs)
+        return split_for_context(out, docs, pc)
 
     def train_step(
         self,
@@ -62,7 +66,7 @@ class StepRunner:
         forms the backward's loss on the last stage from this factor), the reported loss stays unscaled."""
         optimizer, pc = model.optimizer, model.pc
         scale = 1.0 / max(int(global_tokens), 1)
-        batch = [self.to_device(mb) for mb in batch]
+        batch = [self.to_device(mb, pc) for mb in batch]
         optimizer.set_lr(lr)
         optimizer.set_beta2(beta2)
         optimizer.begin_step(len(batch))
@@ -77,7 +81,8 @@ class StepRunner:
         if self.timer is not None:
             self.timer.end()
         # the global loss before the update: a non-finite one skips it, as a non-finite gradient norm does
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.pp_group)
+        # context ranks hold disjoint tokens of the same micro-batches: their loss sums add up like data ranks'
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.cp_group, pc.pp_group)
         step_result = optimizer.step(skip=~torch.isfinite(loss_sum))
         return loss_sum * scale, step_result
 
@@ -89,7 +94,7 @@ class StepRunner:
         model.optimizer.sync_params()
         local_tokens = sum(mb["label_tokens"] for mb in valid_batches)
         tokens = _sum_over(torch.tensor(float(local_tokens), device=self.device), pc.dp_group)
-        batch = [self.to_device(mb) for mb in valid_batches]
+        batch = [self.to_device(mb, pc) for mb in valid_batches]
         if len(chunks) > 1 and len(batch) % pc.pp_size:
             # the interleaved schedule runs micro-batches in groups of pp_size: pad with loss-free copies
             padding = dict(batch[-1], labels=torch.full_like(batch[-1]["labels"], IGNORE_INDEX))
@@ -99,5 +104,5 @@ class StepRunner:
         loss_sum = schedule.forward_backward(chunks, batch, model.loss_fn, 1.0, forward_only=True)
         for chunk in chunks:
             chunk.train()
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.pp_group)
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.cp_group, pc.pp_group)
         return float(loss_sum / tokens.clamp(min=1))

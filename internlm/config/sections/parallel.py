@@ -1,4 +1,4 @@
-"""The ``parallel`` section: tensor, pipeline and ZeRO-1 sizes (an int stands for ``dict(size=int)``).
+"""The ``parallel`` section: tensor, pipeline, context and ZeRO-1 sizes (an int stands for ``dict(size=int)``).
 
 Sizes are checked against the world size at launch (`internlm.parallel.layout.Layout.problems`), not here.
 """
@@ -66,6 +66,24 @@ class ParallelSection:
     pipeline: PipelineSection
     zero1: Zero1Section
     sequence_parallel: Annotated[bool, key(False, "shard activations along the sequence in tensor-parallel regions")]
+    context: Annotated[
+        int,
+        key(
+            1,
+            "context-parallel group size: each sequence is split over this many ranks from embedding to loss "
+            "(docs/context_parallel.md)",
+            minimum=1,
+        ),
+    ]
+    context_mode: Annotated[
+        str,
+        key(
+            "ring",
+            "context-parallel attention: 'ring' (K/V blocks passed around the group, zigzag-balanced; seq_len "
+            "divisible by 2 * context) or 'a2a' (all-to-all from sequence to heads; heads divisible by context)",
+            choices=("ring", "a2a"),
+        ),
+    ]
     timeout_minutes: Annotated[
         Union[int, float],
         key(

@@ -171,14 +171,14 @@ def build_schedule(
     """The schedule for this parallel layout.
 
     pp_size 1 -> `NoPipelineSchedule`; num_chunks 1 -> `OneFOneBSchedule`; else `InterleavedSchedule`.
-    Stage boundaries carry ``(1, micro_bsz * seq_len / tp, hidden_size)`` tensors: the sequence is split
-    over tensor ranks under sequence parallelism, whole otherwise.
+    Stage boundaries carry ``(1, micro_bsz * seq_len / cp / tp, hidden_size)`` tensors: a context rank's tokens
+    (cp = parallel.context), split over tensor ranks under sequence parallelism, whole otherwise.
     """
     if pc.pp_size == 1:
         if num_chunks != 1:
             raise ValueError(f"model.num_chunks: {num_chunks} chunks need a pipeline (parallel.pipeline.size > 1)")
         return NoPipelineSchedule()
-    tokens = micro_bsz * seq_len
+    tokens = micro_bsz * seq_len // getattr(pc, "cp_size", 1)  # a context rank holds 1/C of the tokens
     if pc.sequence_parallel and pc.tp_size > 1:
         if tokens % pc.tp_size:
             raise ValueError(f"micro_bsz * seq_len = {tokens} tokens do not split over {pc.tp_size} tensor ranks")

@@ -31,6 +31,7 @@ model = dict(
     checkpoint=False,  # 62.3 GiB of 80 without recomputation in this layout (see above)
     num_chunks=4,
     use_flash_attn=True,
+    max_position_embeddings=32768,  # the longest context of any phase (phase4.py); rotary has no learned table
 )
 
 parallel = dict(

@@ -6,9 +6,10 @@
 # the interleaved schedule holds 146 GiB of 16,384-token activations per GPU.
 # Global batch: 64 data ranks x micro_bsz 1 x micro_num 4 = 256 sequences x 32,768 tokens = 8.4M tokens per step
 # (the pipeline needs 4 micro-batches per data rank). The planner's figures (python tools/plan.py --config
-# configs/internlm_104b/phase4.py --devices 2048 --device-type a100-80gb; its best with --recommend): 49.7 GiB per
+# configs/internlm_104b/phase4.py --devices 2048 --device-type a100-80gb; its best with --recommend): 69.3 GiB per
 # GPU on the most loaded stage (weights 12.6 + fp32 gradients 25.7 + optimizer 1.2 + activations 8.0 + transient
-# 2.1), step 34.85 s = 118 tokens/GPU/s, 29.7% MFU; ring traffic 56.4 GB per GPU per step.
+# 21.7, mostly ring attention's fp32 score blocks of 8,192-token chunks), step 35.03 s = 117 tokens/GPU/s, 29.6%
+# MFU; ring traffic 98.7 GB per GPU per step. Pipeline 8 (data 32, micro_num 8) has more headroom: 53.4 GiB, 27.4%.
 _base_ = "base.py"
 DATA_ROOT = "/data/internlm/tokenized"  # replace with your tokenized shard folders (docs/data.md)
 

@@ -6,9 +6,10 @@
 # parallel: a tensor x context block of 8 GPUs fills a node, data 16 across nodes at 128 GPUs (context_parallel.md).
 # Global batch: 16 data ranks x micro_bsz 1 x micro_num 4 = 64 sequences x 32,768 tokens = 2.1M tokens per step.
 # The planner's figures (python tools/plan.py --config configs/internlm_7b/phase3.py --devices 128 --device-type
-# a100-80gb; its best with --recommend): 42.7 GiB per GPU (weights 6.8 + fp32 gradients 14.5 + optimizer 2.6 +
-# activations of one micro-batch's 8,192 tokens per context rank 18.6 + transient 0.3), step 7.54 s = 2,173
-# tokens/GPU/s, 46.8% MFU; ring traffic 77.3 GB per GPU per step, inside the node.
+# a100-80gb; its best with --recommend): 46.0 GiB per GPU (weights 6.8 + fp32 gradients 14.5 + optimizer 2.6 +
+# activations of one micro-batch's 8,192 tokens per context rank 18.1 + transient 4.0, mostly ring attention's
+# fp32 score blocks), step 7.73 s = 2,120 tokens/GPU/s, 45.6% MFU; ring traffic 120.3 GB per GPU per step, inside
+# the node.
 _base_ = "base.py"
 DATA_ROOT = "/data/internlm/tokenized"  # replace with your tokenized shard folders (docs/data.md)
 

@@ -216,6 +216,19 @@ def head_memory(
     return HeadMemory(saved, forward_extra, backward_extra)
 
 
+def ring_block_transient(model_config: Any, tokens: int, tensor: int, layout: Any) -> float:
+    """Score-sized fp32 tensors of ring attention's block backward (`internlm.parallel.context.block`): ``tokens``
+    per context rank are two zigzag chunks of ``c = tokens / 2``; every (query chunk, key chunk) rectangle is at most
+    c x c and ``block_backward`` holds up to four (A, c, c) tensors in the accumulation dtype at once (P, dP,
+    dP - delta, dS): ``4 * acc * A * c^2`` (acc 4, or 8 for fp64 models). 0 without ring context parallelism."""
+    if getattr(layout, "context", 1) <= 1 or getattr(layout, "context_mode", "ring") != "ring":
+        return 0.0
+    heads, _ = local_heads(model_config, tensor)
+    acc = max(4, dtype_bytes(model_config.dtype))
+    chunk = tokens / 2
+    return 4.0 * acc * heads * chunk * chunk
+
+
 def backward_working_set(model_config: Any, tokens: int, tensor: int = 1, sequence_parallel: bool = False) -> float:
     """Gradients alive inside one layer's backward on top of its saved tensors: the gradient of the layer output
     (``b N H / s``) and, at the MLP's product, two ``(N, F / T)`` gradients more than the saved input freed."""
@@ -260,5 +273,6 @@ __all__ = [
     "embedding_saved_bytes",
     "head_memory",
     "backward_working_set",
+    "ring_block_transient",
     "activation_bytes_per_micro_batch",
 ]

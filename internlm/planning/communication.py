@@ -26,8 +26,9 @@ context rank holds 1/C of the tokens), T = tensor size:
 
     context   per layer and micro-batch, with n = micro_bsz * seq_len / C tokens per rank, A query and K kv heads per
               tensor rank, D head dim (`context_layer_bytes`):
-              ring: forward (C-1) sends of this rank's K and V blocks, n K D b each; backward (C-1) sends of K,
-                    V, dK and dV: 6 (C-1) n K D b per layer (a recomputed forward adds 2 (C-1) n K D b)
+              ring: forward (C-1) sends of this rank's K and V blocks, n K D b each; backward (C-1) sends of K
+                    and V and C sends of dK and dV in fp32 (the accumulator travels back to the block's owner):
+                    4 (C-1) n K D b + 8 C n K D per layer (a recomputed forward adds 2 (C-1) n K D b)
               a2a:  4 all-to-alls forward (q, k, v, out) and 4 backward, each sending (C-1)/C of the tensor:
                     2 (C-1)/C n D b (2 A + 2 L) per layer, L = lcm(K, C) kv heads after the replication that
                     C > K needs (a recomputed forward adds half of it)
@@ -82,8 +83,8 @@ def context_layer_bytes(model_config: Any, layout: Any, tokens: int, recomputed:
     kv = kv_heads // layout.tensor if kv_heads % layout.tensor == 0 else 1
     n = tokens / c
     if layout.context_mode == "ring":
-        block = n * kv * d * b
-        return (c - 1) * block * (6 + (2 if recomputed else 0))
+        kv_bytes = (c - 1) * n * kv * d * b * (4 + (2 if recomputed else 0))  # K and V: forward, backward, again
+        return kv_bytes + 2 * c * n * kv * d * max(4, b)  # dK, dV in the accumulation dtype (fp32; fp64 models)
     replicated_kv = kv * c // math.gcd(kv, c)  # lcm(K, C): the a2a replicates kv heads that C does not divide
     forward = (c - 1) / c * n * d * b * (2 * heads + 2 * replicated_kv)
     return forward * (3 if recomputed else 2)

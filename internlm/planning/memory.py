@@ -28,8 +28,10 @@ input and output gradients (``b N H / s`` each), and the interleaved schedule ke
 
 **Context parallelism** (``parallel.context = C``): a context rank holds ``N / C`` tokens of every micro-batch
 from embedding to loss, so every activation term above is taken with ``N / C`` tokens; the model states do not
-change (weights are replicated across context ranks, optimizer slices over zero1 as before). Ring attention's
-in-flight K/V blocks (two (N / C, K, D) blocks) are left out, like other kernels' scratch.
+change (weights are replicated across context ranks, optimizer slices over zero1 as before). Ring attention computes
+its blocks as explicit fp32 matmuls: a layer's backward holds up to four (A, c, c) score-sized tensors, c = N / 2C
+(`ring_block_transient`), with the layer output's gradient: the layer's backward working set is the larger of that
+and the usual one. Its in-flight K/V blocks (two (N / C, K, D) blocks) are left out, like other kernels' scratch.
 
 **Peak per device** = weights + gradients + optimizer + max over the schedule of (activations held + transient of
 the running step: the loss forward or backward, or one layer's backward working set and recomputation). The most
@@ -54,6 +56,7 @@ from .activations import (
     head_memory,
     layer_activation_bytes,
     layer_input_bytes,
+    ring_block_transient,
     rotary_bytes,
 )
 from .params import dtype_bytes, stage_params
@@ -133,7 +136,9 @@ def stage_memory(
     hidden = kept_layer  # a (1, N / s, H) stage-to-stage tensor in the model dtype
     # a recomputed layer rebuilds its activations but its input, which the norm saves (that very storage)
     recompute_extra = full_layer - kept_layer
-    work = backward_working_set(mc, n, tp, sp)
+    # ring attention's backward holds score-sized blocks while the layer's output gradient is alive (the MLP's
+    # gradients are freed by then): the larger of the two working sets
+    work = max(backward_working_set(mc, n, tp, sp), kept_layer + ring_block_transient(mc, n, tp, layout))
     head = head_memory(mc, n, tp, sp, fused_loss)
     last_virtual = pp * chunks - 1
     interleaved = pp > 1 and chunks > 1

@@ -71,15 +71,20 @@ def test_context_problems_name_the_keys():
 def test_planner_divides_activations_and_counts_context_bytes():
     mc = InternLMConfig.preset("internlm-7b", dtype="bf16")
     one = stage_memory(mc, Layout.create(8, tensor=2, context=1), 1, 32768, 4)
-    four = stage_memory(mc, Layout.create(8, tensor=2, context=4), 1, 32768, 4)
+    four = stage_memory(mc, Layout.create(8, tensor=2, context=4, context_mode="a2a"), 1, 32768, 4)
     quarter = stage_memory(mc, Layout.create(8, tensor=2, context=1), 1, 32768 // 4, 4)
-    assert four.as_dict()["activations"] == pytest.approx(quarter.as_dict()["activations"])
+    for key in ("activations", "transient"):  # a rank's activations: those of N / C tokens
+        assert four.as_dict()[key] == pytest.approx(quarter.as_dict()[key])
     assert four.as_dict()["activations"] < one.as_dict()["activations"] / 3.9
+    ring = stage_memory(mc, Layout.create(8, tensor=2, context=4), 1, 32768, 4).as_dict()
+    blocks = 4 * 4 * 16 * 4096**2  # four fp32 (heads, c, c) score blocks, c = 32768 / 8 tokens of a zigzag chunk
+    assert blocks < ring["transient"] < blocks + 2 * quarter.as_dict()["transient"]
     n, kv, d, b = 32768 / 4, 32 // 2, 128, 2  # tokens per context rank, kv heads per tensor rank, head dim, bf16
     ring = Layout.create(8, tensor=2, context=4)
-    assert context_layer_bytes(mc, ring, 32768) == 6 * 3 * n * kv * d * b
+    per_layer = 4 * 3 * n * kv * d * b + 2 * 4 * n * kv * d * 4  # K, V forward + backward; fp32 dK, dV C hops
+    assert context_layer_bytes(mc, ring, 32768) == per_layer
     comm = step_communication(mc, ring, 1, 32768, 4)
-    assert comm.context == 4 * 32 * 6 * 3 * n * kv * d * b  # micro_num x layers x per layer
+    assert comm.context == 4 * 32 * per_layer  # micro_num x layers
     a2a = Layout.create(8, tensor=2, context=4, context_mode="a2a")
     assert context_layer_bytes(mc, a2a, 32768) == 2 * 3 / 4 * n * d * b * (2 * 16 + 2 * 16)
     assert step_communication(mc, Layout.create(8, tensor=2), 1, 32768, 4).context == 0

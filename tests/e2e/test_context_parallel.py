@@ -4,8 +4,11 @@
 synthetic corpus whose documents are 2 to 90 tokens long: packed 32-token windows hold several documents, whose
 boundaries fall inside the context ranks' chunks, and documents longer than a rank's share (checked on the data
 below). 3 fp32 steps, the same global batch as the single-process run; per-step losses and grad norms within 1e-4
-relative. `RESUMED` also stops after step 2 and resumes: its step 3 equals its uninterrupted run's (1e-6).
+relative. `RESUMED` also stops after step 2 and resumes: its step 3 equals its uninterrupted run's (1e-6); its
+step-2 checkpoint, resumed by one process (resharded across context sizes), gives one process's step 3 (1e-4).
 """
+
+import shutil
 
 import numpy as np
 import pytest
@@ -51,15 +54,22 @@ def corpus(tmp_path_factory, demo_data):
     return dict(demo_data, docs=_write_corpus(root / "a", 1), code=_write_corpus(root / "b", 2))
 
 
+def _losses(work_dir):
+    return {r["step"]: r for r in read_metrics(work_dir) if "loss" in r}
+
+
 def _train(root, demo, nproc, sets, stop_after=None):
+    """Train under ``sets``; with ``stop_after``, stop after that step first (and leave a copy of the stopped run in
+    ``root / "copy"``), then rerun the same command."""
     work_dir = str(root / "run")
     config = write_base(str(root / "cfg"), demo, work_dir)
     sets = [f"data.total_steps={STEPS}", "ckpt.checkpoint_every=100", *BATCH, *sets]
     if stop_after is not None:
         request_stop(work_dir, after_step=stop_after)
         run_train([config], nproc=nproc, sets=sets, timeout=600, expect=EXIT_STOPPED)
+        shutil.copytree(work_dir, str(root / "copy"))
     run_train([config], nproc=nproc, sets=sets, timeout=600)
-    return {r["step"]: r for r in read_metrics(work_dir) if "loss" in r}, config
+    return _losses(work_dir), config
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +103,16 @@ def test_context_parallel_matches_single_process(layout, reference, tmp_path_fac
             a, b = ref[step][key], train[step][key]
             assert abs(a - b) <= 1e-4 * abs(a), (layout, step, key, a, b)
     if layout == RESUMED:  # stop after step 2, resume with the same command: step 3 as uninterrupted
-        resumed, _ = _train(tmp_path_factory.mktemp(layout + "_resumed"), corpus, nproc, sets, stop_after=2)
+        root = tmp_path_factory.mktemp(layout + "_resumed")
+        resumed, _ = _train(root, corpus, nproc, sets, stop_after=2)
         assert sorted(resumed) == list(range(1, STEPS + 1))
         for step in resumed:
             a, b = train[step]["loss"], resumed[step]["loss"]
             assert abs(a - b) <= 1e-6 * abs(a), (step, a, b)
+        # the step-2 checkpoint of context 2 resumed by one process: resharded (weights do not depend on C)
+        copy = str(root / "copy")
+        config = write_base(str(root / "cfg_copy"), corpus, copy)
+        out = run_train([config], sets=[f"data.total_steps={STEPS}", "ckpt.checkpoint_every=100", *BATCH])
+        assert "resharded checkpoint from tp1 x cp2-ring x pp1 x dp1" in out.stdout
+        a, b = ref[STEPS]["loss"], _losses(copy)[STEPS]["loss"]
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)

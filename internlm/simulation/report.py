@@ -29,8 +29,9 @@ def rank_table(result: RankResult) -> str:
     """The lines printed for one rank."""
     c = result.coords
     p = result.prediction
+    context = f"context {c['context']}, " if "context" in c else ""
     lines = [
-        f"rank {result.rank} (tensor {c['tensor']}, data {c['data']}, pipeline {c['pipeline']}) of "
+        f"rank {result.rank} (tensor {c['tensor']}, {context}data {c['data']}, pipeline {c['pipeline']}) of "
         f"{result.layout}: groups and model built in {result.build_seconds:.2f} s, steady step simulated in "
         f"{result.step_seconds:.2f} s, {result.num_ops} operations",
         f"  {'per step':<22} {'simulated':>14} {'predicted':>14} {'diff':>8}",

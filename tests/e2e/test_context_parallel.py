@@ -1,10 +1,11 @@
 """Context parallelism trains like one process (issue 18, acceptance 1).
 
 `train.py` under torchrun (gloo, CPU) with the tiny GQA model (4 heads, 2 kv heads) on packed documents of a
-synthetic corpus whose documents are 2 to 90 tokens long: packed 32-token windows hold several documents, whose
+synthetic corpus whose documents are 2 to 90 tokens long: packed 64-token windows hold several documents, whose
 boundaries fall inside the context ranks' chunks, and documents longer than a rank's share (checked on the data
-below). 3 fp32 steps, the same global batch as the single-process run; per-step losses and grad norms within 1e-4
-relative. `RESUMED` also stops after step 2 and resumes: its step 3 equals its uninterrupted run's (1e-6); its
+below). 3 fp32 steps, the same global batch as the single-process run; per-step losses and grad norms, and the
+validation loss after step 3, within 1e-4 relative; recomputation (context 4) and both pipeline schedules
+included. `RESUMED` also stops after step 2 and resumes: its step 3 equals its uninterrupted run's (1e-6); its
 step-2 checkpoint, resumed by one process (resharded across context sizes), gives one process's step 3 (1e-4).
 """
 
@@ -22,14 +23,15 @@ from train_utils import read_metrics, request_stop, run_train, write_base
 STEPS = 3
 
 # one 64-token window per micro-batch: a 2-rank share is 32 tokens, shorter than the longest documents
-BATCH = ["data.seq_len=64", "data.micro_bsz=1"]
+BATCH = ["data.seq_len=64", "data.micro_bsz=1", "data.valid_every=3"]
 # name: (processes, overrides). data.micro_num keeps the global batch at 4 sequences of 64 tokens.
 LAYOUTS = {
     "cp2_ring": (2, ["parallel.context=2"]),
-    "cp4_ring": (4, ["parallel.context=4"]),
+    "cp4_ring_recompute": (4, ["parallel.context=4", "model.checkpoint=True"]),
     "cp2_a2a": (2, ["parallel.context=2", "parallel.context_mode=a2a"]),
     "cp2_tp2_sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=True"]),
-    "cp2_pp2": (4, ["parallel.context=2", "parallel.pipeline.size=2"]),
+    "cp2_pp2_1f1b": (4, ["parallel.context=2", "parallel.pipeline.size=2"]),
+    "cp2_pp2_interleaved": (4, ["parallel.context=2", "parallel.pipeline.size=2", "model.num_chunks=2"]),
     "cp2_dp2_zero1": (4, ["parallel.context=2", "parallel.zero1=2", "data.micro_num=2"]),
 }
 RESUMED = "cp2_ring"
@@ -55,7 +57,11 @@ def corpus(tmp_path_factory, demo_data):
 
 
 def _losses(work_dir):
-    return {r["step"]: r for r in read_metrics(work_dir) if "loss" in r}
+    """Per step the training record, under key "valid" the validation loss."""
+    records = read_metrics(work_dir)
+    out = {r["step"]: r for r in records if "loss" in r}
+    out["valid"] = [r["val_loss"] for r in records if "val_loss" in r]
+    return out
 
 
 def _train(root, demo, nproc, sets, stop_after=None):
@@ -97,7 +103,9 @@ def test_context_parallel_matches_single_process(layout, reference, tmp_path_fac
     nproc, sets = LAYOUTS[layout]
     ref, _ = reference
     train, _ = _train(tmp_path_factory.mktemp(layout), corpus, nproc, sets)
+    valid = train.pop("valid")
     assert sorted(train) == list(range(1, STEPS + 1))
+    assert len(valid) == len(ref["valid"]) == 1 and abs(valid[0] - ref["valid"][0]) <= 1e-4 * ref["valid"][0]
     for step in train:
         for key in ("loss", "grad_norm"):
             a, b = ref[step][key], train[step][key]
@@ -105,6 +113,7 @@ def test_context_parallel_matches_single_process(layout, reference, tmp_path_fac
     if layout == RESUMED:  # stop after step 2, resume with the same command: step 3 as uninterrupted
         root = tmp_path_factory.mktemp(layout + "_resumed")
         resumed, _ = _train(root, corpus, nproc, sets, stop_after=2)
+        resumed.pop("valid")
         assert sorted(resumed) == list(range(1, STEPS + 1))
         for step in resumed:
             a, b = train[step]["loss"], resumed[step]["loss"]

@@ -73,9 +73,8 @@ def test_20b_tp4_pp4_interleaved_sp_on_32_matches_the_planner(pipeline_20b):
 @pytest.mark.parametrize("mode", ["ring", "a2a"])
 def test_7b_long_context_rank_matches_the_planner(mode):
     """The 7B's long-context phase (tensor 2 x context 4) on 8 ranks, shortened to 4 layers, 2,048 tokens and one
-    micro-batch:
-    context rank 1 records its ring sends or all-to-alls as context bytes, as the planner counts them, and writes
-    no checkpoint file (context rank 0 does)."""
+    micro-batch: context rank 1 records its ring sends or all-to-alls as context bytes, as the planner counts them,
+    and writes no checkpoint file (context rank 0 does)."""
     config = os.path.join(REPO, "configs/internlm_7b/phase3.py")
     sets = ("model.num_layers=4", "data.seq_len=2048", "data.micro_num=1", f"parallel.context_mode={mode}")
     phase = _phase(config, 8, *sets)

@@ -143,7 +143,7 @@ class CheckpointManager:
         copies (async saves), else the live tensors, written before training goes on."""
         pc = self.pc
         files: List[Tuple[str, Any]] = []
-        writer = pc.cp_rank == 0  # context ranks hold the same weights and optimizer slices as context rank 0
+        writer = getattr(pc, "cp_rank", 0) == 0  # context ranks > 0 hold the same weights and optimizer slices
         if writer and pc.dp_rank == model_writer_dp(pc.layout):
             model = {
                 "chunks": [chunk.state_dict() for chunk in model_chunks],

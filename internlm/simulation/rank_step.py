@@ -153,7 +153,7 @@ def checkpoint_write_bytes_of(model: ModelState, pc: Any) -> int:
     first zero1 block. (The snapshot itself reads the update count back from the device, which fake tensors
     cannot.)"""
     total = 0
-    writer = pc.cp_rank == 0  # as CheckpointManager.snapshot: context ranks > 0 write no model or optimizer file
+    writer = getattr(pc, "cp_rank", 0) == 0  # as CheckpointManager.snapshot: context ranks > 0 write nothing
     if writer and pc.dp_rank == model_writer_dp(pc.layout):
         total += checkpoint_write_bytes([("model", [chunk.state_dict() for chunk in model.chunks])])
     if writer and writes_optimizer_file(pc.layout, pc.dp_rank):

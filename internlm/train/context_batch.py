@@ -29,7 +29,7 @@ _SPLIT_KEYS = ("input_ids", "labels", "position_ids")
 def split_for_context(micro_batch: Dict[str, Any], docs: PackedDocs, pc: Any) -> Dict[str, Any]:
     """``micro_batch`` (device tensors of shape (1, total)) cut to context rank ``pc.cp_rank``'s tokens, with
     ``docs`` replaced by its `ContextShard`; unchanged when ``pc.cp_size == 1``."""
-    if pc.cp_size == 1:
+    if getattr(pc, "cp_size", 1) == 1:
         return dict(micro_batch, docs=docs)
     shard = ContextShard.build(docs, pc.cp_group, pc.layout.context_mode, pc.cp_size, pc.cp_rank)
     out = dict(micro_batch)

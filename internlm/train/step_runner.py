@@ -82,7 +82,7 @@ class StepRunner:
             self.timer.end()
         # the global loss before the update: a non-finite one skips it, as a non-finite gradient norm does
         # context ranks hold disjoint tokens of the same micro-batches: their loss sums add up like data ranks'
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.cp_group, pc.pp_group)
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, getattr(pc, "cp_group", None), pc.pp_group)
         step_result = optimizer.step(skip=~torch.isfinite(loss_sum))
         return loss_sum * scale, step_result
 
@@ -104,5 +104,5 @@ class StepRunner:
         loss_sum = schedule.forward_backward(chunks, batch, model.loss_fn, 1.0, forward_only=True)
         for chunk in chunks:
             chunk.train()
-        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, pc.cp_group, pc.pp_group)
+        loss_sum = _sum_over(loss_sum.detach().float().clone(), pc.dp_group, getattr(pc, "cp_group", None), pc.pp_group)
         return float(loss_sum / tokens.clamp(min=1))

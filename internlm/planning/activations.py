@@ -216,12 +216,17 @@ def head_memory(
     return HeadMemory(saved, forward_extra, backward_extra)
 
 
-def ring_block_transient(model_config: Any, tokens: int, tensor: int, layout: Any) -> float:
-    """Score-sized fp32 tensors of ring attention's block backward (`internlm.parallel.context.block`): ``tokens``
-    per context rank are two zigzag chunks of ``c = tokens / 2``; every (query chunk, key chunk) rectangle is at most
-    c x c and ``block_backward`` holds up to four (A, c, c) tensors in the accumulation dtype at once (P, dP,
-    dP - delta, dS): ``4 * acc * A * c^2`` (acc 4, or 8 for fp64 models). 0 without ring context parallelism."""
-    if getattr(layout, "context", 1) <= 1 or getattr(layout, "context_mode", "ring") != "ring":
+def ring_block_transient(
+    model_config: Any, tokens: int, tensor: int, layout: Any, explicit_blocks: bool = True
+) -> float:
+    """Score-sized fp32 tensors of ring attention's explicit block backward (`internlm.parallel.context.block`, what
+    the ring runs on CUDA and with the reference backend; ``explicit_blocks=False``: the fused CPU kernel, which
+    holds none): ``tokens`` per context rank are two zigzag chunks of ``c = tokens / 2``; every (query chunk, key
+    chunk) rectangle is at most c x c and ``block_backward`` holds up to four (A, c, c) tensors in the accumulation
+    dtype at once (P, dP, dP - delta, dS): ``4 * acc * A * c^2`` (acc 4, or 8 for fp64 models). 0 without ring
+    context parallelism."""
+    ring = getattr(layout, "context", 1) > 1 and getattr(layout, "context_mode", "ring") == "ring"
+    if not ring or not explicit_blocks:
         return 0.0
     heads, _ = local_heads(model_config, tensor)
     acc = max(4, dtype_bytes(model_config.dtype))

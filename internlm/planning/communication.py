@@ -25,13 +25,15 @@ context rank holds 1/C of the tokens), T = tensor size:
               replicas 2 (r-1)/r 4 P/z, and the all-gather of the updated parameters (z-1)/z b P
 
     context   per layer and micro-batch, with n = micro_bsz * seq_len / C tokens per rank, A query and K kv heads per
-              tensor rank, D head dim (`context_layer_bytes`):
+              tensor rank, D head dim (`context_layer_bytes`: the kernels' `context_attention_bytes`):
               ring: forward (C-1) sends of this rank's K and V blocks, n K D b each; backward (C-1) sends of K
                     and V and C sends of dK and dV in fp32 (the accumulator travels back to the block's owner):
-                    4 (C-1) n K D b + 8 C n K D per layer (a recomputed forward adds 2 (C-1) n K D b)
-              a2a:  4 all-to-alls forward (q, k, v, out) and 4 backward, each sending (C-1)/C of the tensor:
-                    2 (C-1)/C n D b (2 A + 2 L) per layer, L = lcm(K, C) kv heads after the replication that
-                    C > K needs (a recomputed forward adds half of it)
+                    4 (C-1) n K D b + 8 C n K D per layer
+              a2a:  all-to-alls of q, k, v and the output forward and their inverses backward, each sending
+                    (C-1)/C of the tensor: 2 (C-1)/C n D b (2 A + 2 L) per layer, L = lcm(K, C) kv heads after
+                    the replication that C > K needs
+              a recomputed layer sends its forward bytes again; a recomputed core (``"attn"``) the ring's forward,
+              or a2a's q, k, v all-to-all only (non-reentrant checkpoint stops at the last saved tensor)
 
 Tensor groups are neighbours (inside a node: NVLink), context groups next to them; data-parallel and pipeline
 neighbours stride by tensor x context and so, with tensor x context = GPUs per node, sit on other nodes (the network).
@@ -43,8 +45,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from internlm.parallel.context.traffic import AttentionTraffic, context_attention_bytes
 from internlm.parallel.pipeline.partition import partition_layers
 
+from .activations import local_heads
 from .params import dtype_bytes, most_loaded_stage_params, stage_params
 from .recompute import Checkpoint, checkpointed_layer_count
 
@@ -71,23 +75,14 @@ class StepCommunication:
         }
 
 
-def context_layer_bytes(model_config: Any, layout: Any, tokens: int, recomputed: bool = False) -> float:
-    """Bytes one context rank sends for one decoder layer and one micro-batch of ``tokens`` (global) tokens, forward
-    and backward (module docstring); ``recomputed``: the forward runs twice (activation checkpointing)."""
+def context_layer_bytes(model_config: Any, layout: Any, tokens: int) -> AttentionTraffic:
+    """Bytes one context rank sends for one decoder layer's attention and one micro-batch of ``tokens`` (global)
+    tokens: forward, backward and the recomputation of the core alone (`context_attention_bytes`, the kernels' own
+    count, module docstring); all 0 without context parallelism."""
     c = getattr(layout, "context", 1)
-    if c <= 1:
-        return 0.0
+    heads, kv = local_heads(model_config, layout.tensor)
     b, d = dtype_bytes(model_config.dtype), model_config.head_dim
-    heads = model_config.num_attention_heads // layout.tensor
-    kv_heads = model_config.num_kv_attention_heads or model_config.num_attention_heads
-    kv = kv_heads // layout.tensor if kv_heads % layout.tensor == 0 else 1
-    n = tokens / c
-    if layout.context_mode == "ring":
-        kv_bytes = (c - 1) * n * kv * d * b * (4 + (2 if recomputed else 0))  # K and V: forward, backward, again
-        return kv_bytes + 2 * c * n * kv * d * max(4, b)  # dK, dV in the accumulation dtype (fp32; fp64 models)
-    replicated_kv = kv * c // math.gcd(kv, c)  # lcm(K, C): the a2a replicates kv heads that C does not divide
-    forward = (c - 1) / c * n * d * b * (2 * heads + 2 * replicated_kv)
-    return forward * (3 if recomputed else 2)
+    return context_attention_bytes(getattr(layout, "context_mode", "ring"), tokens // c, c, heads, kv, d, b)
 
 
 def step_communication(
@@ -133,12 +128,11 @@ def step_communication(
     params = most_loaded_stage_params(mc, layout) if pipeline_rank is None else stage_params(mc, layout, pipeline_rank)
     gradients = (z - 1) / z * 4 * params + 2 * (replicas - 1) / replicas * 4 * params / z
     gather = (z - 1) / z * b * params
-    recomputed_layers = checkpointed_layer_count(checkpoint, mc.num_layers) * layers / mc.num_layers
-    if checkpoint == "attn":
-        recomputed_layers = layers
-    per_layer = context_layer_bytes(mc, layout, micro_bsz * seq_len)
-    again = context_layer_bytes(mc, layout, micro_bsz * seq_len, recomputed=True) - per_layer
-    context = micro_num * (layers * per_layer + recomputed_layers * again)
+    # a recomputed layer repeats its attention's forward bytes, a recomputed core (``"attn"``) what the core resends
+    attn = context_layer_bytes(mc, layout, micro_bsz * seq_len)
+    again = checkpointed_layer_count(checkpoint, layers) * attn.forward
+    again += layers * attn.recompute if checkpoint == "attn" else 0.0
+    context = micro_num * (layers * (attn.forward + attn.backward) + again)
     return StepCommunication(
         tensor=tensor, pipeline=pipeline, data_gradients=gradients, data_params=gather, context=context
     )

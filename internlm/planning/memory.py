@@ -29,9 +29,10 @@ input and output gradients (``b N H / s`` each), and the interleaved schedule ke
 **Context parallelism** (``parallel.context = C``): a context rank holds ``N / C`` tokens of every micro-batch
 from embedding to loss, so every activation term above is taken with ``N / C`` tokens; the model states do not
 change (weights are replicated across context ranks, optimizer slices over zero1 as before). Ring attention computes
-its blocks as explicit fp32 matmuls: a layer's backward holds up to four (A, c, c) score-sized tensors, c = N / 2C
-(`ring_block_transient`), with the layer output's gradient: the layer's backward working set is the larger of that
-and the usual one. Its in-flight K/V blocks (two (N / C, K, D) blocks) are left out, like other kernels' scratch.
+its blocks as explicit fp32 matmuls on CUDA (the fused CPU kernel holds no score matrix): a layer's backward holds
+up to four (A, c, c) score-sized tensors, c = N / 2C (`ring_block_transient`), with the layer output's gradient:
+the layer's backward working set is the larger of that and the usual one. Its in-flight K/V blocks (two
+(N / C, K, D) blocks) are left out, like other kernels' scratch.
 
 **Peak per device** = weights + gradients + optimizer + max over the schedule of (activations held + transient of
 the running step: the loss forward or backward, or one layer's backward working set and recomputation). The most
@@ -121,8 +122,11 @@ def stage_memory(
     pipeline_rank: int = 0,
     attn_backend: Optional[str] = None,
     fused_loss: bool = True,
+    attn_device: str = "cuda",
 ) -> StageMemory:
-    """Peak memory of one device on ``pipeline_rank`` (tensor rank 0; every tensor rank holds the same bytes)."""
+    """Peak memory of one device on ``pipeline_rank`` (tensor rank 0; every tensor rank holds the same bytes).
+    ``attn_device``: where attention runs ("cuda" for a plan; "cpu" for the simulation, whose ring attention uses
+    the fused CPU kernel instead of explicit score blocks)."""
     mc = model_config
     tp, pp, zero1, chunks, sp = _layout_sizes(layout)
     b = dtype_bytes(mc.dtype)
@@ -138,7 +142,9 @@ def stage_memory(
     recompute_extra = full_layer - kept_layer
     # ring attention's backward holds score-sized blocks while the layer's output gradient is alive (the MLP's
     # gradients are freed by then): the larger of the two working sets
-    work = max(backward_working_set(mc, n, tp, sp), kept_layer + ring_block_transient(mc, n, tp, layout))
+    explicit = attn_device != "cpu" or attn_backend == "reference"
+    ring = ring_block_transient(mc, n, tp, layout, explicit)
+    work = max(backward_working_set(mc, n, tp, sp), kept_layer + ring)
     head = head_memory(mc, n, tp, sp, fused_loss)
     last_virtual = pp * chunks - 1
     interleaved = pp > 1 and chunks > 1

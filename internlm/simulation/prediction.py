@@ -34,7 +34,16 @@ def predict(config: Any, layout: Any, pp_rank: int, dp_rank: int, cp_rank: int =
     comm = step_communication(mc, layout, data.micro_bsz, data.seq_len, data.micro_num, checkpoint, pp_rank)
     backend = resolve_backend(mc.attn_backend, "cpu", mc.dtype, flash_installed=False)
     memory = stage_memory(
-        mc, layout, data.micro_bsz, data.seq_len, data.micro_num, checkpoint, pp_rank, backend, config.model.fused_loss
+        mc,
+        layout,
+        data.micro_bsz,
+        data.seq_len,
+        data.micro_num,
+        checkpoint,
+        pp_rank,
+        backend,
+        config.model.fused_loss,
+        attn_device="cpu",
     )
     # `checkpoint_bytes` per parameter, for the parameters of this rank's stage (the first and last hold more)
     ckpt, params = checkpoint_bytes(mc), stage_params(mc, layout, pp_rank)

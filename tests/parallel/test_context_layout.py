@@ -81,10 +81,14 @@ def test_planner_divides_activations_and_counts_context_bytes():
     assert blocks < ring["transient"] < blocks + 2 * quarter.as_dict()["transient"]
     n, kv, d, b = 32768 / 4, 32 // 2, 128, 2  # tokens per context rank, kv heads per tensor rank, head dim, bf16
     ring = Layout.create(8, tensor=2, context=4)
-    per_layer = 4 * 3 * n * kv * d * b + 2 * 4 * n * kv * d * 4  # K, V forward + backward; fp32 dK, dV C hops
-    assert context_layer_bytes(mc, ring, 32768) == per_layer
-    comm = step_communication(mc, ring, 1, 32768, 4)
-    assert comm.context == 4 * 32 * per_layer  # micro_num x layers
+    forward, backward, again = context_layer_bytes(mc, ring, 32768)
+    assert (forward, backward, again) == (3 * 2 * n * kv * d * b, forward + 4 * 2 * n * kv * d * 4, forward)
+    assert step_communication(mc, ring, 1, 32768, 4).context == 4 * 32 * (forward + backward)  # micro_num x layers
+    recomputed = step_communication(mc, ring, 1, 32768, 4, checkpoint=True).context
+    assert recomputed == 4 * 32 * (2 * forward + backward)  # every layer's forward runs again
     a2a = Layout.create(8, tensor=2, context=4, context_mode="a2a")
-    assert context_layer_bytes(mc, a2a, 32768) == 2 * 3 / 4 * n * d * b * (2 * 16 + 2 * 16)
+    qkv, out = 3 / 4 * n * d * b * (16 + 2 * 16), 3 / 4 * n * d * b * 16
+    assert context_layer_bytes(mc, a2a, 32768) == (qkv + out, qkv + out, qkv)
+    attn = step_communication(mc, a2a, 1, 32768, 4, checkpoint="attn").context
+    assert attn == 4 * 32 * (2 * (qkv + out) + qkv)  # the recomputed core resends only q, k, v
     assert step_communication(mc, Layout.create(8, tensor=2), 1, 32768, 4).context == 0

@@ -167,9 +167,8 @@ class Evaluator:
         packed = pack_spans(spans, data.seq_len, data.micro_bsz, pc.dp_rank, pc.dp_size)
         batches = []
         for mb in packed.batches:
-            moved = runner.to_device(mb)
-            moved["span_ids"] = mb["span_ids"].to(runner.device)
-            batches.append(moved)
+            # span_ids go to the device first: a context rank keeps its tokens' span ids (`split_for_context`)
+            batches.append(runner.to_device(dict(mb, span_ids=mb["span_ids"].to(runner.device)), pc))
         if len(chunks) > 1 and batches and len(batches) % pc.pp_size:
             batches += [padding_batch(batches[-1], packed.num_spans)] * (pc.pp_size - len(batches) % pc.pp_size)
         loss = SpanLoss(batches, packed.num_spans, runner.device, pc.tp_group if pc.tp_size > 1 else None)
@@ -189,7 +188,8 @@ class Evaluator:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         values = loss.values[: packed.num_spans]
-        for group in (pc.pp_group, pc.dp_group):  # the last stage holds the values; data ranks hold disjoint spans
+        # the last stage holds the values; data ranks hold disjoint spans, context ranks disjoint tokens of them
+        for group in (pc.pp_group, pc.dp_group, getattr(pc, "cp_group", None)):
             all_reduce_(values, group)
         scores = score_tasks(plans, values.tolist())
         self.last_scores = scores

@@ -23,7 +23,7 @@ from typing import Any, Dict
 from internlm.model import PackedDocs
 from internlm.parallel.context.shard import ContextShard
 
-_SPLIT_KEYS = ("input_ids", "labels", "position_ids")
+_SPLIT_KEYS = ("input_ids", "labels", "position_ids", "span_ids")  # span_ids: evaluation's token -> scored span
 
 
 def split_for_context(micro_batch: Dict[str, Any], docs: PackedDocs, pc: Any) -> Dict[str, Any]:
@@ -35,8 +35,10 @@ def split_for_context(micro_batch: Dict[str, Any], docs: PackedDocs, pc: Any) ->
     out = dict(micro_batch)
     index = shard.index.to(micro_batch["input_ids"].device)
     for key in _SPLIT_KEYS:
+        if key not in micro_batch:
+            continue
         tensor = micro_batch[key]
-        out[key] = tensor.reshape(1, -1).index_select(1, index)
+        out[key] = tensor.reshape(1, -1).index_select(1, index).reshape(*tensor.shape[:-1], -1)
     out["max_seqlen"] = docs.max_seqlen  # global: rope's dynamic-NTK length must not depend on the split
     out["docs"] = shard
     return out

@@ -1,7 +1,9 @@
 """The in-loop evaluator through train.py: it leaves training unchanged (per-step losses equal those of a run
-without evaluation) and scores alike under tensor x pipeline parallelism and one process."""
+without evaluation) and scores alike under tensor x pipeline parallelism, context parallelism and one process."""
 
 import math
+
+import pytest
 
 from conftest import STEPS, evaluation_sets, train_run
 from train_utils import read_metrics, step_losses
@@ -22,9 +24,15 @@ def test_evaluation_leaves_training_unchanged(single_eval_run, tmp_path_factory,
     assert evals[STEPS]["eval/ppl/loss"] < evals[0]["eval/ppl/loss"]  # it learns the corpus
 
 
-def test_tp2_pp2_scores_equal_one_process(single_eval_run, tmp_path_factory, demo_data, eval_tasks):
-    sets = ["parallel.tensor=2", "parallel.pipeline.size=2", *evaluation_sets(eval_tasks, 1)]
-    parallel = _evals(train_run(tmp_path_factory.mktemp("eval_tp2_pp2"), demo_data, 4, sets))
+@pytest.mark.parametrize(
+    "name, procs, layout",
+    [("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline.size=2"]), ("cp2_ring", 2, ["parallel.context=2"])],
+)
+def test_parallel_scores_equal_one_process(
+    single_eval_run, tmp_path_factory, demo_data, eval_tasks, name, procs, layout
+):
+    sets = [*layout, *evaluation_sets(eval_tasks, 1)]
+    parallel = _evals(train_run(tmp_path_factory.mktemp(f"eval_{name}"), demo_data, procs, sets))
     single = _evals(single_eval_run)
     assert sorted(parallel) == sorted(single)
     for step, record in single.items():

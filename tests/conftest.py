@@ -7,6 +7,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+from triton_interpret import load_kernels_interpreted  # noqa: E402
+
+load_kernels_interpreted()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (multi-process training runs)")
 

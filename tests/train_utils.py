@@ -29,6 +29,26 @@ monitor = dict(tensorboard=False, peak_tflops=1.0)
 """
 
 
+def main_in_process(args: List[str]) -> tuple:
+    """``train.py ARGS`` as ``cli.main(args)`` in this process: (exit status, stdout, stderr); the SIGINT / SIGTERM
+    handlers the run installs are restored afterwards."""
+    import io
+    import signal
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from internlm.train.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            status = main(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return status, out.getvalue(), err.getvalue()
+
+
 def write_base(folder: str, demo: Dict[str, str], work_dir: str) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "base.py")

@@ -31,7 +31,7 @@ from internlm.checkpoint.manager import CheckpointManager
 from internlm.checkpoint.verify import latest_verified_checkpoint
 from internlm.parallel import Layout
 from internlm.train.run import EXIT_STOPPED
-from train_utils import request_stop, run_train, step_losses, write_base
+from train_utils import relative_distance, request_stop, run_train, step_losses, write_base
 from zero_utils import make_opt, tiny_model, train_zero
 
 
@@ -112,17 +112,14 @@ def test_dp4_zero1_2_checkpoint_has_single_process_bytes_and_one_writer_per_file
     assert meta["model_config"]["hidden_size"] == 64 and meta["data"]["steps"] == 3
     # the zero1 shards tile the single process's optimizer state: same model, same fp32 masters up to summation
     # order. dp4 sums the four micro-batch gradients as (g0 + g1) + (g2 + g3), one process as ((g0 + g1) + g2) + g3;
-    # Adam amplifies the 1-ulp difference where a gradient is a near-cancelling sum (|g| near eps). Over 16 data
-    # orders (the sampler hashes the data path, so each pytest tmp dir draws other batches) 5 runs had elements
-    # beyond rtol=1e-4/atol=1e-6 (at most 3 elements, at most 5.7e-6 off); each run is bit-reproducible. Hence at
-    # most 16 such elements; a misplaced shard or a missing replica sum moves thousands.
-    outliers = {}
-    for name, tensor in merge_model_checkpoint(single).items():
-        got = merge_model_checkpoint(dp4, [name])[name]
-        outside = ~torch.isclose(got, tensor, rtol=1e-4, atol=1e-6)
-        if outside.any():
-            outliers[name] = (int(outside.sum()), float((got - tensor).abs().max()))
-    assert sum(count for count, _ in outliers.values()) <= 16, outliers
+    # Adam turns the 1-ulp difference of a near-cancelling gradient into up to a full lr step on that element, so
+    # tensors are compared by relative distance (as the equivalence matrix does), which a NaN, a misplaced shard or
+    # a missing replica sum moves to O(1), not by counting elements.
+    distances = {
+        name: relative_distance(merge_model_checkpoint(dp4, [name])[name], tensor)
+        for name, tensor in merge_model_checkpoint(single).items()
+    }
+    assert max(distances.values()) <= 1e-3, distances
 
     # resuming in the same layout, each rank opens only its own files (the replicas read their block's shard)
     for rank in range(4):

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import builtins
 import errno
-import io
 import os
-import signal
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from internlm.checkpoint import checkpoint_problems, complete_checkpoints
-from internlm.train.cli import main
 from internlm.train.run import EXIT_SAVE_FAILED
-from train_utils import step_losses, write_base
+from train_utils import main_in_process, step_losses, write_base
 
 
 def _used(root: str) -> int:
@@ -64,19 +60,6 @@ def _full_disk(monkeypatch, root: str, limit: int) -> None:
     monkeypatch.setattr(builtins, "open", quota_open)
 
 
-def _main(args):
-    """``cli.main(args)`` in this process: (exit status, stdout, stderr); signal handlers restored."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            status = main(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return status, out.getvalue(), err.getvalue()
-
-
 # the checkpoint of this tiny model is about 7.4 MB: 11 MB hold step 3's and fail step 6's in its middle
 @pytest.mark.parametrize(
     "case, limit, async_save",
@@ -89,7 +72,7 @@ def test_full_disk_fails_the_save_in_one_line(tmp_path, demo_data, monkeypatch, 
     sets = [f"ckpt.async_save={async_save}", "ckpt.keep_last=1"]
     with monkeypatch.context() as patch:
         _full_disk(patch, os.path.abspath(root), limit)
-        status, _, stderr = _main(["--config", cfg, "--set", *sets])
+        status, _, stderr = main_in_process(["--config", cfg, "--set", *sets])
     step = 6 if limit else 3
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert status == EXIT_SAVE_FAILED and len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -112,7 +95,7 @@ def test_full_disk_fails_the_save_in_one_line(tmp_path, demo_data, monkeypatch, 
     os.makedirs(leftover)
     with open(os.path.join(leftover, "model_tp0_pp0.pt"), "wb") as f:
         f.write(b"\0" * 3_000_000)
-    status, stdout, stderr = _main(["--config", cfg, "--set", *sets])
+    status, stdout, stderr = main_in_process(["--config", cfg, "--set", *sets])
     assert status == 0, stderr
     assert f"warning: {leftover} is a checkpoint save that did not complete (2.9 MiB); removed" in stdout, stdout
     assert complete_checkpoints(root) == [6] and step_losses(work_dir) == losses

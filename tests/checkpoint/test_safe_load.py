@@ -10,13 +10,10 @@ Old checkpoints keep loading: an RNG file written the way earlier versions wrote
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import shutil
-import signal
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -26,8 +23,7 @@ from internlm.checkpoint import file_record, read_meta, rewrite_meta, rng_file
 from internlm.checkpoint.manager import CheckpointManager
 from internlm.checkpoint.safe_load import UnsafeCheckpointFile, load_checkpoint_file
 from internlm.model import InternLM
-from internlm.train.cli import main
-from train_utils import REPO, request_stop, run_train, write_base
+from train_utils import REPO, main_in_process, request_stop, run_train, write_base
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_to_hf  # noqa: E402
@@ -75,17 +71,9 @@ def _copy(trained, tmp_path, demo_data, name):
     return work_dir, write_base(str(tmp_path / "cfg"), demo_data, work_dir), marker
 
 
-def _main(args):
-    """``cli.main(args)`` in this process: (exit status, stderr); signal handlers restored."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    err = io.StringIO()
-    try:
-        with redirect_stdout(io.StringIO()), redirect_stderr(err):
-            status = main(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return status, err.getvalue()
+def _status_and_stderr(args):
+    status, _, err = main_in_process(args)
+    return status, err
 
 
 def _assert_refused(stderr: str, path: str) -> None:
@@ -132,7 +120,7 @@ def test_training_refuses(trained, tmp_path, demo_data, monkeypatch, case, scan)
         sets.append(f"ckpt.load_ckpt_folder={step_folder}")
     if scan == "load":
         monkeypatch.setattr("internlm.train.startup_checks.check_checkpoint_files", lambda *args: None)
-    status, stderr = _main(["--config", cfg, "--set", *sets])
+    status, stderr = _status_and_stderr(["--config", cfg, "--set", *sets])
     assert status == 2
     _assert_refused(stderr, os.path.join(step_folder, name))
     assert not os.path.exists(marker)

@@ -1,11 +1,8 @@
 """Megatron indexed datasets (.bin/.idx) as sources, written by megatron-core's own builder; token-id range check."""
 
-import io
 import os
 import shutil
-import signal
 import types
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -16,8 +13,7 @@ from internlm.data import TokenStream, build_train_loader
 from internlm.data.indexed import IndexedShard
 from internlm.data.sources import token_id_problem
 from internlm.labels import IGNORE_INDEX
-from internlm.train.cli import main
-from train_utils import run_train, step_losses, write_base
+from train_utils import main_in_process, run_train, step_losses, write_base
 
 
 def _documents(seed: int, count: int, vocab: int):
@@ -125,14 +121,7 @@ def test_training_on_a_mixture_with_a_megatron_source(tmp_path, demo_data):
     tokens[5::50] = 3000  # in every window the first step can draw from this shard
     tokens.flush()
     del tokens
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    err = io.StringIO()
-    try:
-        with redirect_stdout(io.StringIO()), redirect_stderr(err):
-            status = main(["--config", cfg, "--set", *sets, f"work_dir={str(tmp_path / 'work2')!r}"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
+    status, _, err = main_in_process(["--config", cfg, "--set", *sets, f"work_dir={str(tmp_path / 'work2')!r}"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"shard {shard} holds token id 3000" in lines[0] and "model.vocab_size=2048" in lines[0]

@@ -1,10 +1,10 @@
 """internlm.kernels: every op's Triton kernel and eager fallback against the model's current formulas.
 
 Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton decides interpreted vs
-compiled when a function is decorated, so this module imports triton and the kernels with TRITON_INTERPRET=1 and
-then restores the variable: the Triton-variant tests set it again (monkeypatch), every other test of the session
-keeps the eager path on CPU. The Triton variants skip, with the reason, where triton is not installed (or was
-imported earlier in the process without the interpreter).
+compiled when a function is decorated, so tests/conftest.py imports triton and the kernels with TRITON_INTERPRET=1
+before any test module (or a library it imports: megatron-core, lm-eval) can import triton, then restores the
+variable: the Triton-variant tests set it again (monkeypatch), every other test of the session keeps the eager path
+on CPU. The Triton variants skip, with the reason, where triton is not installed (a skip fails CI).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-import sys
 import weakref
 
 import pytest
@@ -34,6 +33,7 @@ from internlm.kernels import (
     swiglu,
 )
 from internlm.labels import IGNORE_INDEX
+from triton_interpret import load_kernels_interpreted
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -47,22 +47,7 @@ def _has_triton() -> bool:
 
 
 HAS_TRITON = _has_triton()
-
-
-def _load_kernels_interpreted() -> None:
-    if HAS_TRITON and not HAS_CUDA and "triton" not in sys.modules:
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            dispatch.load_triton()
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-
-
-_load_kernels_interpreted()
+load_kernels_interpreted()  # in the workers this module spawns too (they load no conftest)
 
 
 def _enable_triton(monkeypatch=None) -> str:

@@ -6,20 +6,16 @@ start-up per case); the others run train.py as a user would.
 """
 
 import hashlib
-import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from internlm.checkpoint import complete_checkpoints
-from internlm.train.cli import main
 from internlm.train.lock import LOCK_FILE
-from train_utils import REPO, run_train, step_losses, write_base
+from train_utils import REPO, main_in_process, run_train, step_losses, write_base
 
 
 def _snapshot(*folders):
@@ -33,19 +29,6 @@ def _snapshot(*folders):
                     with open(path, "rb") as f:
                         out[path] = hashlib.sha256(f.read()).hexdigest()
     return out
-
-
-def _main(args):
-    """``cli.main(args)`` in this process: (exit status, stdout, stderr); signal handlers are restored."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            status = main(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return status, out.getvalue(), err.getvalue()
 
 
 def _assert_one_line_error(stderr, *fragments):
@@ -106,7 +89,7 @@ def test_3_checkpoint_folder_without_meta_json(trained, tmp_path, demo_data):
     newest = os.path.join(work_dir, "checkpoints", "6")
     os.remove(os.path.join(newest, "meta.json"))
     before = _snapshot(work_dir, demo_data["docs"])
-    status, _, err = _main(["--config", cfg])
+    status, _, err = main_in_process(["--config", cfg])
     assert status == 2
     _assert_one_line_error(err, f"checkpoint folder {newest} holds files", "no meta.json", "move the folder out")
     assert _snapshot(work_dir, demo_data["docs"]) == before
@@ -122,19 +105,19 @@ def test_4_second_run_on_a_locked_work_dir_and_a_stale_lock(trained, tmp_path, d
     try:
         assert holder.stdout.readline().strip() == "held"
         before = _snapshot(work_dir)
-        status, _, err = _main(["--config", cfg])
+        status, _, err = main_in_process(["--config", cfg])
         assert status == 2
         _assert_one_line_error(
             err, f"work_dir {work_dir!r} is in use by another run", f"pid {holder.pid} on host", ", started 20"
         )
         assert _snapshot(work_dir) == before
-        assert _main(["--config", cfg, "--dry-run"])[0] == 0  # --dry-run takes no lock
+        assert main_in_process(["--config", cfg, "--dry-run"])[0] == 0  # --dry-run takes no lock
     finally:
         holder.kill()
         holder.wait()
     # the killed holder left its lock file: stale (flock free, pid gone), taken over with a note
     assert os.path.isfile(os.path.join(work_dir, LOCK_FILE))
-    status, out, _ = _main(["--config", cfg])
+    status, out, _ = main_in_process(["--config", cfg])
     assert status == 0 and f"stale lock in {os.path.join(work_dir, LOCK_FILE)}: pid {holder.pid}" in out
     assert not os.path.exists(os.path.join(work_dir, LOCK_FILE))  # released on exit
 
@@ -146,7 +129,7 @@ def test_5_half_written_last_metrics_line_is_dropped_on_resume(trained, tmp_path
         complete = f.read()
     with open(metrics, "a") as f:
         f.write('{"step": 7, "loss": 7.1')  # a kill or a full disk in the middle of an append
-    status, out, err = _main(["--config", cfg])
+    status, out, err = main_in_process(["--config", cfg])
     assert status == 0, err
     assert f"warning: {metrics}: the last line is not complete JSON" in out and "dropped" in out
     with open(metrics) as f:
@@ -197,7 +180,7 @@ def test_6_data_errors_name_the_file(kind, tmp_path, demo_data):
     named = _damage_data(kind, data["docs"])
     work_dir, cfg = _fresh(tmp_path, data)
     before = _snapshot(work_dir, str(tmp_path / "docs"))
-    status, _, err = _main(["--config", cfg])
+    status, _, err = main_in_process(["--config", cfg])
     assert status == 2
     _assert_one_line_error(err, "data.train_folder", named)
     assert _snapshot(work_dir, str(tmp_path / "docs")) == before and os.listdir(work_dir) == []
@@ -216,7 +199,7 @@ def test_6_data_error_under_torchrun_is_printed_once_without_traceback(tmp_path,
 
 def test_7_model_vocab_smaller_than_the_shards(tmp_path, demo_data):
     work_dir, cfg = _fresh(tmp_path, demo_data)
-    status, _, err = _main(["--config", cfg, "--set", "model.vocab_size=1000"])
+    status, _, err = main_in_process(["--config", cfg, "--set", "model.vocab_size=1000"])
     assert status == 2
     _assert_one_line_error(err, "model.vocab_size: 1000 is smaller than the vocabulary", "(2048, recorded in")
     assert os.listdir(work_dir) == []
@@ -224,15 +207,20 @@ def test_7_model_vocab_smaller_than_the_shards(tmp_path, demo_data):
 
 def test_8_seq_len_above_max_position_embeddings(tmp_path, demo_data):
     _, cfg = _fresh(tmp_path, demo_data)
-    status, _, err = _main(["--config", cfg, "--set", "data.seq_len=64", "model.max_position_embeddings=48"])
+    status, _, err = main_in_process(["--config", cfg, "--set", "data.seq_len=64", "model.max_position_embeddings=48"])
     assert status == 2
     _assert_one_line_error(err, "data.seq_len: 64 exceeds model.max_position_embeddings=48")
-    assert _main(["--config", cfg, "--dry-run", "--set", "data.seq_len=64", "model.max_position_embeddings=48"])[0] == 2
+    assert (
+        main_in_process(["--config", cfg, "--dry-run", "--set", "data.seq_len=64", "model.max_position_embeddings=48"])[
+            0
+        ]
+        == 2
+    )
 
 
 def test_9_tokenizer_not_a_sentencepiece_model(tmp_path, demo_data):
     work_dir, cfg = _fresh(tmp_path, demo_data)
-    status, _, err = _main(["--config", cfg, "--set", f"data.tokenizer_path={cfg}"])
+    status, _, err = main_in_process(["--config", cfg, "--set", f"data.tokenizer_path={cfg}"])
     assert status == 2
     _assert_one_line_error(err, "data.tokenizer_path", f"{cfg!r} is not a SentencePiece model")
     assert os.listdir(work_dir) == []
@@ -247,7 +235,7 @@ def test_9_a_failing_final_sample_does_not_fail_a_finished_run(trained, tmp_path
         raise RuntimeError("sampling broke")
 
     monkeypatch.setattr(internlm.model, "generate", broken)
-    status, out, err = _main(["--config", cfg])
+    status, out, err = main_in_process(["--config", cfg])
     assert status == 0 and "nothing to do" in out
     assert "warning: no sample printed (RuntimeError: sampling broke)" in err
 
@@ -273,7 +261,7 @@ def test_10_damaged_newest_checkpoint_is_named_skipped_and_the_previous_used(dam
 def test_11_checkpoint_of_another_model_shape(trained, tmp_path, demo_data):
     work_dir, cfg = _copy_run(trained, tmp_path, demo_data)
     before = _snapshot(work_dir)
-    status, out, err = _main(["--config", cfg, "--set", "model.hidden_size=128", "model.num_layers=2"])
+    status, out, err = main_in_process(["--config", cfg, "--set", "model.hidden_size=128", "model.num_layers=2"])
     assert status == 2
     newest = os.path.join(work_dir, "checkpoints", "6")
     _assert_one_line_error(
@@ -291,18 +279,18 @@ def test_12_unwritable_checkpoint_folder_and_too_little_disk(tmp_path, demo_data
     work_dir, cfg = _fresh(tmp_path, demo_data)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    status, _, err = _main(["--config", cfg, "--set", f"ckpt.save_ckpt_folder={blocker}/checkpoints"])
+    status, _, err = main_in_process(["--config", cfg, "--set", f"ckpt.save_ckpt_folder={blocker}/checkpoints"])
     assert status == 2
     _assert_one_line_error(err, "ckpt.save_ckpt_folder", f"{blocker} is a file, not a folder")
     if os.geteuid() != 0:  # root writes anywhere: the permission case needs another user
         locked = tmp_path / "read_only"
         locked.mkdir(mode=0o555)
-        status, _, err = _main(["--config", cfg, "--set", f"ckpt.save_ckpt_folder={locked}/checkpoints"])
+        status, _, err = main_in_process(["--config", cfg, "--set", f"ckpt.save_ckpt_folder={locked}/checkpoints"])
         assert status == 2
         _assert_one_line_error(err, "ckpt.save_ckpt_folder", "is not writable")
     # a model whose checkpoint (weights + fp32 optimizer state, ~48 TiB) no disk here holds; nothing is built
     huge = ["model.hidden_size=32768", "model.num_layers=256", "model.num_attention_heads=256"]
-    status, _, err = _main(["--config", cfg, "--set", *huge, "model.num_kv_attention_heads=256"])
+    status, _, err = main_in_process(["--config", cfg, "--set", *huge, "model.num_kv_attention_heads=256"])
     assert status == 2
     _assert_one_line_error(err, "ckpt.save_ckpt_folder", "free but one checkpoint of this model takes about")
     assert os.listdir(work_dir) == []

@@ -6,34 +6,18 @@ convert through ckpt.load_ckpt_folder), and two Ctrl-C while an async save is in
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from internlm.checkpoint import complete_checkpoints
-from internlm.train.cli import main
 from internlm.train.run import EXIT_ABORTED
 from internlm.train.stop import StopController
-from train_utils import REPO, write_base
-
-
-def _main(args):
-    """``cli.main(args)`` in this process: (exit status, stdout, stderr); signal handlers restored."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            status = main(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return status, out.getvalue(), err.getvalue()
+from train_utils import REPO, main_in_process, write_base
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +29,7 @@ def stop_file_run(tmp_path_factory, demo_data):
     os.makedirs(work_dir)
     with open(os.path.join(work_dir, "STOP"), "w") as f:
         f.write("step 3\n")
-    status, stdout, stderr = _main(["--config", cfg])
+    status, stdout, stderr = main_in_process(["--config", cfg])
     assert status == 0, stderr
     return work_dir, cfg, stdout
 
@@ -82,7 +66,7 @@ def test_an_unreadable_stop_file_is_warned_about(tmp_path):
 def test_resuming_under_another_dtype_is_refused_at_start_up(stop_file_run, tmp_path, demo_data):
     work_dir, cfg, _ = stop_file_run
     checkpoint = os.path.join(work_dir, "checkpoints", "6")
-    status, _, stderr = _main(["--config", cfg, "--set", "model.dtype=torch.bfloat16"])
+    status, _, stderr = main_in_process(["--config", cfg, "--set", "model.dtype=torch.bfloat16"])
     assert status == 2 and "Traceback" not in stderr, stderr
     assert stderr.strip() == (
         f"error: {cfg}: model.dtype: torch.bfloat16 differs from torch.float32, the dtype of checkpoint {checkpoint} "
@@ -93,7 +77,7 @@ def test_resuming_under_another_dtype_is_refused_at_start_up(stop_file_run, tmp_
     # what the line suggests works: the weights are cast on load
     other = write_base(str(tmp_path / "cfg"), demo_data, str(tmp_path / "work"))
     sets = ["model.dtype=torch.bfloat16", f"ckpt.load_ckpt_folder={checkpoint}", "data.total_steps=1"]
-    status, stdout, stderr = _main(["--config", other, "--set", *sets])
+    status, stdout, stderr = main_in_process(["--config", other, "--set", *sets])
     assert status == 0 and f"initial model weights from {checkpoint}" in stdout, stderr
 
 

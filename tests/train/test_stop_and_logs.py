@@ -16,14 +16,15 @@ from internlm.train.stop import StopController
 from train_utils import write_base
 
 
-def _stop_after(tmp_path, text, step):
+def _stop_after(tmp_path, text, step, messages=None):
     """Whether a run at ``step`` stops, with ``text`` in its stop file (None: no file); and the step it stops at
-    later when the file names a future one."""
+    later when the file names a future one. ``messages`` collects the console lines."""
     path = tmp_path / "STOP"
     if text is not None:
         path.write_text(text)
     phase = SimpleNamespace(config=SimpleNamespace(ckpt=SimpleNamespace(stop_file_path=str(path))))
-    stops = StopController(saves=True, rank=0, logger=None)
+    messages = [] if messages is None else messages
+    stops = StopController(saves=True, rank=0, logger=SimpleNamespace(message=messages.append))
     now, minus_target = stops.flags(phase, step, torch.device("cpu"), world_size=1).tolist()
     return stops.decide(now, minus_target, step), stops.stop_at
 
@@ -41,13 +42,18 @@ def _stop_after(tmp_path, text, step):
     ],
 )
 def test_stop_file(tmp_path, text, step, expected):
-    assert _stop_after(tmp_path, text, step) == expected
+    messages = []
+    assert _stop_after(tmp_path, text, step, messages) == expected
+    if text == "soon":  # a stop file that names no step is warned about, not ignored silently
+        assert len(messages) == 1 and "reads 'soon', not a step number: ignored" in messages[0], messages
+    else:
+        assert messages == []
 
 
 def test_later_stop_step_is_due_at_that_step(tmp_path):
     (tmp_path / "STOP").write_text("8")
     phase = SimpleNamespace(config=SimpleNamespace(ckpt=SimpleNamespace(stop_file_path=str(tmp_path / "STOP"))))
-    stops = StopController(saves=True, rank=0, logger=None)
+    stops = StopController(saves=True, rank=0, logger=SimpleNamespace(message=print))
     now, minus_target = stops.flags(phase, 4, torch.device("cpu"), world_size=1).tolist()
     assert not stops.decide(now, minus_target, 4)
     assert [stops.due(step) for step in (5, 7, 8, 9)] == [False, False, True, True]

@@ -52,3 +52,13 @@ def reference_run(tmp_path_factory, demo_data):
     config = write_base(str(folder / "cfg"), demo_data, work_dir)
     run_train([config])
     return SimpleNamespace(work_dir=work_dir, config=config, losses=step_losses(work_dir))
+
+
+@pytest.fixture
+def webhook():
+    """An alert webhook server on 127.0.0.1 (`train_utils.Webhook`), stopped after the test."""
+    from train_utils import Webhook
+
+    hook = Webhook()
+    yield hook
+    hook.close()

@@ -29,6 +29,37 @@ monitor = dict(tensorboard=False, peak_tflops=1.0)
 """
 
 
+class Webhook:
+    """An HTTP server on 127.0.0.1 (a free port) keeping the JSON bodies POSTed to it: what an alert webhook
+    receives. ``url``, ``bodies``, ``events()``; ``close()`` stops it (the ``webhook`` fixture does)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies: List[dict] = []
+        self.bodies = bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> List[str]:
+        return [body["event"] for body in self.bodies]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def main_in_process(args: List[str]) -> tuple:
     """``train.py ARGS`` as ``cli.main(args)`` in this process: (exit status, stdout, stderr); the SIGINT / SIGTERM
     handlers the run installs are restored afterwards."""

@@ -2,49 +2,16 @@
 restarted and resumes by itself), one rank hung (every rank writes its stacks and exits with EXIT_HUNG), one rank
 slow (named at logging steps). Alerts of every run go to a webhook on 127.0.0.1 in this process."""
 
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from internlm.errors import EXIT_HUNG
 from internlm.faults import KILL_ENV, SLEEP_ENV
 from train_utils import REPO, read_metrics, step_losses, write_base
-
-
-class _Webhook:
-    """An HTTP server on 127.0.0.1 keeping the JSON bodies POSTed to it."""
-
-    def __init__(self):
-        bodies = self.bodies = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self):
-        return [b["event"] for b in self.bodies]
-
-
-@pytest.fixture
-def webhook():
-    hook = _Webhook()
-    yield hook
-    hook.server.shutdown()
 
 
 def _torchrun(config, env, sets=(), restarts=0, timeout=300):

@@ -2,14 +2,11 @@
 the hang watchdog (stacks, exit status), alerts (body, a failing webhook), the straggler comparison, the
 restart-scoped rendezvous store and the alert config keys. The two-process runs are in tests/e2e/test_restart.py."""
 
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -85,27 +82,8 @@ def test_watchdog_writes_the_stacks_and_exits_hung(tmp_path):
     assert status_file.read_text().strip() == str(EXIT_HUNG)
 
 
-@pytest.fixture
-def webhook():
-    bodies = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", bodies
-    server.shutdown()
-
-
 def test_alerts_post_json_and_a_dead_webhook_is_warned_once(webhook, capsys):
-    url, bodies = webhook
+    url, bodies = webhook.url, webhook.bodies
     dead = "http://127.0.0.1:9/"  # the discard port: nothing listens
     alerts = Alerts([dead, url], "job7", rank=0, enabled=True)
     alerts.send("unhealthy", "3 steps skipped", action="stop", step=12)
@@ -207,7 +185,7 @@ def test_run_watch_alerts_on_restart_and_unhealthy_decisions(webhook, monkeypatc
     from internlm.train.run_watch import RunWatch
     from internlm.train.watchdog import HangWatchdog
 
-    url, bodies = webhook
+    url, bodies = webhook.url, webhook.bodies
     off = RunWatch.off()
     watch = RunWatch(off.watchdog, off.stragglers, Alerts([url], "job", rank=0, enabled=True))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
